@@ -1,0 +1,99 @@
+"""Backends: who computes the training step. ``reference`` is the PyTorch model with autograd and the
+reference optimizer; ``fused`` is the Triton kernels in grokfast.kernels. Both read and write the same
+named parameters and optimizer state, so checkpoints and run directories do not depend on the backend.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import ConfigError, ModelConfig, TrainConfig
+from .model import Transformer, cross_entropy64, loss_and_grads_reference
+from .optim import AdamW, GrokfastFilter
+
+BACKENDS = ("auto", "fused", "reference")
+
+
+def fused_status(cfg: ModelConfig, device) -> tuple[bool, str]:
+    """(usable, reason) for the fused backend with this config on this device."""
+    try:
+        from grokfast import kernels  # noqa: F401
+        make = getattr(kernels, "make_stepper", None)
+    except Exception as e:  # triton missing or broken: say so rather than fail
+        return False, f"grokfast.kernels cannot be imported ({type(e).__name__}: {e})"
+    if make is None:
+        return False, "the fused training step is not built yet (grokfast.kernels has no make_stepper)"
+    if torch.device(device).type != "cuda":
+        return False, "the fused kernels need a CUDA GPU (this run is on the CPU)"
+    check = getattr(kernels, "unsupported_reason", None)
+    if check is not None:
+        why = check(cfg)
+        if why:
+            return False, why
+    return True, "CUDA GPU with Triton, config within the kernels' limits"
+
+
+def resolve_backend(name: str, cfg: ModelConfig, device) -> tuple[str, str]:
+    """(backend, reason). ``auto`` picks fused where it can run, reference otherwise."""
+    if name not in BACKENDS:
+        raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if name == "reference":
+        return "reference", "asked for"
+    ok, why = fused_status(cfg, device)
+    if name == "fused":
+        if not ok:
+            raise ConfigError(f"--backend fused cannot run here: {why}; use --backend reference or auto")
+        return "fused", "asked for"
+    return ("fused", why) if ok else ("reference", f"fused unavailable: {why}")
+
+
+class ReferenceStepper:
+    """One optimizer step of the reference backend: forward, float64 loss, autograd backward,
+    Grokfast filter, AdamW. ``step(tokens, labels)`` returns the loss (a device tensor, no sync)."""
+
+    name = "reference"
+
+    def __init__(self, model: Transformer, tcfg: TrainConfig):
+        self.model = model
+        self.params = dict(model.named_parameters())
+        self.filter = GrokfastFilter.from_config(tcfg)
+        self.opt = AdamW({n: p.data for n, p in self.params.items()}, tcfg)
+
+    def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = cross_entropy64(self.model(tokens), labels)
+        grads = torch.autograd.grad(loss, list(self.params.values()))
+        grads = self.filter.apply(dict(zip(self.params, grads)))
+        self.opt.step(grads)
+        return loss.detach()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        s = {f"model.{n}": p.data for n, p in self.params.items()}
+        s.update(self.opt.state_dict())
+        s.update(self.filter.state_dict())
+        return s
+
+    def load_state_dict(self, s: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(s[f"model.{n}"])
+        self.opt.load_state_dict(s)
+        self.filter.load_state_dict(s, device=next(iter(self.params.values())).device)
+
+
+def make_stepper(backend: str, model: Transformer, tcfg: TrainConfig):
+    if backend == "reference":
+        return ReferenceStepper(model, tcfg)
+    from grokfast import kernels
+    return kernels.make_stepper(model, tcfg)
+
+
+def loss_and_grads(model: Transformer, tokens: torch.Tensor, labels: torch.Tensor, backend: str = "reference"):
+    """(mean float64 loss, {param name: gradient}) -- the unit `grokfast check` compares across backends."""
+    if backend == "reference":
+        return loss_and_grads_reference(model, tokens, labels)
+    if backend == "fused":
+        from grokfast import kernels
+        fn = getattr(kernels, "loss_and_grads", None)
+        if fn is None:
+            raise ConfigError("the fused backend is not built yet: use backend='reference'")
+        return fn(model, tokens, labels)
+    raise ConfigError(f"backend must be 'reference' or 'fused', got {backend!r}")

@@ -1,0 +1,173 @@
+"""The `grokfast` command line. Errors in the arguments print one line and exit with status 2,
+before any work starts."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, status 2
+        self.exit(EXIT_USAGE, f"grokfast: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="train one model and write a run directory",
+                       description="Train one model. Defaults: the nanda preset on a GPU, the small preset "
+                                   "(x+y mod 31, groks in under a minute) on a CPU.")
+    g = p.add_argument_group("task")
+    g.add_argument("--preset", help="nanda | power | pizza | small (default: nanda on a GPU, small on a CPU)")
+    g.add_argument("--op", help="operation formula, e.g. 'x+y', 'x/y', 'x^2+xy+y^2', 'x*y | y!=0', "
+                                "'x/y if y odd else x-y', 's5'; a comma-separated list is a multi-task mixture")
+    g.add_argument("--p", type=int, help="modulus (the number of classes)")
+    g.add_argument("--frac", type=float, help="fraction of all pairs used for training, in (0, 1)")
+    g.add_argument("--layout", help="token layout: 'a b =', 'a op b =', 'a op b' or 'a b'")
+    g.add_argument("--seed", type=int, help="model init and minibatch seed (default 0)")
+    g.add_argument("--data-seed", type=int, help="train/test split seed (default: --seed)")
+    g = p.add_argument_group("model (override the preset)")
+    g.add_argument("--n-layers", type=int)
+    g.add_argument("--d-model", type=int)
+    g.add_argument("--n-heads", type=int)
+    g.add_argument("--d-head", type=int)
+    g.add_argument("--d-mlp", type=int)
+    g.add_argument("--act", choices=["relu", "gelu"])
+    g.add_argument("--layernorm", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--attn-alpha", type=float, help="attention rate (clock and pizza): 1 softmax, 0 constant")
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--wd", type=float, help="AdamW decoupled weight decay")
+    g.add_argument("--beta1", type=float)
+    g.add_argument("--beta2", type=float)
+    g.add_argument("--warmup", type=int, help="linear learning-rate warm-up steps (0: none)")
+    g.add_argument("--batch-size", type=int, help="minibatch size (default: full batch, or the preset's)")
+    g.add_argument("--full-batch", action="store_true", help="full batch even where the preset has minibatches")
+    g.add_argument("--grokfast", choices=["ema", "ma", "none"], help="Grokfast gradient filter")
+    g.add_argument("--alpha", type=float, help="Grokfast-EMA momentum (0.98)")
+    g.add_argument("--lamb", type=float, help="Grokfast amplification (EMA 2.0, MA 5.0 in the paper)")
+    g.add_argument("--window", type=int, help="Grokfast-MA window (100)")
+    g.add_argument("--stop-at-grok", action=argparse.BooleanOptionalAction, default=None,
+                   help="stop at the first evaluation with test accuracy >= 99%%")
+    g = p.add_argument_group("run")
+    g.add_argument("--backend", choices=["auto", "fused", "reference"])
+    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--out", help="run directory to write (default: runs/<time>-<preset>)")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    g.add_argument("--eval-every", type=int)
+    g.add_argument("--checkpoint-every", type=int)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    import torch
+    from . import config as C
+    from .data import Task
+    from .train import train, default_preset_name, TrainingDiverged, Interrupted
+
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise ConfigError(f"--device {args.device!r} is not a device: use cpu or cuda")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda but no CUDA GPU is visible: use --device cpu")
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    train_over = {k: getattr(args, k) for k in ("steps", "lr", "wd", "beta1", "beta2", "warmup", "batch_size",
+                                                "grokfast", "alpha", "lamb", "window", "seed", "eval_every",
+                                                "checkpoint_every", "backend", "stop_at_grok")
+                  if getattr(args, k) is not None}
+    if args.full_batch:
+        if args.batch_size is not None:
+            raise ConfigError("--full-batch and --batch-size contradict each other: pass one")
+        train_over["batch_size"] = None
+
+    if args.resume:
+        given = [f"--{k.replace('_', '-')}" for k in ("preset", "op", "p", "frac", "layout", "data_seed", "n_layers",
+                                                      "d_model", "n_heads", "d_head", "d_mlp", "act", "layernorm",
+                                                      "attn_alpha", "out") if getattr(args, k) is not None]
+        if given:
+            raise ConfigError(f"--resume continues a run with its own config: drop {' '.join(given)}")
+        run = _run_train(train, dict(resume=args.resume, device=device, progress=not args.no_progress, **train_over),
+                         TrainingDiverged, Interrupted)
+        return run
+
+    name = args.preset or default_preset_name(device)
+    pre = C.preset(name)
+    if args.preset is None:
+        print(f"preset: {name} (default on {device.type}; pass --preset to choose)", file=sys.stderr)
+    spec = pre.task
+    op = args.op if args.op is not None else spec.op
+    layout = args.layout if args.layout is not None else spec.layout
+    if args.op is not None and args.layout is None and "," in args.op and "op" not in layout:
+        layout = "a op b ="  # a mixture needs operation tokens
+    seed = args.seed if args.seed is not None else pre.train.seed
+    data_seed = args.data_seed if args.data_seed is not None else seed
+    task = Task(op, args.p if args.p is not None else spec.p, args.frac if args.frac is not None else spec.frac,
+                data_seed, layout, device=device)
+    model_over = {k: getattr(args, k) for k in ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "act",
+                                                "layernorm", "attn_alpha") if getattr(args, k) is not None}
+    mcfg = dataclasses.replace(pre.model, **model_over).for_task(task)
+    tcfg = dataclasses.replace(pre.train, **train_over)
+    out = Path(args.out) if args.out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+    return _run_train(train, dict(task=task, model_config=mcfg, train_config=tcfg, out=out, device=device,
+                                  progress=not args.no_progress), TrainingDiverged, Interrupted)
+
+
+def _run_train(train, kwargs, TrainingDiverged, Interrupted) -> int:
+    try:
+        run = train(**kwargs)
+    except TrainingDiverged as e:
+        print(f"grokfast: error: {e}", file=sys.stderr)
+        return 1
+    except Interrupted as e:
+        print(f"grokfast: {e}", file=sys.stderr)
+        return 130
+    s = run.summary
+    def fmt(steps, secs):
+        return "not reached" if steps is None else f"step {steps} ({secs:.1f} s)"
+    print(f"run: {run.dir}")
+    print(f"memorised (train acc >= 99%): {fmt(s['steps_to_memorize'], s['seconds_to_memorize'])}")
+    print(f"grokked   (test acc >= 99%):  {fmt(s['steps_to_grok'], s['seconds_to_grok'])}")
+    print(f"final: train acc {s['final_train_acc']:.4f}, test acc {s['final_test_acc']:.4f}, "
+          f"{s['steps_done']} steps in {s['wall_seconds']:.1f} s on {run.backend}")
+    print(f"figure: {run.dir / 'grokking.png'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="grokfast", description="Grokking on modular arithmetic, fast.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    sub.required = True
+    _add_train(sub)
+    # Other verbs register here (each module adds its own sub-parser and sets func).
+    for mod in ("analyze_cli",):
+        try:
+            m = __import__(f"grokfast.{mod}", fromlist=["add_parser"])
+        except ImportError:
+            continue
+        m.add_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"grokfast: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

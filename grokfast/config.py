@@ -1,0 +1,235 @@
+"""Configuration: one model config type that flows from the command line to the kernels, and the
+papers' presets as plain data.
+
+A preset bundles three things: the model (``ModelConfig``), the task (operation, modulus, train
+fraction, token layout) and the training hyperparameters (``TrainConfig``). Everything a preset sets
+can be overridden; ``preset(name)`` returns fresh copies.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, asdict, replace
+from typing import Optional
+
+
+class ConfigError(ValueError):
+    """Bad user input: the message is one line that says what to change."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer with TransformerLens parameter names.
+
+    d_vocab, d_vocab_out and n_ctx describe the task's token layout; ``for_task`` fills them in.
+    attn_alpha is the attention rate of the clock-and-pizza paper:
+    attention = alpha * softmax(QK^T / sqrt(d_head)) + (1 - alpha) over the causal positions,
+    so 1.0 is ordinary attention and 0.0 constant (summing) attention.
+    """
+
+    n_layers: int = 1
+    d_model: int = 128
+    n_heads: int = 4
+    d_head: int = 32
+    d_mlp: int = 512
+    act: str = "relu"            # "relu" or "gelu" (exact, erf form)
+    layernorm: bool = False      # pre-LayerNorm blocks and ln_final, as in TransformerLens
+    attn_bias: bool = False      # b_Q, b_K, b_V [n_heads, d_head], b_O [d_model]
+    unembed_bias: bool = False   # b_U [d_vocab_out]
+    attn_alpha: float = 1.0
+    ln_eps: float = 1e-5
+    n_ctx: int = 3
+    d_vocab: int = 114
+    d_vocab_out: int = 113
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        def need(cond, msg):
+            if not cond:
+                raise ConfigError(msg)
+
+        for name in ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "n_ctx", "d_vocab", "d_vocab_out"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                 f"{name} must be a positive integer, got {v!r}")
+        need(self.act in ("relu", "gelu"), f"act must be 'relu' or 'gelu', got {self.act!r}")
+        need(0.0 <= float(self.attn_alpha) <= 1.0, f"attn_alpha must lie in [0, 1], got {self.attn_alpha}")
+        need(self.ln_eps > 0, f"ln_eps must be positive, got {self.ln_eps}")
+
+    @staticmethod
+    def preset(name: str) -> "ModelConfig":
+        return preset(name).model
+
+    def for_task(self, task) -> "ModelConfig":
+        """This config with d_vocab, d_vocab_out and n_ctx taken from a Task."""
+        return replace(self, d_vocab=task.d_vocab, d_vocab_out=task.d_vocab_out, n_ctx=task.n_ctx)
+
+    def param_shapes(self) -> dict:
+        """Parameter name -> shape, in the order of the parameter contract (DESIGN.md)."""
+        H, D, Dh, F = self.n_heads, self.d_model, self.d_head, self.d_mlp
+        s = {"embed.W_E": (self.d_vocab, D), "pos_embed.W_pos": (self.n_ctx, D)}
+        for l in range(self.n_layers):
+            b = f"blocks.{l}."
+            if self.layernorm:
+                s[b + "ln1.w"], s[b + "ln1.b"] = (D,), (D,)
+            s[b + "attn.W_Q"], s[b + "attn.W_K"], s[b + "attn.W_V"] = (H, D, Dh), (H, D, Dh), (H, D, Dh)
+            s[b + "attn.W_O"] = (H, Dh, D)
+            if self.attn_bias:
+                s[b + "attn.b_Q"], s[b + "attn.b_K"], s[b + "attn.b_V"] = (H, Dh), (H, Dh), (H, Dh)
+                s[b + "attn.b_O"] = (D,)
+            if self.layernorm:
+                s[b + "ln2.w"], s[b + "ln2.b"] = (D,), (D,)
+            s[b + "mlp.W_in"], s[b + "mlp.b_in"] = (D, F), (F,)
+            s[b + "mlp.W_out"], s[b + "mlp.b_out"] = (F, D), (D,)
+        if self.layernorm:
+            s["ln_final.w"], s["ln_final.b"] = (D,), (D,)
+        s["unembed.W_U"] = (D, self.d_vocab_out)
+        if self.unembed_bias:
+            s["unembed.b_U"] = (self.d_vocab_out,)
+        return s
+
+    def n_params(self) -> int:
+        n = 0
+        for shape in self.param_shapes().values():
+            k = 1
+            for d in shape:
+                k *= d
+            n += k
+        return n
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. lr warm-up is linear over ``warmup`` steps: lr_t = lr * min(1, (t + 1) / warmup).
+
+    grokfast: "none", "ema" (alpha, lamb) or "ma" (window, lamb), exactly as Lee et al. define them
+    (see grokfast.filters). batch_size None means full batch.
+    """
+
+    steps: int = 10000
+    lr: float = 1e-3
+    wd: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-8
+    warmup: int = 10
+    batch_size: Optional[int] = None
+    grokfast: str = "none"
+    alpha: float = 0.98
+    lamb: float = 2.0
+    window: int = 100
+    seed: int = 0
+    eval_every: int = 100
+    checkpoint_every: int = 1000
+    stop_at_grok: bool = False
+    backend: str = "auto"
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        def need(cond, msg):
+            if not cond:
+                raise ConfigError(msg)
+
+        need(isinstance(self.steps, int) and self.steps >= 0, f"--steps must be >= 0, got {self.steps}")
+        need(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        need(self.wd >= 0, f"--wd must be >= 0, got {self.wd}")
+        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"betas must lie in [0, 1), got ({self.beta1}, {self.beta2})")
+        need(self.eps > 0, f"eps must be positive, got {self.eps}")
+        need(self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}")
+        need(self.batch_size is None or self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        need(self.grokfast in ("none", "ema", "ma"), f"--grokfast must be ema, ma or none, got {self.grokfast!r}")
+        need(0 <= self.alpha < 1, f"--alpha must lie in [0, 1), got {self.alpha}")
+        need(self.lamb >= 0, f"--lamb must be >= 0, got {self.lamb}")
+        need(self.window >= 1, f"--window must be >= 1, got {self.window}")
+        need(self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}")
+        need(self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        need(self.backend in ("auto", "fused", "reference"),
+             f"--backend must be auto, fused or reference, got {self.backend!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown train config keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """The data a preset trains on (see grokfast.data.Task)."""
+
+    op: str = "x+y"
+    p: int = 113
+    frac: float = 0.3
+    layout: str = "a b ="
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    model: ModelConfig
+    task: TaskSpec
+    train: TrainConfig
+
+
+def _presets() -> dict:
+    nanda = Preset(
+        "nanda",
+        "Nanda et al. 2023: 1 layer, d_model 128, 4x32 heads, d_mlp 512, ReLU, x+y mod 113, 30% train, wd 1",
+        ModelConfig(),
+        TaskSpec("x+y", 113, 0.3, "a b ="),
+        TrainConfig(steps=25000, lr=1e-3, wd=1.0, warmup=10, eval_every=100, checkpoint_every=1000),
+    )
+    power = Preset(
+        "power",
+        "Power et al. / Grokfast paper: 2 layers, LayerNorm, GELU, x*y mod 97 (y != 0), 50% train, batch 512",
+        ModelConfig(n_layers=2, act="gelu", layernorm=True, n_ctx=4, d_vocab=99, d_vocab_out=97),
+        TaskSpec("x*y | y!=0", 97, 0.5, "a op b ="),
+        TrainConfig(steps=100000, lr=1e-3, wd=0.0, warmup=10, batch_size=512, eval_every=100,
+                    checkpoint_every=5000),
+    )
+    pizza = Preset(
+        "pizza",
+        "Zhong et al. 2023 (clock and pizza): 1 layer, [a, b], x+y mod 59, 80% train, wd 2, attention rate alpha",
+        ModelConfig(attn_alpha=1.0, n_ctx=2, d_vocab=59, d_vocab_out=59),
+        TaskSpec("x+y", 59, 0.8, "a b"),
+        TrainConfig(steps=20000, lr=1e-3, wd=2.0, warmup=0, eval_every=100, checkpoint_every=1000),
+    )
+    # Small enough to grok in well under a minute on a 2-core CPU with the reference backend.
+    small = Preset(
+        "small",
+        "A CPU-sized nanda: x+y mod 31, 70% train, 1 layer d_model 128, lr 3e-3, Grokfast-EMA",
+        ModelConfig(n_ctx=3, d_vocab=32, d_vocab_out=31),
+        TaskSpec("x+y", 31, 0.7, "a b ="),
+        TrainConfig(steps=3000, lr=3e-3, wd=1.0, warmup=10, grokfast="ema", alpha=0.98, lamb=2.0,
+                    eval_every=50, checkpoint_every=500),
+    )
+    return {p.name: p for p in (nanda, power, pizza, small)}
+
+
+PRESETS = _presets()
+
+
+def preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,190 @@
+"""The reference transformer: the specification the fused kernels are checked against.
+
+A plain decoder-only transformer with TransformerLens parameter names and shapes. It computes only
+what the loss needs: earlier layers run at every position; the last layer takes the query, the MLP
+and the unembedding at the last position alone (the only position the loss reads), which is the
+same function as running it everywhere and slicing.
+
+Shapes: B examples, n_ctx positions T, H heads of d_head, d_model D, d_mlp F, V_out classes.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+class Embed(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+
+
+class PosEmbed(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.eps = cfg.ln_eps
+        self.w = nn.Parameter(torch.ones(cfg.d_model))
+        self.b = nn.Parameter(torch.zeros(cfg.d_model))
+
+    def forward(self, x):
+        return F.layer_norm(x, (x.shape[-1],), self.w, self.b, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, D, Dh = cfg.n_heads, cfg.d_model, cfg.d_head
+        self.cfg = cfg
+        self.W_Q = nn.Parameter(torch.empty(H, D, Dh))
+        self.W_K = nn.Parameter(torch.empty(H, D, Dh))
+        self.W_V = nn.Parameter(torch.empty(H, D, Dh))
+        self.W_O = nn.Parameter(torch.empty(H, Dh, D))
+        if cfg.attn_bias:
+            self.b_Q = nn.Parameter(torch.zeros(H, Dh))
+            self.b_K = nn.Parameter(torch.zeros(H, Dh))
+            self.b_V = nn.Parameter(torch.zeros(H, Dh))
+            self.b_O = nn.Parameter(torch.zeros(D))
+
+    def forward(self, x, last_only: bool, cache=None, name=""):
+        """x [B, T, D] -> [B, T, D], or [B, D] at the last position when last_only."""
+        cfg = self.cfg
+        T = x.shape[1]
+        xq = x[:, -1:] if last_only else x                                    # [B, Tq, D]
+        q = torch.einsum("btd,hde->bhte", xq, self.W_Q)                      # [B, H, Tq, Dh]
+        k = torch.einsum("btd,hde->bhte", x, self.W_K)                       # [B, H, T, Dh]
+        v = torch.einsum("btd,hde->bhte", x, self.W_V)
+        if cfg.attn_bias:
+            q = q + self.b_Q[None, :, None, :]
+            k = k + self.b_K[None, :, None, :]
+            v = v + self.b_V[None, :, None, :]
+        scores = q @ k.transpose(-1, -2) / math.sqrt(cfg.d_head)             # [B, H, Tq, T]
+        qpos = torch.arange(T - xq.shape[1], T, device=x.device)
+        allowed = qpos[:, None] >= torch.arange(T, device=x.device)[None, :]  # causal [Tq, T]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        pattern = scores.softmax(dim=-1)
+        if cfg.attn_alpha != 1.0:
+            pattern = cfg.attn_alpha * pattern + (1.0 - cfg.attn_alpha) * allowed.to(pattern.dtype)
+        if cache is not None:
+            cache[name + "pattern"] = pattern
+        z = pattern @ v                                                       # [B, H, Tq, Dh]
+        out = torch.einsum("bhte,hed->btd", z, self.W_O)
+        if cfg.attn_bias:
+            out = out + self.b_O
+        return out[:, 0] if last_only else out
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.act = F.relu if cfg.act == "relu" else F.gelu
+        self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
+        self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp))
+        self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
+        self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
+
+    def forward(self, x, cache=None, name=""):
+        post = self.act(x @ self.W_in + self.b_in)
+        if cache is not None:
+            cache[name + "post"] = post
+        return post @ self.W_out + self.b_out
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.layernorm = cfg.layernorm
+        if cfg.layernorm:
+            self.ln1 = LayerNorm(cfg)
+        self.attn = Attention(cfg)
+        if cfg.layernorm:
+            self.ln2 = LayerNorm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, last_only: bool, cache=None, name=""):
+        h = self.ln1(x) if self.layernorm else x
+        a = self.attn(h, last_only, cache, name + "attn.")
+        x = (x[:, -1] if last_only else x) + a
+        h = self.ln2(x) if self.layernorm else x
+        return x + self.mlp(h, cache, name + "mlp.")
+
+
+class Unembed(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab_out))
+        if cfg.unembed_bias:
+            self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab_out))
+
+
+class Transformer(nn.Module):
+    """tokens [B, n_ctx] (int64) -> logits at the last position [B, d_vocab_out] (float32).
+
+    Init (Nanda et al.): every matrix randn / sqrt(d_model), W_U randn / sqrt(d_vocab); biases 0,
+    LayerNorm weights 1. ``seed`` makes the init the same on every device.
+    """
+
+    def __init__(self, cfg: ModelConfig, seed: int = 0, device="cpu"):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embed(cfg)
+        self.pos_embed = PosEmbed(cfg)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
+        if cfg.layernorm:
+            self.ln_final = LayerNorm(cfg)
+        self.unembed = Unembed(cfg)
+        self.init_weights(seed)
+        self.to(device)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        g = torch.Generator().manual_seed(int(seed))
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf.startswith("W_"):
+                scale = self.cfg.d_vocab if leaf == "W_U" else self.cfg.d_model
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(scale))
+            elif leaf == "w":
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+    def forward(self, tokens: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """Logits at the last position. Pass a dict as ``cache`` to receive activations: attention
+        patterns ``blocks.{l}.attn.pattern`` and MLP activations ``blocks.{l}.mlp.post`` (the last
+        layer's at the last position only: [B, d_mlp]), and ``resid_final`` [B, d_model]."""
+        x = self.embed.W_E[tokens] + self.pos_embed.W_pos                    # [B, T, D]
+        L = len(self.blocks)
+        for l, block in enumerate(self.blocks):
+            x = block(x, last_only=(l == L - 1), cache=cache, name=f"blocks.{l}.")
+        if self.cfg.layernorm:
+            x = self.ln_final(x)
+        if cache is not None:
+            cache["resid_final"] = x
+        logits = x @ self.unembed.W_U
+        if self.cfg.unembed_bias:
+            logits = logits + self.unembed.b_U
+        return logits
+
+
+def cross_entropy64(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy computed in float64 (the float32 softmax underflows once the model is confident)."""
+    return F.cross_entropy(logits.double(), labels)
+
+
+def loss_and_grads_reference(model: Transformer, tokens: torch.Tensor, labels: torch.Tensor):
+    """(mean loss as a float64 scalar tensor, {param name: gradient}) for one batch, via autograd."""
+    params = dict(model.named_parameters())
+    loss = cross_entropy64(model(tokens), labels)
+    grads = torch.autograd.grad(loss, list(params.values()))
+    return loss.detach(), {n: g for n, g in zip(params, grads)}

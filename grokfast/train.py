@@ -1,0 +1,347 @@
+"""The trainer: full batch by default (minibatches as an option), Grokfast filters, AdamW, evaluation
+every k steps, atomic checkpoints, resume, and the run directory (see grokfast.rundir).
+
+    run = grokfast.train(grokfast.Task("x+y", p=31, frac=0.7), grokfast.ModelConfig.preset("small"),
+                         steps=3000, lr=3e-3, grokfast="ema", out="runs/p31")
+    run.summary["steps_to_grok"], run.history[-1]["test_acc"]
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import platform
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from . import rundir
+from .backends import make_stepper, resolve_backend
+from .config import ConfigError, ModelConfig, TrainConfig, TaskSpec, preset as get_preset
+from .data import Task
+from .model import Transformer, cross_entropy64
+
+THRESHOLDS = (0.95, 0.99)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT/SIGTERM after saving a checkpoint at ``step``."""
+
+    def __init__(self, step: int, run_dir):
+        super().__init__(f"interrupted at step {step}; checkpoint saved, continue with: grokfast train --resume {run_dir}")
+        self.step, self.run_dir = step, run_dir
+
+
+@dataclass
+class Run:
+    """A finished (or resumed and finished) training run."""
+
+    dir: Optional[Path]
+    model: Transformer
+    task: Task
+    model_config: ModelConfig
+    train_config: TrainConfig
+    history: list = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    backend: str = "reference"
+
+    def __repr__(self):
+        s = self.summary
+        return (f"Run(dir={str(self.dir)!r}, steps={s.get('steps_done')}, train_acc={s.get('final_train_acc')}, "
+                f"test_acc={s.get('final_test_acc')}, steps_to_grok={s.get('steps_to_grok')})")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_preset_name(device=None) -> str:
+    """nanda on a GPU; on a CPU the small preset, which groks in well under a minute."""
+    device = torch.device(device) if device is not None else default_device()
+    return "nanda" if device.type == "cuda" else "small"
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, tokens: torch.Tensor, labels: torch.Tensor, chunk: int = 32768):
+    """(mean float64 loss, accuracy) over a split, in chunks; both stay on the device."""
+    total = torch.zeros((), dtype=torch.float64, device=tokens.device)
+    correct = torch.zeros((), dtype=torch.int64, device=tokens.device)
+    n = labels.shape[0]
+    for i in range(0, n, chunk):
+        logits = model(tokens[i:i + chunk])
+        total += cross_entropy64(logits, labels[i:i + chunk]) * logits.shape[0]
+        correct += (logits.argmax(-1) == labels[i:i + chunk]).sum()
+    return total / n, correct.double() / n
+
+
+def summarize(history: list[dict], steps_done: int, wall: float) -> dict:
+    """Steps and seconds until train accuracy (memorise) and test accuracy (grok) first reach 99% (and 95%)."""
+    s = {"steps_done": steps_done, "wall_seconds": round(wall, 3)}
+    for thr in THRESHOLDS:
+        tag = "" if thr == 0.99 else f"_{int(thr * 100)}"
+        for what, key in (("memorize", "train_acc"), ("grok", "test_acc")):
+            row = next((r for r in history if r[key] >= thr), None)
+            s[f"steps_to_{what}{tag}"] = None if row is None else row["step"]
+            s[f"seconds_to_{what}{tag}"] = None if row is None else row["wall"]
+    s["grokked"] = s["steps_to_grok"] is not None
+    if history:
+        last = history[-1]
+        for k in ("train_loss", "test_loss", "train_acc", "test_acc"):
+            s[f"final_{k}"] = last[k]
+    return s
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag that the loop reads between steps, so the state is never torn."""
+
+    def __init__(self):
+        self.signum = None
+        self.old = {}
+
+    def __enter__(self):
+        if hasattr(signal, "SIGTERM") and threading_main():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.signum is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, h in self.old.items():
+            signal.signal(sig, h)
+        return False
+
+
+def threading_main() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def _environment() -> dict:
+    env = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = None
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def train(task: Task | None = None, model_config: ModelConfig | None = None,
+          train_config: TrainConfig | None = None, *, preset: str | None = None, out=None, resume=None,
+          device=None, progress: bool = True, log: Callable[[str], None] | None = None,
+          on_step: Callable[[int], None] | None = None, **overrides) -> Run:
+    """Train one model and return its Run.
+
+    task / model_config / train_config default to the preset's (``preset`` defaults to nanda on a GPU,
+    small on a CPU); keyword overrides go to TrainConfig (``steps=..., lr=..., grokfast="ema"``).
+    ``out``: run directory to write (None: nothing is written). ``resume``: a run directory to continue
+    from its last checkpoint (its config is used; ``steps`` may be raised). ``on_step(step)`` is called
+    after every step (for tests and tools).
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    device = torch.device(device) if device is not None else default_device()
+
+    start_tensors, start_meta = None, {}
+    if resume is not None:
+        cfg = rundir.load_config(resume)
+        if task is not None or model_config is not None or train_config is not None or preset is not None:
+            raise ConfigError("--resume continues a run with its own config: drop --preset/--op/--p and model options")
+        model_config = cfg["model"]
+        tcfg_d = cfg["train"].to_dict()
+        allowed = {"steps", "eval_every", "checkpoint_every", "backend", "stop_at_grok"}
+        bad = set(overrides) - allowed
+        if bad:
+            raise ConfigError(f"--resume cannot change {sorted(bad)}; only {sorted(allowed)} may change")
+        tcfg_d.update(overrides)
+        train_config = TrainConfig.from_dict(tcfg_d)
+        t = cfg["task"]
+        task = Task(t["op"], t["p"], t["frac"], t["seed"], t["layout"], device=device)
+        out = Path(resume)
+        ckpts = rundir.list_checkpoints(out)
+        if ckpts:
+            start_tensors, start_meta = rundir.load_checkpoint(ckpts[-1][1])
+    else:
+        pre = get_preset(preset or default_preset_name(device))
+        if task is None:
+            task = Task.from_spec(pre.task, seed=overrides.get("seed", 0), device=device)
+        if model_config is None:
+            model_config = pre.model
+        if train_config is None:
+            train_config = pre.train
+        if overrides:
+            train_config = dataclasses.replace(train_config, **overrides)
+        if out is not None:
+            out = Path(out)
+            if (out / "config.json").exists() or rundir.list_checkpoints(out):
+                raise ConfigError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
+    task = task.to(device)
+    model_config = model_config.for_task(task)
+    tcfg = train_config
+    if tcfg.batch_size is not None and tcfg.batch_size > len(task.train):
+        raise ConfigError(f"--batch-size {tcfg.batch_size} exceeds the {len(task.train)} training examples; "
+                          f"lower it or omit it for full batch")
+
+    backend, reason = resolve_backend(tcfg.backend, model_config, device)
+    log(f"backend: {backend} ({reason}); device: {device}; task: {task}")
+
+    model = Transformer(model_config, seed=tcfg.seed, device=device)
+    stepper = make_stepper(backend, model, tcfg)
+    batch_gen = torch.Generator().manual_seed(tcfg.seed + 7919)
+    step, wall0 = 0, 0.0
+    history: list[dict] = []
+    if start_tensors is not None:
+        stepper.load_state_dict({k: v.to(device) for k, v in start_tensors.items()})
+        if "rng.batch" in start_tensors:
+            batch_gen.set_state(start_tensors["rng.batch"])
+        step, wall0 = int(start_meta["step"]), float(start_meta["wall"])
+        log(f"resuming {out} from step {step}")
+    if out is not None:
+        history = [r for r in rundir.read_metrics(out) if r["step"] <= step]
+        rundir.write_json(out / "config.json", {
+            "model": model_config.to_dict(), "task": task.spec(), "train": tcfg.to_dict(),
+            "backend": backend, "device": str(device), "environment": _environment(),
+        })
+        _rewrite_metrics(out, history)
+
+    def save(at_step: int, wall: float):
+        if out is None:
+            return
+        tensors = dict(stepper.state_dict())
+        tensors["rng.batch"] = batch_gen.get_state()
+        rundir.save_checkpoint(out, at_step, tensors, {"step": at_step, "wall": wall, "backend": backend})
+
+    def finish(at_step: int, wall: float) -> dict:
+        summary = summarize(history, at_step, wall)
+        summary.update(backend=backend, device=str(device),
+                       steps_per_second=round(at_step / wall, 2) if wall > 0 else None)
+        if out is not None:
+            rundir.write_json(out / "summary.json", summary)
+            try:
+                from .plots import grokking_figure
+                grokking_figure(history, out / "grokking.png", title=_title(task, model_config, tcfg))
+            except Exception as e:  # a figure must never cost the run
+                log(f"warning: could not draw the figure: {e}")
+        return summary
+
+    train_t, train_l = task.train.tokens, task.train.labels
+    n_train = len(task.train)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+    metrics_file = open(out / "metrics.jsonl", "a") if out is not None else None
+
+    def do_eval(at_step: int) -> dict:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t_start
+        tr_loss, tr_acc = evaluate(model, train_t, train_l)
+        te_loss, te_acc = evaluate(model, task.test.tokens, task.test.labels)
+        row = {"step": at_step, "train_loss": float(tr_loss), "test_loss": float(te_loss),
+               "train_acc": float(tr_acc), "test_acc": float(te_acc), "wall": round(wall, 4)}
+        return row
+
+    def check_finite(at_step: int):
+        bad = int(first_bad)
+        if bad >= 0:
+            last = rundir.list_checkpoints(out)[-1][0] if out is not None and rundir.list_checkpoints(out) else None
+            where = f"; the last good checkpoint is step {last} in {out}" if last is not None else ""
+            raise TrainingDiverged(f"loss became NaN or inf at step {bad}{where}: lower --lr or --lamb")
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=tcfg.steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    t_start = time.perf_counter() - wall0
+    if not history and step == 0:
+        row = do_eval(0)
+        history.append(row)
+        _append_metric(metrics_file, row)
+    try:
+        with _StopFlag() as stop:
+            while step < tcfg.steps:
+                if tcfg.batch_size is None:
+                    tok, lab = train_t, train_l
+                else:
+                    idx = torch.randperm(n_train, generator=batch_gen)[:tcfg.batch_size].to(device)
+                    tok, lab = train_t[idx], train_l[idx]
+                loss = stepper.step(tok, lab)
+                step += 1
+                bad = ~torch.isfinite(loss)
+                first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
+                if on_step is not None:
+                    on_step(step)
+                if bar is not None:
+                    bar.update(1)
+                last = step == tcfg.steps
+                grokked = False
+                if step % tcfg.eval_every == 0 or last:
+                    check_finite(step)
+                    row = do_eval(step)
+                    history.append(row)
+                    _append_metric(metrics_file, row)
+                    if bar is not None:
+                        bar.set_postfix(train_acc=f"{row['train_acc']:.3f}", test_acc=f"{row['test_acc']:.3f}",
+                                        loss=f"{row['train_loss']:.2e}", refresh=False)
+                    grokked = tcfg.stop_at_grok and row["test_acc"] >= 0.99
+                if step % tcfg.checkpoint_every == 0 or last or grokked or stop.signum is not None:
+                    check_finite(step)
+                    save(step, time.perf_counter() - t_start)
+                if stop.signum is not None:
+                    raise Interrupted(step, out)
+                if grokked:
+                    log(f"test accuracy {row['test_acc']:.4f} >= 0.99 at step {step}: stopping (--stop-at-grok)")
+                    break
+    except Interrupted:
+        if bar is not None:
+            bar.close()
+        finish(step, time.perf_counter() - t_start)
+        raise
+    finally:
+        if metrics_file is not None:
+            metrics_file.close()
+        if bar is not None:
+            bar.close()
+    wall = time.perf_counter() - t_start
+    if not history or history[-1]["step"] != step:
+        # resumed at the end, or no eval happened at the final step
+        check_finite(step)
+        row = do_eval(step)
+        history.append(row)
+        if out is not None:
+            with open(out / "metrics.jsonl", "a") as f:
+                _append_metric(f, row)
+    summary = finish(step, wall)
+    return Run(out, model, task, model_config, tcfg, history, summary, backend)
+
+
+def _append_metric(f, row: dict) -> None:
+    if f is None:
+        return
+    import json
+    f.write(json.dumps(row) + "\n")
+    f.flush()
+
+
+def _rewrite_metrics(out: Path, rows: list[dict]) -> None:
+    import json
+    rundir.write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _title(task: Task, mcfg: ModelConfig, tcfg: TrainConfig) -> str:
+    gf = "" if tcfg.grokfast == "none" else f", Grokfast-{tcfg.grokfast.upper()}"
+    return (f"{task.op} mod {task.p}, {int(round(task.frac * 100))}% train; {mcfg.n_layers}L d{mcfg.d_model}, "
+            f"lr {tcfg.lr:g}, wd {tcfg.wd:g}{gf}")
