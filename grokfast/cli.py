@@ -149,11 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     sub.required = True
     _add_train(sub)
-    # Other verbs register here (each module adds its own sub-parser and sets func).
-    for mod in ("analyze_cli",):
+    # The other verbs live in their own modules: each has add_parser(sub) that adds its sub-parser and
+    # sets func (a function of the parsed args returning the exit status).
+    for mod in ("check_cli", "bench_cli", "analyze_cli", "sweep_cli"):
         try:
             m = __import__(f"grokfast.{mod}", fromlist=["add_parser"])
-        except ImportError:
+        except ModuleNotFoundError as e:
+            if e.name != f"grokfast.{mod}":
+                raise
             continue
         m.add_parser(sub)
     return parser
