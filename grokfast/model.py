@@ -59,17 +59,18 @@ class Attention(nn.Module):
     def forward(self, x, last_only: bool, cache=None, name=""):
         """x [B, T, D] -> [B, T, D], or [B, D] at the last position when last_only."""
         cfg = self.cfg
-        T = x.shape[1]
-        xq = x[:, -1:] if last_only else x                                    # [B, Tq, D]
-        q = torch.einsum("btd,hde->bhte", xq, self.W_Q)                      # [B, H, Tq, Dh]
-        k = torch.einsum("btd,hde->bhte", x, self.W_K)                       # [B, H, T, Dh]
-        v = torch.einsum("btd,hde->bhte", x, self.W_V)
+        B, T, D = x.shape
+        H, Dh = cfg.n_heads, cfg.d_head
+        xq = x[:, -1:] if last_only else x                                   # [B, Tq, D]
+        Tq = xq.shape[1]
+        # [H, D, Dh] -> [D, H*Dh]: one matmul for all heads
+        q = (xq @ self.W_Q.permute(1, 0, 2).reshape(D, H * Dh)).view(B, Tq, H, Dh)
+        k = (x @ self.W_K.permute(1, 0, 2).reshape(D, H * Dh)).view(B, T, H, Dh)
+        v = (x @ self.W_V.permute(1, 0, 2).reshape(D, H * Dh)).view(B, T, H, Dh)
         if cfg.attn_bias:
-            q = q + self.b_Q[None, :, None, :]
-            k = k + self.b_K[None, :, None, :]
-            v = v + self.b_V[None, :, None, :]
-        scores = q @ k.transpose(-1, -2) / math.sqrt(cfg.d_head)             # [B, H, Tq, T]
-        qpos = torch.arange(T - xq.shape[1], T, device=x.device)
+            q, k, v = q + self.b_Q, k + self.b_K, v + self.b_V
+        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(Dh)      # [B, H, Tq, T]
+        qpos = torch.arange(T - Tq, T, device=x.device)
         allowed = qpos[:, None] >= torch.arange(T, device=x.device)[None, :]  # causal [Tq, T]
         scores = scores.masked_fill(~allowed, float("-inf"))
         pattern = scores.softmax(dim=-1)
@@ -77,8 +78,8 @@ class Attention(nn.Module):
             pattern = cfg.attn_alpha * pattern + (1.0 - cfg.attn_alpha) * allowed.to(pattern.dtype)
         if cache is not None:
             cache[name + "pattern"] = pattern
-        z = pattern @ v                                                       # [B, H, Tq, Dh]
-        out = torch.einsum("bhte,hed->btd", z, self.W_O)
+        z = torch.einsum("bhqk,bkhe->bqhe", pattern, v)                      # [B, Tq, H, Dh]
+        out = z.reshape(B, Tq, H * Dh) @ self.W_O.reshape(H * Dh, D)          # sum over heads
         if cfg.attn_bias:
             out = out + self.b_O
         return out[:, 0] if last_only else out
