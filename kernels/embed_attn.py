@@ -1,0 +1,409 @@
+"""Embedding tables and causal attention over 2-5 positions, forward and backward.
+
+The vocabulary is tiny and n_ctx is 2-5, so the first layer works on tables indexed by
+(position t, token v), row t * V + v (V = d_vocab):
+
+    X0[t * V + v] = W_E[v] + W_pos[t]                                 (embed_table)
+
+and the first layer's Q, K, V are tables too (LayerNorm and the projections run on T * V rows, not
+on every example). Attention then reads rows by token. A layer in "plain" mode (the second layer)
+reads per-example rows b * T + t instead. For query position tq of example b and head h:
+
+    q = QKV[row(b, tq), Q_h], k_t = QKV[row(b, t), K_h], v_t = QKV[row(b, t), V_h]
+    sm_t = softmax_{t <= tq}(q . k_t / sqrt(d_head))          (causal)
+    pattern_t = alpha * sm_t + (1 - alpha) * [t <= tq]         (the attention rate of Zhong et al.)
+    z[b, tq, h] = sum_t pattern_t v_t
+
+The output projection z W_O + b_O and the residual are a GEMM (kernels.mlp.gemm); the forward kernel
+also copies the residual stream x[row(b, tq)] into the block's residual buffer.
+
+Backward (attn_backward), with dz = dL/dz and the saved sm:
+    dp_t = dz . v_t,  dscore_t = alpha * sm_t * (dp_t - sum_s sm_s dp_s),
+    dq = sum_t dscore_t k_t / sqrt(d_head),  dk_t += dscore_t q / sqrt(d_head),  dv_t += pattern_t dz
+written per example and position into G[b * T + t] = [dq | dk | dv | dres] (columns
+[0, HDh), [HDh, 2HDh), [2HDh, 3HDh), [3HDh, 3HDh + D), HDh = n_heads * d_head; dres is the residual
+gradient at query positions, 0 elsewhere). In table mode token_scatter then sums G into the tables:
+
+    Gtab[t * V + v] = sum_{b : tok[b, t] == v} G[b * T + t]
+
+computed as a GEMM with the one-hot token matrix (a fixed-order sum over examples: deterministic,
+no atomics), and embed_backward turns dX0 into dW_E[v] = sum_t dX0[t * V + v] and
+dW_pos[t] = sum_v dX0[t * V + v].
+
+Limits: T = n_ctx <= 8 (BLOCK_T = next power of two >= T); d_head <= 256; d_model <= 256. Tokens
+are int64 [M or 1, B, T] and are assumed to lie in [0, d_vocab) (checking would need a host sync;
+an out-of-range token reads zeros, never out of bounds).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common, mlp
+from ._common import check, launch, pow2, pow2_floor
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedding table
+
+
+@triton.jit
+def embed_table_kernel(WE, WPOS, X0, V, D, swe_m, swp_m, sx_m,
+                       T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """X0[m, t * V + v, :] = W_E[m, v, :] + W_pos[m, t, :] for BLOCK_R table rows; grid (cdiv(T * V, BLOCK_R), M)."""
+    m = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ds = tl.arange(0, BLOCK_D)
+    rmask = rows < T * V
+    mask = rmask[:, None] & (ds < D)[None, :]
+    t = rows // V
+    v = rows % V
+    we = tl.load(WE + m * swe_m + v[:, None] * D + ds[None, :], mask=mask, other=0.0)
+    wp = tl.load(WPOS + m * swp_m + t[:, None] * D + ds[None, :], mask=mask, other=0.0)
+    tl.store(X0 + m * sx_m + rows[:, None] * D + ds[None, :], we + wp, mask=mask)
+
+
+@triton.jit
+def embed_bwd_kernel(DX0, DWE, DWPOS, V, D, sdx_m, sdwe_m, sdwp_m,
+                     T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Programs pid < cdiv(V, BLOCK_V): dW_E[v] = sum_t dX0[t * V + v] for a block of tokens;
+    program cdiv(V, BLOCK_V) + t: dW_pos[t] = sum_v dX0[t * V + v]. Grid (cdiv(V, BLOCK_V) + T, M)."""
+    m = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0)
+    nvb = tl.cdiv(V, BLOCK_V)
+    ds = tl.arange(0, BLOCK_D)
+    dmask = ds < D
+    vs = tl.arange(0, BLOCK_V)
+    base = DX0 + m * sdx_m
+    if pid < nvb:
+        v = pid * BLOCK_V + vs
+        mask = (v < V)[:, None] & dmask[None, :]
+        acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32)
+        for t in tl.static_range(T):
+            acc += tl.load(base + (t * V + v)[:, None] * D + ds[None, :], mask=mask, other=0.0)
+        tl.store(DWE + m * sdwe_m + v[:, None] * D + ds[None, :], acc, mask=mask)
+    else:
+        t = pid - nvb
+        acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            v = v0 + vs
+            mask = (v < V)[:, None] & dmask[None, :]
+            acc += tl.load(base + (t * V + v)[:, None] * D + ds[None, :], mask=mask, other=0.0)
+        tl.store(DWPOS + m * sdwp_m + t * D + ds, tl.sum(acc, axis=0), mask=dmask)
+
+
+def _param_check(name, t, M, shape):
+    check(name, t, torch.float32, shape=(M,) + tuple(shape))
+    inner = t[0] if t.shape[0] > 0 else t
+    if t.dim() > 1 and not inner.is_contiguous():
+        raise ValueError(f"{name} must be contiguous within each model (a ParamLayout view)")
+
+
+def embed_table(W_E, W_pos, X0):
+    """X0 [M, T * V, D] (contiguous) = W_E[v] + W_pos[t] at row t * V + v. W_E [M, V, D], W_pos [M, T, D]."""
+    M, V, D = W_E.shape
+    T = W_pos.shape[1]
+    _param_check("W_E", W_E, M, (V, D))
+    _param_check("W_pos", W_pos, M, (T, D))
+    check("X0", X0, torch.float32, shape=(M, T * V, D))
+    if not X0.is_contiguous():
+        raise ValueError("X0 must be contiguous")
+    BD = pow2(D, 16)
+    BR = max(1, min(64, 4096 // BD))
+    launch(embed_table_kernel, (triton.cdiv(T * V, BR), M),
+           dict(WE=W_E, WPOS=W_pos, X0=X0, V=V, D=D, swe_m=W_E.stride(0), swp_m=W_pos.stride(0), sx_m=X0.stride(0)),
+           dict(T=T, BLOCK_R=BR, BLOCK_D=BD))
+    return X0
+
+
+def embed_backward(dX0, dW_E, dW_pos):
+    """dW_E[v] = sum_t dX0[t * V + v], dW_pos[t] = sum_v dX0[t * V + v]. dX0 [M, T * V, D] contiguous."""
+    M, V, D = dW_E.shape
+    T = dW_pos.shape[1]
+    _param_check("dW_E", dW_E, M, (V, D))
+    _param_check("dW_pos", dW_pos, M, (T, D))
+    check("dX0", dX0, torch.float32, shape=(M, T * V, D))
+    if not dX0.is_contiguous():
+        raise ValueError("dX0 must be contiguous")
+    BD = pow2(D, 16)
+    BV = max(1, min(32, 4096 // BD))
+    launch(embed_bwd_kernel, (triton.cdiv(V, BV) + T, M),
+           dict(DX0=dX0, DWE=dW_E, DWPOS=dW_pos, V=V, D=D, sdx_m=dX0.stride(0), sdwe_m=dW_E.stride(0),
+                sdwp_m=dW_pos.stride(0)),
+           dict(T=T, BLOCK_V=BV, BLOCK_D=BD))
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+
+@triton.jit
+def _rows_of(TOK, tok_base, bs, ts, bmask, tmask, V, T: tl.constexpr, TABLE: tl.constexpr):
+    """Row of (example b, position t) in the Q/K/V source: t * V + tok[b, t] (table) or b * T + t."""
+    if TABLE:
+        inside = bmask[:, None] & tmask[None, :]
+        tok = tl.load(TOK + tok_base + bs[:, None] * T + ts[None, :], mask=inside, other=0)
+        ok = inside & (tok >= 0) & (tok < V)
+        return ts[None, :].to(tl.int64) * V + tl.where(ok, tok, 0), ok
+    else:
+        return bs[:, None].to(tl.int64) * T + ts[None, :], bmask[:, None] & tmask[None, :]
+
+
+@triton.jit
+def attn_fwd_kernel(QKV, TOK, XIN, Z, SM, XRES,
+                    B, V, D, NH, scale, alpha,
+                    sqkv_m, sqkv_r, stok_m, sx_m, sx_r, sz_m, ssm_m, sxr_m,
+                    T: tl.constexpr, TQ: tl.constexpr, TABLE: tl.constexpr, DH: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Attention of query position tq = T - TQ + pid(1), head h, for BLOCK_B examples; grid
+    (cdiv(B, BLOCK_B), TQ, M * NH). Writes Z[m, b * TQ + qi, h * DH:(h+1) * DH], SM[m, b * TQ + qi, h, :T]
+    and (head 0) XRES[m, b * TQ + qi, :] = XIN[row(b, tq)]."""
+    pid_b = tl.program_id(0)
+    qi = tl.program_id(1)
+    pmh = tl.program_id(2)
+    m = (pmh // NH).to(tl.int64)
+    h = pmh % NH
+    tq = T - TQ + qi
+    bs = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    ts = tl.arange(0, BLOCK_T)
+    es = tl.arange(0, BLOCK_DH)
+    bmask = bs < B
+    tmask = ts < T
+    emask = es < DH
+    rows, ok = _rows_of(TOK, m * stok_m, bs, ts, bmask, tmask, V, T, TABLE)       # [BB, BT]
+    is_q = (ts == tq)[None, :]
+    row_q = tl.sum(tl.where(is_q, rows, 0), axis=1)                                # [BB]
+    ok_q = tl.sum(tl.where(is_q & ok, 1, 0), axis=1) > 0
+    base = QKV + m * sqkv_m
+    HD = NH * DH
+    q = tl.load(base + row_q[:, None] * sqkv_r + h * DH + es[None, :], mask=ok_q[:, None] & emask[None, :], other=0.0)
+    kv_off = rows[:, :, None] * sqkv_r + es[None, None, :]
+    kv_mask = ok[:, :, None] & emask[None, None, :]
+    k = tl.load(base + kv_off + HD + h * DH, mask=kv_mask, other=0.0)               # [BB, BT, BDH]
+    allowed = (ts <= tq)[None, :]
+    s = tl.sum(q[:, None, :] * k, axis=2) * scale
+    s = tl.where(allowed, s, float("-inf"))
+    e = tl.exp(s - tl.max(s, axis=1)[:, None])
+    e = tl.where(allowed, e, 0.0)
+    sm = e / tl.sum(e, axis=1)[:, None]
+    pattern = alpha * sm + (1.0 - alpha) * tl.where(allowed, 1.0, 0.0)
+    v = tl.load(base + kv_off + 2 * HD + h * DH, mask=kv_mask, other=0.0)
+    z = tl.sum(pattern[:, :, None] * v, axis=1)                                     # [BB, BDH]
+    out_row = bs * TQ + qi
+    tl.store(Z + m * sz_m + out_row[:, None] * HD + h * DH + es[None, :], z, mask=bmask[:, None] & emask[None, :])
+    tl.store(SM + m * ssm_m + (out_row * NH + h)[:, None] * T + ts[None, :], sm, mask=bmask[:, None] & tmask[None, :])
+    if h == 0:
+        ds = tl.arange(0, BLOCK_D)
+        dmask = ds < D
+        x = tl.load(XIN + m * sx_m + row_q[:, None] * sx_r + ds[None, :], mask=ok_q[:, None] & dmask[None, :], other=0.0)
+        tl.store(XRES + m * sxr_m + out_row[:, None] * D + ds[None, :], x, mask=bmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def attn_bwd_kernel(QKV, TOK, SM, DZ, DMID, G,
+                    B, V, D, NH, scale, alpha,
+                    sqkv_m, sqkv_r, stok_m, ssm_m, sdz_m, sdm_m, sg_m, sg_r,
+                    T: tl.constexpr, TQ: tl.constexpr, TABLE: tl.constexpr, DH: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per-example attention backward of head h for BLOCK_B examples, all TQ query positions;
+    grid (cdiv(B, BLOCK_B), M * NH). Writes G[m, b * T + t] blocks dq, dk, dv of head h for every t
+    (dq = 0 where t holds no query) and (head 0) the residual block: DMID[b * TQ + qi] at t = tq, else 0."""
+    pid_b = tl.program_id(0)
+    pmh = tl.program_id(1)
+    m = (pmh // NH).to(tl.int64)
+    h = pmh % NH
+    bs = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    ts = tl.arange(0, BLOCK_T)
+    es = tl.arange(0, BLOCK_DH)
+    bmask = bs < B
+    tmask = ts < T
+    emask = es < DH
+    rows, ok = _rows_of(TOK, m * stok_m, bs, ts, bmask, tmask, V, T, TABLE)
+    base = QKV + m * sqkv_m
+    HD = NH * DH
+    kv_off = rows[:, :, None] * sqkv_r + es[None, None, :]
+    kv_mask = ok[:, :, None] & emask[None, None, :]
+    k = tl.load(base + kv_off + HD + h * DH, mask=kv_mask, other=0.0)
+    v = tl.load(base + kv_off + 2 * HD + h * DH, mask=kv_mask, other=0.0)
+    dk = tl.zeros((BLOCK_B, BLOCK_T, BLOCK_DH), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_B, BLOCK_T, BLOCK_DH), dtype=tl.float32)
+    g_base = G + m * sg_m
+    bt_mask = bmask[:, None] & emask[None, :]
+    for qi in tl.static_range(TQ):
+        tq = T - TQ + qi
+        is_q = (ts == tq)[None, :]
+        row_q = tl.sum(tl.where(is_q, rows, 0), axis=1)
+        ok_q = tl.sum(tl.where(is_q & ok, 1, 0), axis=1) > 0
+        q = tl.load(base + row_q[:, None] * sqkv_r + h * DH + es[None, :], mask=ok_q[:, None] & emask[None, :],
+                    other=0.0)
+        out_row = bs * TQ + qi
+        allowed = (ts <= tq)[None, :]
+        sm = tl.load(SM + m * ssm_m + (out_row * NH + h)[:, None] * T + ts[None, :],
+                     mask=bmask[:, None] & allowed, other=0.0)
+        pattern = alpha * sm + (1.0 - alpha) * tl.where(allowed, 1.0, 0.0)
+        dz = tl.load(DZ + m * sdz_m + out_row[:, None] * HD + h * DH + es[None, :], mask=bt_mask, other=0.0)
+        dp = tl.sum(dz[:, None, :] * v, axis=2)                                     # [BB, BT]
+        dscore = alpha * sm * (dp - tl.sum(sm * dp, axis=1)[:, None])
+        dq = tl.sum(dscore[:, :, None] * k, axis=1) * scale
+        tl.store(g_base + (bs * T + tq)[:, None] * sg_r + h * DH + es[None, :], dq, mask=bt_mask)
+        dk += dscore[:, :, None] * q[:, None, :] * scale
+        dv += pattern[:, :, None] * dz[:, None, :]
+    zero = tl.zeros((BLOCK_B, BLOCK_DH), dtype=tl.float32)
+    for t in tl.static_range(T - TQ):
+        tl.store(g_base + (bs * T + t)[:, None] * sg_r + h * DH + es[None, :], zero, mask=bt_mask)
+    g_off = (bs[:, None, None] * T + ts[None, :, None]) * sg_r + es[None, None, :]
+    g_mask = bmask[:, None, None] & tmask[None, :, None] & emask[None, None, :]
+    tl.store(g_base + g_off + HD + h * DH, dk, mask=g_mask)
+    tl.store(g_base + g_off + 2 * HD + h * DH, dv, mask=g_mask)
+    if h == 0:
+        ds = tl.arange(0, BLOCK_D)
+        dmask = ds < D
+        rd_mask = bmask[:, None] & dmask[None, :]
+        for t in tl.static_range(T):
+            if t >= T - TQ:
+                d = tl.load(DMID + m * sdm_m + (bs * TQ + (t - (T - TQ)))[:, None] * D + ds[None, :],
+                            mask=rd_mask, other=0.0)
+            else:
+                d = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+            tl.store(g_base + (bs * T + t)[:, None] * sg_r + 3 * HD + ds[None, :], d, mask=rd_mask)
+
+
+def _attn_blocks(T, Dh, D, budget):
+    BT, BDH, BD = pow2(T, 2), pow2(Dh, 16), pow2(D, 16)
+    BB = max(1, min(64, pow2_floor(max(1, budget // (BT * BDH)))))
+    return BB, BT, BDH, BD
+
+
+def _tokens_check(tokens, M, B, T, device):
+    check("tokens", tokens, torch.int64, dims=3, device=device)
+    if tokens.shape[0] not in (1, M) or tuple(tokens.shape[1:]) != (B, T) or not tokens.is_contiguous():
+        raise ValueError(f"tokens must be a contiguous int64 [1 or {M}, {B}, {T}] tensor, got {list(tokens.shape)}")
+
+
+def attn_forward(qkv, tokens, x_in, z, sm, x_res, n_heads, d_head, n_query, table, alpha):
+    """Attention of the query positions T - n_query .. T - 1 (causal) for every example.
+
+    qkv [M, R_in, 3 * H * Dh] contiguous (rows: table rows t * V + v when ``table``, else b * T + t);
+    tokens int64 [1 or M, B, T] contiguous; x_in [M, R_in, D] the residual stream the rows index
+    (d_model contiguous). Writes z [M, B * n_query, H * Dh], sm [M, B * n_query * H * T] (the softmax
+    before the attention-rate mix) and x_res [M, B * n_query, D] = x_in at the query rows.
+    V (for table rows) is R_in // T."""
+    M, R_in, W3 = qkv.shape
+    H, Dh = n_heads, d_head
+    _, B, T = tokens.shape
+    D = x_in.shape[2]
+    TQ = n_query
+    check("qkv", qkv, torch.float32, shape=(M, R_in, 3 * H * Dh))
+    _tokens_check(tokens, M, B, T, qkv.device)
+    check("x_in", x_in, torch.float32, shape=(M, R_in, D))
+    check("z", z, torch.float32, shape=(M, B * TQ, H * Dh))
+    check("sm", sm, torch.float32, shape=(M, B * TQ * H * T))
+    check("x_res", x_res, torch.float32, shape=(M, B * TQ, D))
+    if not (qkv.is_contiguous() and z.is_contiguous() and sm.is_contiguous() and x_res.is_contiguous()
+            and x_in.stride(2) == 1):
+        raise ValueError("attn_forward: qkv, z, sm, x_res must be contiguous (x_in along d_model)")
+    if not 1 <= TQ <= T or (not table and R_in != B * T) or (table and R_in % T):
+        raise ValueError(f"attn_forward: inconsistent n_query {TQ}, rows {R_in}, B {B}, T {T}")
+    BB, BT, BDH, BD = _attn_blocks(T, Dh, D, 2048)      # [BB, BT, BDH] tiles of 2048: no spills
+    launch(attn_fwd_kernel, (triton.cdiv(B, BB), TQ, M * H),
+           dict(QKV=qkv, TOK=tokens, XIN=x_in, Z=z, SM=sm, XRES=x_res, B=B, V=R_in // T, D=D, NH=H,
+                scale=1.0 / math.sqrt(Dh), alpha=float(alpha),
+                sqkv_m=qkv.stride(0), sqkv_r=qkv.stride(1), stok_m=tokens.stride(0) if tokens.shape[0] > 1 else 0,
+                sx_m=x_in.stride(0), sx_r=x_in.stride(1), sz_m=z.stride(0), ssm_m=sm.stride(0), sxr_m=x_res.stride(0)),
+           dict(T=T, TQ=TQ, TABLE=bool(table), DH=Dh, BLOCK_B=BB, BLOCK_T=BT, BLOCK_DH=BDH, BLOCK_D=BD))
+
+
+def attn_backward(qkv, tokens, sm, dz, dmid, G, n_heads, d_head, n_query, table, alpha):
+    """Per-example attention backward into G [M, B * T, 3 * H * Dh + D] (row b * T + t; blocks
+    dq | dk | dv | dres, every entry written). dz [M, B * n_query, H * Dh] = dL/dz; dmid
+    [M, B * n_query, D] = dL/d(block residual after attention), copied into dres at query rows."""
+    M, R_in, _ = qkv.shape
+    H, Dh = n_heads, d_head
+    _, B, T = tokens.shape
+    D = dmid.shape[2]
+    TQ = n_query
+    check("qkv", qkv, torch.float32, shape=(M, R_in, 3 * H * Dh))
+    _tokens_check(tokens, M, B, T, qkv.device)
+    check("sm", sm, torch.float32, shape=(M, B * TQ * H * T))
+    check("dz", dz, torch.float32, shape=(M, B * TQ, H * Dh))
+    check("dmid", dmid, torch.float32, shape=(M, B * TQ, D))
+    check("G", G, torch.float32, shape=(M, B * T, 3 * H * Dh + D))
+    if not all(t.is_contiguous() for t in (qkv, sm, dz, dmid, G)):
+        raise ValueError("attn_backward: qkv, sm, dz, dmid, G must be contiguous")
+    # five live [BB, BT, BDH] tiles, and the query loop unrolled n_query times: no spills on sm_80/sm_90
+    BB, BT, BDH, BD = _attn_blocks(T, Dh, D, 1024 if TQ == 1 else 512)
+    launch(attn_bwd_kernel, (triton.cdiv(B, BB), M * H),
+           dict(QKV=qkv, TOK=tokens, SM=sm, DZ=dz, DMID=dmid, G=G, B=B, V=R_in // T, D=D, NH=H,
+                scale=1.0 / math.sqrt(Dh), alpha=float(alpha),
+                sqkv_m=qkv.stride(0), sqkv_r=qkv.stride(1), stok_m=tokens.stride(0) if tokens.shape[0] > 1 else 0,
+                ssm_m=sm.stride(0), sdz_m=dz.stride(0), sdm_m=dmid.stride(0), sg_m=G.stride(0), sg_r=G.stride(1)),
+           dict(T=T, TQ=TQ, TABLE=bool(table), DH=Dh, BLOCK_B=BB, BLOCK_T=BT, BLOCK_DH=BDH, BLOCK_D=BD))
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-example rows -> (position, token) tables
+
+
+@triton.jit
+def token_scatter_kernel(G, TOK, OUT, WS, B, V, W, B_SPLIT, sg_m, sg_r, stok_m, so_m,
+                         T: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_V: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_B: tl.constexpr):
+    """OUT[m, t * V + v, c] = sum_b [tok[m, b, t] == v] * G[m, b * T + t, c] for a [BLOCK_V, BLOCK_W]
+    tile: a GEMM of the one-hot token matrix [BLOCK_V, BLOCK_B] with G, over the examples
+    b in [pid(2) * B_SPLIT, (pid(2) + 1) * B_SPLIT) in a fixed order. Grid
+    (cdiv(V, BLOCK_V) * cdiv(W, BLOCK_W), M * T, S). SPLIT: write the partial tile to
+    WS[pid(2), m * T + t] ([S, M * T, V, W]) for mlp.split_sum_kernel instead of OUT."""
+    pid = tl.program_id(0)
+    t = tl.program_id(1) % T
+    m = (tl.program_id(1) // T).to(tl.int64)
+    split = tl.program_id(2)
+    b_lo = split * B_SPLIT
+    b_hi = tl.minimum(b_lo + B_SPLIT, B)
+    nw = tl.cdiv(W, BLOCK_W)
+    vs = (pid // nw) * BLOCK_V + tl.arange(0, BLOCK_V)
+    cs = (pid % nw) * BLOCK_W + tl.arange(0, BLOCK_W)
+    cmask = cs < W
+    bb = tl.arange(0, BLOCK_B).to(tl.int64)
+    acc = tl.zeros((BLOCK_V, BLOCK_W), dtype=tl.float32)
+    for b0 in range(b_lo, b_hi, BLOCK_B):
+        bs = b0 + bb
+        bmask = bs < b_hi
+        tok = tl.load(TOK + m * stok_m + bs * T + t, mask=bmask, other=-1)
+        onehot = tl.where(tok[None, :] == vs[:, None], 1.0, 0.0)
+        g = tl.load(G + m * sg_m + (bs * T + t)[:, None] * sg_r + cs[None, :], mask=bmask[:, None] & cmask[None, :],
+                    other=0.0)
+        acc += tl.dot(onehot, g, input_precision=PRECISION)
+    omask = (vs < V)[:, None] & cmask[None, :]
+    if SPLIT:
+        slot = split.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
+        tl.store(WS + (slot * V + vs[:, None]) * W + cs[None, :], acc, mask=omask)
+    else:
+        tl.store(OUT + m * so_m + (t * V + vs)[:, None] * W + cs[None, :], acc, mask=omask)
+
+
+def token_scatter(G, tokens, out, precision=None):
+    """out [M, T * V, W] (contiguous) = per-(position, token) sums of G [M, B * T, W] (contiguous)."""
+    M, BT_, W = G.shape
+    _, B, T = tokens.shape
+    _tokens_check(tokens, M, B, T, G.device)
+    check("G", G, torch.float32, shape=(M, B * T, W))
+    check("out", out, torch.float32, dims=3, shape=(M, None, W))
+    if out.shape[1] % T or not (G.is_contiguous() and out.is_contiguous()):
+        raise ValueError("token_scatter: out must be a contiguous [M, T * V, W] table, G contiguous")
+    V = out.shape[1] // T
+    BV, BW, BB = pow2(V, 16, 32), pow2(W, 16, 64), 16
+    tiles = triton.cdiv(V, BV) * triton.cdiv(W, BW)
+    S = mlp._n_splits(tiles * M * T, B, 1)           # split the example sum like a GEMM's split-K
+    b_split = triton.cdiv(triton.cdiv(B, S), BB) * BB
+    S = triton.cdiv(B, b_split)
+    ws = torch.empty((S, M * T, V, W), dtype=torch.float32, device=G.device) if S > 1 else out
+    launch(token_scatter_kernel, (tiles, M * T, S),
+           dict(G=G, TOK=tokens, OUT=out, WS=ws, B=B, V=V, W=W, B_SPLIT=b_split, sg_m=G.stride(0), sg_r=G.stride(1),
+                stok_m=tokens.stride(0) if tokens.shape[0] > 1 else 0, so_m=out.stride(0)),
+           dict(T=T, SPLIT=S > 1, PRECISION=precision or _common.DOT_PRECISION, BLOCK_V=BV, BLOCK_W=BW, BLOCK_B=BB))
+    if S > 1:
+        mlp.split_sum(ws, out.view(M, T, V, W))
+    return out

@@ -1,0 +1,413 @@
+"""The fused forward + backward of the model for M models at once, and evaluation, on flat parameters.
+
+Given flat [M, N] parameters (kernels.layout.ParamLayout), tokens and labels, ``loss_and_grads_flat``
+computes each model's mean cross-entropy and the gradient of every parameter with Triton kernels
+(no host synchronisation, deterministic: no float atomics); ``eval_flat`` computes the mean loss and
+the number of correct argmax predictions over a split without copying logits to the host.
+
+How the work is laid out (DESIGN.md, "The fused training step"), T = n_ctx, V = d_vocab:
+  forward   X0[t * V + v] = W_E[v] + W_pos[t]                       table, T * V rows
+            layer 0: LN1, Q/K/V on the table rows; attention per example reads them by token;
+                     z W_O + b_O + residual; LN2 and the MLP at every position (2 layers) or at the
+                     last position only (1 layer)
+            layer 1: LN1 and Q/K/V per example and position, attention of the last position,
+                     its MLP at the last position
+            LN_final, logits = x W_U + b_U, per-example loss and dlogits (accurate on confident data)
+  backward  mirrors it: GEMMs for every weight gradient (a fixed-order sum over examples), the
+            attention backward per example into G = [dq | dk | dv | dresid] rows, G summed into the
+            (position, token) tables by a one-hot GEMM for layer 0, then the table gradients flow to
+            W_Q, W_K, W_V (table-sized products), LN1, and dW_E, dW_pos.
+One departure from DESIGN.md's sketch: there is no value-output table VO = x0 W_V W_O; attention
+sums V rows (d_head wide) and z W_O is one GEMM over the examples, because the backward would
+otherwise scatter n_heads x d_model wide gradients into the VO table (n_heads times more work).
+The reference model (grokfast/model.py) is the specification; tests/test_kernels_model.py checks
+every gradient against it in float64.
+
+Limits (``supported``): 1 or 2 layers, d_model <= 256, d_mlp <= 1024, 1 to 8 heads, d_head <= 256,
+d_vocab_out <= 512, n_ctx 1 to 8, d_vocab <= 4096. Tokens and labels are not range-checked on the
+device (that would need a sync): call ``check_token_range`` once per data set.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+
+from . import _common
+from ._common import check, record_launches, signature_of
+from .embed_attn import attn_backward, attn_forward, embed_backward, embed_table, token_scatter
+from .layernorm import layernorm_backward, layernorm_forward
+from .layout import ParamLayout
+from .mlp import colsum, gemm, mlp_backward, mlp_forward
+from .unembed_loss import cross_entropy, mean_reduce
+
+try:  # ConfigError lives with the configs; the kernels must not need the rest of grokfast
+    from grokfast.config import ConfigError
+except Exception:  # pragma: no cover
+    class ConfigError(ValueError):
+        pass
+
+MAX_M_HEADS = 65535  # grid axis limit: M * max(3 n_heads, n_ctx) programs along one axis
+
+
+def supported(cfg) -> str | None:
+    """None if the fused kernels handle this ModelConfig, else a one-line reason naming the limit."""
+    limits = [
+        (cfg.n_layers in (1, 2), f"n_layers={cfg.n_layers}: the fused kernels handle 1 or 2 layers"),
+        (cfg.d_model <= 256, f"d_model={cfg.d_model}: the fused kernels handle d_model <= 256"),
+        (cfg.d_mlp <= 1024, f"d_mlp={cfg.d_mlp}: the fused kernels handle d_mlp <= 1024"),
+        (1 <= cfg.n_heads <= 8, f"n_heads={cfg.n_heads}: the fused kernels handle 1 to 8 heads"),
+        (cfg.d_head <= 256, f"d_head={cfg.d_head}: the fused kernels handle d_head <= 256"),
+        (cfg.d_vocab_out <= 512, f"d_vocab_out={cfg.d_vocab_out}: the fused kernels handle at most 512 classes"),
+        (1 <= cfg.n_ctx <= 8, f"n_ctx={cfg.n_ctx}: the fused kernels handle 1 to 8 positions"),
+        (cfg.d_vocab <= 4096, f"d_vocab={cfg.d_vocab}: the fused kernels handle d_vocab <= 4096"),
+        (cfg.act in ("relu", "gelu"), f"act={cfg.act!r}: the fused kernels handle relu and gelu"),
+    ]
+    for ok, why in limits:
+        if not ok:
+            return why
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Workspace: every activation the backward needs, allocated once per (config, M, B, device).
+
+
+class _Layer:
+    pass
+
+
+class Workspace:
+    """Activation and gradient buffers for M models and B examples (float32, contiguous)."""
+
+    def __init__(self, cfg, M: int, B: int, device, grads: bool):
+        T, V, D, H, Dh, F, P = cfg.n_ctx, cfg.d_vocab, cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp, cfg.d_vocab_out
+        HD, L, LN = H * Dh, cfg.n_layers, cfg.layernorm
+
+        def e(*shape, dtype=torch.float32):
+            t = torch.empty(shape, dtype=dtype, device=device)
+            if POISON_WORKSPACE and t.device.type != "meta":
+                t.fill_(float("nan") if dtype == torch.float32 else -(2**30))
+            return t
+
+        self.X0 = e(M, T * V, D)
+        self.layers = []
+        for l in range(L):
+            a = _Layer()
+            a.table = l == 0
+            a.TQ = 1 if l == L - 1 else T
+            a.R_in = T * V if a.table else B * T
+            Ro = B * a.TQ
+            if LN:
+                a.hn, a.mu1, a.rs1 = e(M, a.R_in, D), e(M, a.R_in), e(M, a.R_in)
+                a.hn2, a.mu2, a.rs2 = e(M, Ro, D), e(M, Ro), e(M, Ro)
+            a.qkv = e(M, a.R_in, 3 * HD)
+            a.z, a.sm, a.xres, a.mid = e(M, Ro, HD), e(M, Ro * H * T), e(M, Ro, D), e(M, Ro, D)
+            a.pre, a.post, a.out = e(M, Ro, F), e(M, Ro, F), e(M, Ro, D)
+            if grads:
+                a.dpre, a.dmid, a.dz = e(M, Ro, F), e(M, Ro, D), e(M, Ro, HD)
+                a.dh2 = e(M, Ro, D) if LN else None
+                a.G = e(M, B * T, 3 * HD + D)
+                a.Gtab = e(M, T * V, 3 * HD + D) if a.table else None
+                a.dhn = e(M, a.R_in, D) if LN else None
+                a.dx = e(M, a.R_in, D)
+            self.layers.append(a)
+        if LN:
+            self.xf, self.muf, self.rsf = e(M, B, D), e(M, B), e(M, B)
+        self.logits = e(M, B, P)
+        self.loss_ex, self.correct_ex = e(M, B), e(M, B, dtype=torch.int32)
+        self.correct = e(M, dtype=torch.int32)
+        if grads:
+            self.dlogits, self.dxf = e(M, B, P), e(M, B, D)
+            self.dres = e(M, B, D) if LN else None
+
+    @staticmethod
+    def floats_per_example(cfg, grads: bool) -> int:
+        """About how many floats the workspace holds per (model, example): sizes the eval chunks."""
+        T, D, HD, F, P = cfg.n_ctx, cfg.d_model, cfg.n_heads * cfg.d_head, cfg.d_mlp, cfg.d_vocab_out
+        n = 0
+        for l in range(cfg.n_layers):
+            TQ = 1 if l == cfg.n_layers - 1 else T
+            n += TQ * (2 * F + HD + cfg.n_heads * T + 5 * D) + (0 if l == 0 else T * (3 * HD + 2 * D))
+            if grads:
+                n += TQ * (F + 3 * D + HD) + T * (3 * HD + D) + (0 if l == 0 else 2 * T * D)
+        return n + 3 * P + 4 * D + 4
+
+
+# Tests set this to fill new workspaces with NaN (float) / -2^30 (int): a kernel that reads an entry
+# nobody wrote then poisons the result instead of passing by luck.
+POISON_WORKSPACE = False
+
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_SIZE = 6
+
+
+def _workspace(cfg, M, B, device, grads) -> Workspace:
+    key = (cfg, M, B, str(device), grads)
+    ws = _CACHE.get(key)
+    if ws is None:
+        ws = Workspace(cfg, M, B, device, grads)
+        _CACHE[key] = ws
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(key)
+    return ws
+
+
+# ----------------------------------------------------------------------------------------------
+# The two passes
+
+
+def _span(flat, lay: ParamLayout, first: str, numel: int):
+    """flat[:, offset(first):offset(first) + numel]: consecutive parameters as one view."""
+    o = lay.offsets[first]
+    return flat[:, o:o + numel]
+
+
+def _forward(cfg, lay, flat, tokens, ws: Workspace):
+    M = flat.shape[0]
+    T, D, H, Dh = cfg.n_ctx, cfg.d_model, cfg.n_heads, cfg.d_head
+    HD, LN = H * Dh, cfg.layernorm
+    p = lay.views(flat)
+    embed_table(p["embed.W_E"], p["pos_embed.W_pos"], ws.X0)
+    x_in = ws.X0
+    for l, a in enumerate(ws.layers):
+        n = f"blocks.{l}."
+        R = a.R_in
+        if LN:
+            layernorm_forward(x_in, p[n + "ln1.w"], p[n + "ln1.b"], a.hn, a.mu1, a.rs1, cfg.ln_eps)
+        hn = a.hn if LN else x_in
+        W_qkv = _span(flat, lay, n + "attn.W_Q", 3 * H * D * Dh).view(M, 3 * H, D, Dh)
+        b_qkv = _span(flat, lay, n + "attn.b_Q", 3 * HD).view(M, 3 * H, Dh) if cfg.attn_bias else None
+        # qkv[r, j * Dh + e] = sum_d hn[r, d] W_{Q|K|V}[h, d, e] (+ b), j = which * H + h: one launch
+        gemm(hn.unsqueeze(1).unsqueeze(3).expand(M, 3 * H, R, 1, D), W_qkv.unsqueeze(2),
+             a.qkv.view(M, R, 3 * H, Dh).permute(0, 2, 1, 3), bias=b_qkv)
+        attn_forward(a.qkv, tokens, x_in, a.z, a.sm, a.xres, H, Dh, a.TQ, a.table, cfg.attn_alpha)
+        gemm(a.z, p[n + "attn.W_O"].reshape(M, HD, D), a.mid,
+             bias=p[n + "attn.b_O"] if cfg.attn_bias else None, res=a.xres)
+        if LN:
+            layernorm_forward(a.mid, p[n + "ln2.w"], p[n + "ln2.b"], a.hn2, a.mu2, a.rs2, cfg.ln_eps)
+        mlp_forward(a.hn2 if LN else a.mid, p[n + "mlp.W_in"], p[n + "mlp.b_in"], p[n + "mlp.W_out"],
+                    p[n + "mlp.b_out"], a.mid, a.pre, a.post, a.out, cfg.act)
+        x_in = a.out
+    if LN:
+        layernorm_forward(x_in, p["ln_final.w"], p["ln_final.b"], ws.xf, ws.muf, ws.rsf, cfg.ln_eps)
+    xf = ws.xf if LN else x_in
+    gemm(xf, p["unembed.W_U"], ws.logits, bias=p["unembed.b_U"] if cfg.unembed_bias else None)
+    return xf
+
+
+def _backward(cfg, lay, flat, tokens, ws: Workspace, xf, grad_out):
+    M = flat.shape[0]
+    D, H, Dh = cfg.d_model, cfg.n_heads, cfg.d_head
+    HD, LN = H * Dh, cfg.layernorm
+    p, g = lay.views(flat), lay.views(grad_out)
+    gemm(ws.dlogits, p["unembed.W_U"].transpose(1, 2), ws.dxf)
+    gemm(xf.transpose(1, 2), ws.dlogits, g["unembed.W_U"])
+    if cfg.unembed_bias:
+        colsum(ws.dlogits, g["unembed.b_U"])
+    if LN:
+        layernorm_backward(ws.layers[-1].out, p["ln_final.w"], ws.muf, ws.rsf, ws.dxf, ws.dres,
+                           g["ln_final.w"], g["ln_final.b"])
+    dout = ws.dres if LN else ws.dxf                    # dL / d(output of the current block)
+    for l in reversed(range(cfg.n_layers)):
+        a = ws.layers[l]
+        n = f"blocks.{l}."
+        R = a.R_in
+        x_in = ws.X0 if l == 0 else ws.layers[l - 1].out
+        hn = a.hn if LN else x_in
+        # MLP, then (LayerNorm 2 and) the residual: dmid = dout + d(MLP input)
+        mlp_backward(dout, a.hn2 if LN else a.mid, a.pre, a.post, p[n + "mlp.W_in"], p[n + "mlp.W_out"],
+                     a.dpre, a.dh2 if LN else a.dmid, g[n + "mlp.W_in"], g[n + "mlp.b_in"],
+                     g[n + "mlp.W_out"], g[n + "mlp.b_out"], cfg.act, dh_res=None if LN else dout)
+        if LN:
+            layernorm_backward(a.mid, p[n + "ln2.w"], a.mu2, a.rs2, a.dh2, a.dmid, g[n + "ln2.w"], g[n + "ln2.b"],
+                               res=dout)
+        # output projection
+        gemm(a.dmid, p[n + "attn.W_O"].reshape(M, HD, D).transpose(1, 2), a.dz)
+        gemm(a.z.transpose(1, 2), a.dmid, g[n + "attn.W_O"].reshape(M, HD, D))
+        if cfg.attn_bias:
+            colsum(a.dmid, g[n + "attn.b_O"])
+        # attention per example, then into the (position, token) tables for layer 0
+        attn_backward(a.qkv, tokens, a.sm, a.dz, a.dmid, a.G, H, Dh, a.TQ, a.table, cfg.attn_alpha)
+        src = token_scatter(a.G, tokens, a.Gtab) if a.table else a.G      # [M, R, 3 HD + D]
+        dqkv, dres = src[:, :, :3 * HD], src[:, :, 3 * HD:]
+        W_qkv = _span(flat, lay, n + "attn.W_Q", 3 * H * D * Dh).view(M, 3 * H, D, Dh)
+        gW_qkv = _span(grad_out, lay, n + "attn.W_Q", 3 * H * D * Dh).view(M, 3 * H, D, Dh)
+        # dW_{Q|K|V}[h] = hn^T dqkv[:, block j]
+        gemm(hn.transpose(1, 2).unsqueeze(1).unsqueeze(3).expand(M, 3 * H, D, 1, R),
+             dqkv.view(M, R, 3 * H, Dh).permute(0, 2, 1, 3).unsqueeze(2), gW_qkv)
+        if cfg.attn_bias:
+            colsum(dqkv, _span(grad_out, lay, n + "attn.b_Q", 3 * HD))
+        # dhn[r, d] = sum_{j, e} dqkv[r, j * Dh + e] W[j, d, e]: contraction over (heads x d_head)
+        a_op = dqkv.view(M, R, 3 * H, Dh).unsqueeze(1)
+        b_op = W_qkv.permute(0, 1, 3, 2).unsqueeze(1)
+        if LN:
+            gemm(a_op, b_op, a.dhn)
+            layernorm_backward(x_in, p[n + "ln1.w"], a.mu1, a.rs1, a.dhn, a.dx, g[n + "ln1.w"], g[n + "ln1.b"],
+                               res=dres)
+        else:
+            gemm(a_op, b_op, a.dx, res=dres)
+        dout = a.dx
+    embed_backward(ws.layers[0].dx, g["embed.W_E"], g["pos_embed.W_pos"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def _check_cfg(cfg):
+    why = supported(cfg)
+    if why:
+        raise ConfigError(f"the fused kernels cannot run this model: {why}")
+
+
+def _check_flat(cfg, flat, lay):
+    check("flat", flat, torch.float32, dims=2)
+    if flat.shape[1] != lay.numel or not flat.is_contiguous():
+        raise ValueError(f"flat must be a contiguous [M, {lay.numel}] float32 tensor (ParamLayout(cfg)), "
+                         f"got {list(flat.shape)}")
+    M = flat.shape[0]
+    per_model = max(3 * cfg.n_heads, cfg.n_ctx)
+    if M < 1 or M * per_model > MAX_M_HEADS:
+        raise ValueError(f"M={M} models: need 1 <= M <= {MAX_M_HEADS // per_model} for this config "
+                         f"(a grid axis holds M * max(3 n_heads, n_ctx) programs)")
+    if flat.device.type == "cpu" and not _common.INTERPRET:
+        raise ValueError("flat is on the CPU: the Triton kernels need a CUDA tensor "
+                         "(or TRITON_INTERPRET=1 set before triton is imported)")
+    return M
+
+
+def _norm_data(cfg, M, tokens, labels, device):
+    """tokens [B, T] or [M, B, T] -> [1 or M, B, T]; labels [B] or [M, B] -> [1 or M, B]."""
+    check("tokens", tokens, torch.int64, device=device)
+    check("labels", labels, torch.int64, device=device)
+    T = cfg.n_ctx
+    if tokens.dim() == 2:
+        tokens = tokens.unsqueeze(0)
+    if tokens.dim() != 3 or tokens.shape[0] not in (1, M) or tokens.shape[2] != T:
+        raise ValueError(f"tokens must be int64 [B, {T}] or [{M}, B, {T}], got {list(tokens.shape)}")
+    B = tokens.shape[1]
+    if labels.dim() == 1:
+        labels = labels.unsqueeze(0)
+    if labels.dim() != 2 or labels.shape[0] not in (1, M) or labels.shape[1] != B:
+        raise ValueError(f"labels must be int64 [{B}] or [{M}, {B}] to match tokens, got {list(labels.shape)}")
+    if B < 1:
+        raise ValueError("need at least one example")
+    if not tokens.is_contiguous() or not labels.is_contiguous():
+        raise ValueError("tokens and labels must be contiguous (call .contiguous() once, outside the step)")
+    return tokens, labels, B
+
+
+def _out(name, t, shape, dtype, device):
+    if t is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    check(name, t, dtype, shape=shape, device=device)
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    return t
+
+
+def check_token_range(cfg, tokens, labels) -> None:
+    """Raise ValueError unless every token lies in [0, d_vocab) and every label in [0, d_vocab_out).
+    Reads the values (a host sync): call it once per data set, not per step."""
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= cfg.d_vocab):
+        raise ValueError(f"tokens must lie in [0, {cfg.d_vocab}) (d_vocab), got [{int(tokens.min())}, {int(tokens.max())}]")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= cfg.d_vocab_out):
+        raise ValueError(f"labels must lie in [0, {cfg.d_vocab_out}) (d_vocab_out), "
+                         f"got [{int(labels.min())}, {int(labels.max())}]")
+
+
+def loss_and_grads_flat(cfg, flat, tokens, labels, grad_out=None, loss_out=None):
+    """flat [M, N] float32 contiguous (ParamLayout(cfg)); tokens [B, n_ctx] int64 (shared by all M models) or
+    [M, B, n_ctx]; labels [B] or [M, B] int64. Writes grad_out [M, N] float32 (every entry; the mean-loss gradient)
+    and loss_out [M] float32 (mean cross-entropy per model); allocates them if None; returns (loss_out, grad_out).
+    No host synchronisation (capturable in a CUDA graph once buffers are allocated)."""
+    _check_cfg(cfg)
+    lay = ParamLayout(cfg)
+    M = _check_flat(cfg, flat, lay)
+    tokens, labels, B = _norm_data(cfg, M, tokens, labels, flat.device)
+    grad_out = _out("grad_out", grad_out, (M, lay.numel), torch.float32, flat.device)
+    loss_out = _out("loss_out", loss_out, (M,), torch.float32, flat.device)
+    ws = _workspace(cfg, M, B, flat.device, True)
+    xf = _forward(cfg, lay, flat, tokens, ws)
+    cross_entropy(ws.logits, labels, ws.loss_ex, ws.correct_ex, ws.dlogits)
+    mean_reduce(ws.loss_ex, ws.correct_ex, loss_out, ws.correct)
+    _backward(cfg, lay, flat, tokens, ws, xf, grad_out)
+    return loss_out, grad_out
+
+
+EVAL_CHUNK_FLOATS = 1 << 26   # activations per evaluation chunk (256 MiB of float32)
+
+
+def eval_flat(cfg, flat, tokens, labels, loss_out=None, correct_out=None):
+    """Mean loss [M] float32 and number of correct argmax predictions [M] int32 over a split, no host copy of logits.
+
+    tokens/labels as in loss_and_grads_flat. Large splits run in chunks of examples (a Python loop
+    over chunks, no sync) so the activations stay under EVAL_CHUNK_FLOATS floats."""
+    _check_cfg(cfg)
+    lay = ParamLayout(cfg)
+    M = _check_flat(cfg, flat, lay)
+    tokens, labels, B = _norm_data(cfg, M, tokens, labels, flat.device)
+    loss_out = _out("loss_out", loss_out, (M,), torch.float32, flat.device)
+    correct_out = _out("correct_out", correct_out, (M,), torch.int32, flat.device)
+    chunk = max(64, EVAL_CHUNK_FLOATS // (M * Workspace.floats_per_example(cfg, False)))
+    chunk = min(B, chunk)
+    loss_ex = torch.empty((M, B), dtype=torch.float32, device=flat.device)
+    correct_ex = torch.empty((M, B), dtype=torch.int32, device=flat.device)
+    for c0 in range(0, B, chunk):
+        c1 = min(B, c0 + chunk)
+        tk = tokens[:, c0:c1] if tokens.shape[0] == 1 else tokens[:, c0:c1].contiguous()
+        lb = labels[:, c0:c1] if labels.shape[0] == 1 else labels[:, c0:c1].contiguous()
+        ws = _workspace(cfg, M, c1 - c0, flat.device, False)
+        _forward(cfg, lay, flat, tk, ws)
+        cross_entropy(ws.logits, lb, loss_ex[:, c0:c1], correct_ex[:, c0:c1])
+    mean_reduce(loss_ex, correct_ex, loss_out, correct_out)
+    return loss_out, correct_out
+
+
+def loss_and_grads(model, tokens, labels):
+    """(mean loss as a float64 scalar, {param name: gradient}) for one grokfast.Transformer via the
+    fused kernels: the unit `grokfast check` compares with grokfast.model.loss_and_grads_reference."""
+    cfg = model.cfg
+    lay = ParamLayout(cfg)
+    flat = lay.flatten({k: v.detach().float() for k, v in model.state_dict().items()})
+    loss, grad = loss_and_grads_flat(cfg, flat, tokens, labels)
+    views = lay.views(grad)
+    return loss[0].double(), {name: views[name][0] for name in lay.shapes}
+
+
+def aot_specs(cfg, M: int, B: int) -> list[dict]:
+    """Every kernel this module launches for loss_and_grads_flat and eval_flat at M models and B
+    examples, as {"name", "fn" (JITFunction), "signature" (arg -> triton type, "constexpr" for
+    constexpr args, in declaration order), "constexprs", "num_warps"}: what triton.compile needs
+    (with GPUTarget) to build each one ahead of time. Distinct (kernel, constexprs) pairs only."""
+    _check_cfg(cfg)
+    lay = ParamLayout(cfg)
+    dev = torch.device("meta")
+    flat = torch.empty((M, lay.numel), dtype=torch.float32, device=dev)
+    tokens = torch.empty((B, cfg.n_ctx), dtype=torch.int64, device=dev)
+    labels = torch.empty((B,), dtype=torch.int64, device=dev)
+    with record_launches() as rec:
+        ws = Workspace(cfg, M, B, dev, True)
+        tk, lb = tokens.unsqueeze(0), labels.unsqueeze(0)
+        grad = torch.empty_like(flat)
+        loss = torch.empty((M,), dtype=torch.float32, device=dev)
+        xf = _forward(cfg, lay, flat, tk, ws)
+        cross_entropy(ws.logits, lb, ws.loss_ex, ws.correct_ex, ws.dlogits)
+        mean_reduce(ws.loss_ex, ws.correct_ex, loss, ws.correct)
+        _backward(cfg, lay, flat, tk, ws, xf, grad)
+        cross_entropy(ws.logits, lb, ws.loss_ex, ws.correct_ex)          # the eval variant
+    specs, seen = [], set()
+    for kernel, grid, args, cx, num_warps in rec:
+        sig = signature_of(kernel, args, cx)
+        key = (kernel.__name__, tuple(sorted(cx.items())), tuple(sig.items()), num_warps)
+        if key in seen:
+            continue
+        seen.add(key)
+        tag = ",".join(f"{k}={v}" for k, v in cx.items())
+        specs.append(dict(name=f"{kernel.__name__}[{tag}]", fn=kernel, signature=sig, constexprs=dict(cx),
+                          num_warps=num_warps))
+    return specs

@@ -1,0 +1,132 @@
+"""LayerNorm over d_model (TransformerLens / torch convention, biased variance), forward and backward.
+
+Forward, per row x of length D:  mu = mean(x), rstd = 1 / sqrt(mean((x - mu)^2) + eps),
+    xhat = (x - mu) * rstd,  y = xhat * w + b;  mu and rstd are kept for the backward.
+Backward, given dy:  g = dy * w,
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat))  (+ res, a residual gradient added),
+    dw = sum_rows dy * xhat,  db = sum_rows dy   (each program writes its row block's partial sums to
+    a scratch buffer, then a fixed-order column sum over the blocks: deterministic, no atomics).
+Rows hold a whole d_model vector: BLOCK_D = next power of two >= D (D <= 256), BLOCK_R rows per
+program with BLOCK_R * BLOCK_D <= 4096.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check, launch, pow2
+from .mlp import colsum
+
+
+@triton.jit
+def ln_fwd_kernel(X, W, Bb, Y, MEAN, RSTD, R, D, eps,
+                  sx_m, sx_r, sw_m, sb_m, sy_m, sy_r, sst_m,
+                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Y = LayerNorm(X) for BLOCK_R rows; grid (cdiv(R, BLOCK_R), M)."""
+    m = tl.program_id(1).to(tl.int64)
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    ds = tl.arange(0, BLOCK_D)
+    rmask = rows < R
+    dmask = ds < D
+    mask = rmask[:, None] & dmask[None, :]
+    x = tl.load(X + m * sx_m + rows[:, None] * sx_r + ds[None, :], mask=mask, other=0.0)
+    mu = tl.sum(x, axis=1) / D
+    xc = tl.where(mask, x - mu[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    w = tl.load(W + m * sw_m + ds, mask=dmask, other=0.0)
+    b = tl.load(Bb + m * sb_m + ds, mask=dmask, other=0.0)
+    y = xc * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(Y + m * sy_m + rows[:, None] * sy_r + ds[None, :], y, mask=mask)
+    tl.store(MEAN + m * sst_m + rows, mu, mask=rmask)
+    tl.store(RSTD + m * sst_m + rows, rstd, mask=rmask)
+
+
+@triton.jit
+def ln_bwd_kernel(X, W, MEAN, RSTD, DY, DX, RES, PART, R, D,
+                  sx_m, sx_r, sw_m, sst_m, sdy_m, sdy_r, sdx_m, sdx_r, sres_m, sres_r, spart_m,
+                  HAS_RES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """DX = LayerNorm backward (+ RES) for BLOCK_R rows, and this row block's partial weight
+    gradients PART[m, pid, :D] = sum_rows DY * xhat, PART[m, pid, D:2D] = sum_rows DY
+    (PART [M, cdiv(R, BLOCK_R), 2D] contiguous); grid (cdiv(R, BLOCK_R), M)."""
+    m = tl.program_id(1).to(tl.int64)
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    ds = tl.arange(0, BLOCK_D)
+    rmask = rows < R
+    dmask = ds < D
+    mask = rmask[:, None] & dmask[None, :]
+    x = tl.load(X + m * sx_m + rows[:, None] * sx_r + ds[None, :], mask=mask, other=0.0)
+    mu = tl.load(MEAN + m * sst_m + rows, mask=rmask, other=0.0)
+    rstd = tl.load(RSTD + m * sst_m + rows, mask=rmask, other=0.0)
+    w = tl.load(W + m * sw_m + ds, mask=dmask, other=0.0)
+    dy = tl.load(DY + m * sdy_m + rows[:, None] * sdy_r + ds[None, :], mask=mask, other=0.0)
+    xhat = tl.where(mask, (x - mu[:, None]) * rstd[:, None], 0.0)
+    g = dy * w[None, :]
+    c1 = tl.sum(g * xhat, axis=1) / D
+    c2 = tl.sum(g, axis=1) / D
+    dx = rstd[:, None] * (g - c2[:, None] - xhat * c1[:, None])
+    if HAS_RES:
+        dx += tl.load(RES + m * sres_m + rows[:, None] * sres_r + ds[None, :], mask=mask, other=0.0)
+    tl.store(DX + m * sdx_m + rows[:, None] * sdx_r + ds[None, :], dx, mask=mask)
+    part = PART + m * spart_m + tl.program_id(0) * 2 * D
+    tl.store(part + ds, tl.sum(dy * xhat, axis=0), mask=dmask)
+    tl.store(part + D + ds, tl.sum(dy, axis=0), mask=dmask)
+
+
+def _rows_check(name, t, M, D):
+    check(name, t, torch.float32, dims=3, shape=(M, None, D))
+    if t.stride(2) != 1:
+        raise ValueError(f"{name} must be contiguous along d_model")
+
+
+def _block_r(BD):
+    return max(1, min(64, 4096 // BD))
+
+
+def layernorm_forward(x, w, b, y, mean, rstd, eps):
+    """y = LayerNorm(x) * w + b. x, y [M, R, D] (rows may be strided, d_model contiguous);
+    w, b [M, D]; mean, rstd [M, R] (written). Returns y."""
+    M, R, D = x.shape
+    _rows_check("x", x, M, D)
+    _rows_check("y", y, M, D)
+    for n, t in (("w", w), ("b", b)):
+        check(n, t, torch.float32, shape=(M, D))
+    for n, t in (("mean", mean), ("rstd", rstd)):
+        check(n, t, torch.float32, shape=(M, R))
+    BD = pow2(D, 16)
+    BR = _block_r(BD)
+    launch(ln_fwd_kernel, (triton.cdiv(R, BR), M),
+           dict(X=x, W=w, Bb=b, Y=y, MEAN=mean, RSTD=rstd, R=R, D=D, eps=float(eps),
+                sx_m=x.stride(0), sx_r=x.stride(1), sw_m=w.stride(0), sb_m=b.stride(0),
+                sy_m=y.stride(0), sy_r=y.stride(1), sst_m=mean.stride(0)),
+           dict(BLOCK_R=BR, BLOCK_D=BD))
+    return y
+
+
+def layernorm_backward(x, w, mean, rstd, dy, dx, dw, db, res=None):
+    """dx = LayerNorm backward of dy (+ res); dw, db [M, D] the weight and bias gradients summed over
+    rows. x, dy, dx, res [M, R, D]; mean, rstd [M, R] from layernorm_forward."""
+    M, R, D = x.shape
+    for n, t in (("x", x), ("dy", dy), ("dx", dx)) + ((("res", res),) if res is not None else ()):
+        _rows_check(n, t, M, D)
+        if t.shape[1] != R:
+            raise ValueError(f"{n} must have {R} rows like x, got {t.shape[1]}")
+    for n, t in (("w", w), ("dw", dw), ("db", db)):
+        check(n, t, torch.float32, shape=(M, D))
+    if mean.stride() != rstd.stride():
+        raise ValueError("mean and rstd must share a layout")
+    BD = pow2(D, 16)
+    BR = max(1, _block_r(BD) // 2)          # more live tiles than the forward
+    n_blocks = triton.cdiv(R, BR)
+    part = torch.empty((M, n_blocks, 2 * D), dtype=torch.float32, device=x.device)
+    launch(ln_bwd_kernel, (n_blocks, M),
+           dict(X=x, W=w, MEAN=mean, RSTD=rstd, DY=dy, DX=dx, RES=res if res is not None else dx, PART=part,
+                R=R, D=D,
+                sx_m=x.stride(0), sx_r=x.stride(1), sw_m=w.stride(0), sst_m=mean.stride(0),
+                sdy_m=dy.stride(0), sdy_r=dy.stride(1), sdx_m=dx.stride(0), sdx_r=dx.stride(1),
+                sres_m=res.stride(0) if res is not None else 0, sres_r=res.stride(1) if res is not None else 0,
+                spart_m=part.stride(0)),
+           dict(HAS_RES=res is not None, BLOCK_R=BR, BLOCK_D=BD))
+    colsum(part[:, :, :D], dw)        # fixed-order sums over the row blocks (split-K when long)
+    colsum(part[:, :, D:], db)
+    return dx
