@@ -17,7 +17,7 @@ setup(
     ],
     extras_require={
         "kernels": ["triton>=3.0"],
-        "test": ["pytest", "triton>=3.0", "hypothesis"],
+        "test": ["pytest", "triton>=3.0", "hypothesis", "pytest-benchmark"],
         "bench": ["pytest-benchmark", "nvidia-ml-py"],
         "plots": ["matplotlib"],
     },

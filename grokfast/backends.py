@@ -13,8 +13,15 @@ from .optim import AdamW, GrokfastFilter
 BACKENDS = ("auto", "fused", "reference")
 
 
-def fused_status(cfg: ModelConfig, device) -> tuple[bool, str]:
-    """(usable, reason) for the fused backend with this config on this device."""
+def interpreter_on() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run on CPU tensors under its interpreter (slow; for tests)."""
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fused_status(cfg: ModelConfig, device, allow_interpreter: bool = False) -> tuple[bool, str]:
+    """(usable, reason) for the fused backend with this config on this device. With allow_interpreter,
+    a CPU device is usable when TRITON_INTERPRET=1 (only an explicit --backend fused asks for it)."""
     try:
         from grokfast import kernels  # noqa: F401
         make = getattr(kernels, "make_stepper", None)
@@ -22,13 +29,19 @@ def fused_status(cfg: ModelConfig, device) -> tuple[bool, str]:
         return False, f"grokfast.kernels cannot be imported ({type(e).__name__}: {e})"
     if make is None:
         return False, "the fused training step is not built yet (grokfast.kernels has no make_stepper)"
+    on_cpu_interpreted = False
     if torch.device(device).type != "cuda":
-        return False, "the fused kernels need a CUDA GPU (this run is on the CPU)"
+        if not (allow_interpreter and interpreter_on()):
+            return False, ("the fused kernels need a CUDA GPU (this run is on the CPU; with TRITON_INTERPRET=1 "
+                           "--backend fused runs them slowly under the Triton interpreter)")
+        on_cpu_interpreted = True
     check = getattr(kernels, "unsupported_reason", None)
     if check is not None:
         why = check(cfg)
         if why:
             return False, why
+    if on_cpu_interpreted:
+        return True, "Triton interpreter on the CPU (TRITON_INTERPRET=1): correct but slow, for tests"
     return True, "CUDA GPU with Triton, config within the kernels' limits"
 
 
@@ -38,11 +51,11 @@ def resolve_backend(name: str, cfg: ModelConfig, device) -> tuple[str, str]:
         raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {name!r}")
     if name == "reference":
         return "reference", "asked for"
-    ok, why = fused_status(cfg, device)
+    ok, why = fused_status(cfg, device, allow_interpreter=(name == "fused"))
     if name == "fused":
         if not ok:
             raise ConfigError(f"--backend fused cannot run here: {why}; use --backend reference or auto")
-        return "fused", "asked for"
+        return "fused", f"asked for; {why}"
     return ("fused", why) if ok else ("reference", f"fused unavailable: {why}")
 
 

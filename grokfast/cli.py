@@ -62,6 +62,8 @@ def _add_train(sub):
     g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     g.add_argument("--eval-every", type=int)
     g.add_argument("--checkpoint-every", type=int)
+    g.add_argument("--measure-every", type=int, help="record the cheap progress measures (sum of squared weights, "
+                                                     "Fourier Gini, ...) in metrics.jsonl every k steps")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -84,7 +86,7 @@ def cmd_train(args) -> int:
 
     train_over = {k: getattr(args, k) for k in ("steps", "lr", "wd", "beta1", "beta2", "warmup", "batch_size",
                                                 "grokfast", "alpha", "lamb", "window", "seed", "eval_every",
-                                                "checkpoint_every", "backend", "stop_at_grok")
+                                                "checkpoint_every", "measure_every", "backend", "stop_at_grok")
                   if getattr(args, k) is not None}
     if args.full_batch:
         if args.batch_size is not None:

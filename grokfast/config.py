@@ -133,6 +133,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 100
     checkpoint_every: int = 1000
+    measure_every: int = 0          # record grokfast.measures.cheap_measures every k steps (0: never)
     stop_at_grok: bool = False
     backend: str = "auto"
 
@@ -157,6 +158,8 @@ class TrainConfig:
         need(self.window >= 1, f"--window must be >= 1, got {self.window}")
         need(self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}")
         need(self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        need(self.measure_every >= 0 and (self.measure_every == 0 or self.measure_every % self.eval_every == 0),
+             f"--measure-every must be 0 or a multiple of --eval-every ({self.eval_every}), got {self.measure_every}")
         need(self.backend in ("auto", "fused", "reference"),
              f"--backend must be auto, fused or reference, got {self.backend!r}")
 

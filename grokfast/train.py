@@ -143,7 +143,7 @@ def _environment() -> dict:
 
 def train(task: Task | None = None, model_config: ModelConfig | None = None,
           train_config: TrainConfig | None = None, *, preset: str | None = None, out=None, resume=None,
-          device=None, progress: bool = True, log: Callable[[str], None] | None = None,
+          device=None, progress: bool = True, figures: bool = True, log: Callable[[str], None] | None = None,
           on_step: Callable[[int], None] | None = None, **overrides) -> Run:
     """Train one model and return its Run.
 
@@ -151,7 +151,7 @@ def train(task: Task | None = None, model_config: ModelConfig | None = None,
     small on a CPU); keyword overrides go to TrainConfig (``steps=..., lr=..., grokfast="ema"``).
     ``out``: run directory to write (None: nothing is written). ``resume``: a run directory to continue
     from its last checkpoint (its config is used; ``steps`` may be raised). ``on_step(step)`` is called
-    after every step (for tests and tools).
+    after every step (for tests and tools). ``figures=False`` skips drawing grokking.png (sweeps).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     device = torch.device(device) if device is not None else default_device()
@@ -163,7 +163,7 @@ def train(task: Task | None = None, model_config: ModelConfig | None = None,
             raise ConfigError("--resume continues a run with its own config: drop --preset/--op/--p and model options")
         model_config = cfg["model"]
         tcfg_d = cfg["train"].to_dict()
-        allowed = {"steps", "eval_every", "checkpoint_every", "backend", "stop_at_grok"}
+        allowed = {"steps", "eval_every", "checkpoint_every", "measure_every", "backend", "stop_at_grok"}
         bad = set(overrides) - allowed
         if bad:
             raise ConfigError(f"--resume cannot change {sorted(bad)}; only {sorted(allowed)} may change")
@@ -231,6 +231,7 @@ def train(task: Task | None = None, model_config: ModelConfig | None = None,
                        steps_per_second=round(at_step / wall, 2) if wall > 0 else None)
         if out is not None:
             rundir.write_json(out / "summary.json", summary)
+        if out is not None and figures:
             try:
                 from .plots import grokking_figure
                 grokking_figure(history, out / "grokking.png", title=_title(task, model_config, tcfg))
@@ -251,6 +252,9 @@ def train(task: Task | None = None, model_config: ModelConfig | None = None,
         te_loss, te_acc = evaluate(model, task.test.tokens, task.test.labels)
         row = {"step": at_step, "train_loss": float(tr_loss), "test_loss": float(te_loss),
                "train_acc": float(tr_acc), "test_acc": float(te_acc), "wall": round(wall, 4)}
+        if tcfg.measure_every and at_step % tcfg.measure_every == 0:
+            from .measures import cheap_measures
+            row.update(cheap_measures(model, task))
         return row
 
     def check_finite(at_step: int):

@@ -256,3 +256,14 @@ def test_reference_groks_a_small_task_on_the_cpu(tmp_path):
     # grokking, not just learning: training accuracy got there first
     assert s["steps_to_memorize"] < s["steps_to_grok"]
     assert (tmp_path / "grok" / "grokking.png").stat().st_size > 10_000
+
+
+def test_measure_every_records_cheap_measures_in_the_metrics(tmp_path):
+    run = tiny_train(tmp_path / "m", steps=20, measure_every=10)
+    rows = rundir.read_metrics(tmp_path / "m")
+    with_measures = [r["step"] for r in rows if "sum_sq_weights" in r]
+    assert with_measures == [0, 10, 20]
+    # the sum of squared weights is what it says
+    assert rows[-1]["sum_sq_weights"] == pytest.approx(sum(float((p.double() ** 2).sum()) for p in run.model.parameters()), rel=1e-9)
+    with pytest.raises(ConfigError, match="--measure-every"):
+        TrainConfig(eval_every=10, measure_every=15)

@@ -1,0 +1,209 @@
+"""Ahead-of-time compilation of every fused kernel for sm_80 and sm_90 on a machine with no GPU, and
+the resources each one uses: registers per thread, shared memory, local memory, and spills.
+
+Each kernel is compiled as ``triton.compile(ASTSource(fn, signature, constexprs, attrs),
+target=GPUTarget("cuda", arch, 32))`` at the presets' shapes (the forward/backward kernels'
+constexprs depend on the model and batch, so each preset and M gives its own specs). Then:
+  - registers, shared and local bytes: ``cuobjdump --dump-resource-usage`` on the cubin;
+  - spills: ptxas -v on the kernel's PTX ("N bytes spill stores, N bytes spill loads"), the same
+    ptxas triton uses for that architecture (both tools ship inside the triton wheel).
+A spill is a failure: the kernels are small enough to live in registers and shared memory.
+
+The interpreter (TRITON_INTERPRET=1) replaces @triton.jit functions with interpreted ones that
+cannot be compiled, so ``compile_all_in_subprocess`` runs the compilation in a fresh Python with
+that variable removed. Command line: ``python -m grokfast.kernels.aot [--arch 80 90] [--json]``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+PRESETS = ("nanda", "power", "pizza")
+MODEL_BATCH = (1, 64)
+ARCHS = (80, 90)
+
+
+def preset_shapes(name: str):
+    """(ModelConfig, B) of a preset: the model with the task's token layout, and the examples per step
+    (the minibatch size, or every training example for full batch)."""
+    from grokfast.config import preset
+    from grokfast.data import Task
+
+    pre = preset(name)
+    task = Task(pre.task.op, pre.task.p, pre.task.frac, 0, pre.task.layout)
+    cfg = pre.model.for_task(task)
+    B = pre.train.batch_size or len(task.train)
+    return cfg, min(B, len(task.train))
+
+
+def collect_specs(presets=PRESETS, model_batch=MODEL_BATCH):
+    """([(where, spec)], [skipped reasons]): every kernel to compile, duplicates removed.
+    A spec is a dict(name, fn, signature, constexprs) with optional attrs, num_warps, num_stages."""
+    from . import optimizer
+
+    specs, skipped, seen = [], [], set()
+
+    def add(where, spec):
+        key = (spec["fn"].__name__, repr(sorted(spec["signature"].items())),
+               repr(sorted(spec["constexprs"].items())), repr(sorted((spec.get("attrs") or {}).items())),
+               spec.get("num_warps"), spec.get("num_stages"))
+        if key not in seen:
+            seen.add(key)
+            specs.append((where, spec))
+
+    for spec in optimizer.aot_specs():
+        add("any", spec)
+    if importlib.util.find_spec(__package__ + ".forward_backward") is None:
+        skipped.append("forward/backward kernels: kernels/forward_backward.py does not exist yet")
+        return specs, skipped
+    from . import forward_backward as fb
+    for name in presets:
+        cfg, B = preset_shapes(name)
+        why = fb.supported(cfg)
+        if why:
+            skipped.append(f"{name}: {why}")
+            continue
+        for M in model_batch:
+            for spec in fb.aot_specs(cfg, M, B):
+                add(f"{name} M={M} B={B}", spec)
+    return specs, skipped
+
+
+def _tool(name: str, arch: int) -> str:
+    import triton
+    if name == "ptxas":
+        from triton.backends.nvidia.compiler import get_ptxas
+        return get_ptxas(arch).path
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def resource_usage(cubin: bytes, ptx: str, arch: int) -> dict:
+    """{regs, shared, local, stack, spill_stores, spill_loads} of a compiled kernel (bytes, per thread
+    for local/stack/spills, per block for shared)."""
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as d:
+        cub, src = os.path.join(d, "k.cubin"), os.path.join(d, "k.ptx")
+        with open(cub, "wb") as f:
+            f.write(cubin)
+        with open(src, "w") as f:
+            f.write(ptx)
+        dump = subprocess.run([_tool("cuobjdump", arch), "--dump-resource-usage", cub],
+                              capture_output=True, text=True, check=True).stdout
+        log = subprocess.run([_tool("ptxas", arch), "-v", f"--gpu-name={sm_arch_from_capability(arch)}", src,
+                              "-o", os.path.join(d, "again.cubin")], capture_output=True, text=True, check=True)
+    usage = {}
+    for key, field in (("regs", "REG"), ("stack", "STACK"), ("shared", "SHARED"), ("local", "LOCAL")):
+        m = re.search(rf"\b{field}:(\d+)", dump)
+        if m is None:
+            raise RuntimeError(f"cuobjdump printed no {field}: {dump!r}")
+        usage[key] = int(m.group(1))
+    text = log.stdout + log.stderr
+    stores = [int(x) for x in re.findall(r"(\d+) bytes spill stores", text)]
+    loads = [int(x) for x in re.findall(r"(\d+) bytes spill loads", text)]
+    if not stores:
+        raise RuntimeError(f"ptxas -v printed no spill counts: {text!r}")
+    usage["spill_stores"], usage["spill_loads"] = sum(stores), sum(loads)
+    return usage
+
+
+def compile_spec(spec: dict, arch: int) -> dict:
+    """Compile one spec for sm_<arch> and return its row: kernel, arch, regs, shared, local, spills."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("TRITON_INTERPRET is set: compile in a subprocess (compile_all_in_subprocess)")
+    src = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"],
+                    attrs=spec.get("attrs"))
+    options = {k: spec[k] for k in ("num_warps", "num_stages", "maxnreg") if spec.get(k) is not None}
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    usage = resource_usage(kernel.asm["cubin"], kernel.asm["ptx"], arch)
+    usage["shared"] = max(usage["shared"], int(kernel.metadata.shared))  # dynamic shared memory too
+    return dict(kernel=spec["name"], arch=f"sm_{arch}", num_warps=kernel.metadata.num_warps, **usage)
+
+
+_SPECS: list = []   # the specs being compiled, inherited by forked workers (JITFunctions do not pickle)
+
+
+def _compile_job(job):
+    i, arch = job
+    where, spec = _SPECS[i]
+    return dict(compile_spec(spec, arch), shapes=where)
+
+
+def compile_all(archs=ARCHS, presets=PRESETS, model_batch=MODEL_BATCH, workers: int | None = None) -> dict:
+    """Compile every spec for every arch, on ``workers`` processes (default: one per CPU core);
+    rows come back in spec order."""
+    global _SPECS
+    specs, skipped = collect_specs(presets, model_batch)
+    jobs = [(i, arch) for i in range(len(specs)) for arch in archs]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    _SPECS = specs
+    try:
+        if workers == 1:
+            rows = [_compile_job(j) for j in jobs]
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+                rows = list(pool.map(_compile_job, jobs))
+    finally:
+        _SPECS = []
+    return {"rows": rows, "skipped": skipped}
+
+
+def compile_all_in_subprocess(archs=ARCHS, presets=PRESETS, model_batch=MODEL_BATCH, timeout=1200) -> dict:
+    """compile_all in a fresh interpreter without TRITON_INTERPRET (which makes kernels uncompilable)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "grokfast.kernels.aot", "--json", "--arch", *map(str, archs),
+           "--presets", *presets, "--models", *map(str, model_batch)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if r.returncode not in (0, 1):
+        raise RuntimeError(f"AOT compilation failed ({r.returncode}):\n{r.stderr[-4000:]}")
+    return json.loads(r.stdout)
+
+
+def spills(result: dict) -> list[dict]:
+    return [r for r in result["rows"] if r["spill_stores"] or r["spill_loads"] or r["local"]]
+
+
+def format_table(result: dict) -> str:
+    w = max([len(r["kernel"]) for r in result["rows"]] + [6])
+    head = f"{'kernel':<{w}} {'shapes':<24} {'arch':<6} {'warps':>5} {'regs':>5} {'shared B':>9} {'local B':>8} {'spill st/ld':>12}"
+    lines = [head, "-" * len(head)]
+    for r in result["rows"]:
+        lines.append(f"{r['kernel']:<{w}} {r['shapes']:<24} {r['arch']:<6} {r['num_warps']:>5} {r['regs']:>5} "
+                     f"{r['shared']:>9} {r['local']:>8} {str(r['spill_stores']) + '/' + str(r['spill_loads']):>12}")
+    for s in result["skipped"]:
+        lines.append(f"skipped: {s}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m grokfast.kernels.aot", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities (80 90)")
+    ap.add_argument("--presets", nargs="+", default=list(PRESETS))
+    ap.add_argument("--models", type=int, nargs="+", default=list(MODEL_BATCH), help="model-batch sizes M")
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        result = compile_all_in_subprocess(args.arch, args.presets, args.models)
+    else:
+        result = compile_all(args.arch, args.presets, args.models)
+    print(json.dumps(result) if args.json else format_table(result))
+    bad = spills(result)
+    if bad and not args.json:
+        print(f"FAIL: {len(bad)} kernel(s) spill registers to local memory", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""FusedStepper: the fused training step behind the trainer's ``backend="fused"``.
+
+One step = the forward/backward kernels (kernels/forward_backward.py: loss and every gradient of
+the flat [1, N] parameters) + the fused Grokfast/AdamW kernel (kernels/optimizer.py). Nothing in
+it synchronises with the host; on a CUDA device the step is captured as a CUDA graph after a few
+eager warm-up steps and replayed from then on.
+
+The model's nn.Parameters are views into the flat buffer (``param.data = view``), so the trainer's
+``evaluate(model, ...)`` sees the live weights, and ``state_dict()`` has exactly the reference
+stepper's keys ("model.<name>", "opt.m.<name>", "opt.v.<name>", "opt.t", "filter.ema.<name>",
+"filter.ring.<name>", "filter.count"): checkpoints do not depend on the backend.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+import warnings
+
+import torch
+
+from .layout import ParamLayout
+from .optimizer import FusedOptimizer
+
+WARMUP_STEPS = 2   # eager steps before capture: they compile every kernel (no compilation while capturing)
+
+
+def _fb():
+    """The forward/backward kernel module, or None while it does not exist."""
+    if importlib.util.find_spec(__package__ + ".forward_backward") is None:
+        return None
+    return importlib.import_module(__package__ + ".forward_backward")
+
+
+def unsupported_reason(cfg) -> str | None:
+    """None when the fused kernels handle this ModelConfig, else one line saying why not."""
+    fb = _fb()
+    if fb is None:
+        return "the fused forward/backward kernels are not built yet (kernels/forward_backward.py)"
+    return fb.supported(cfg)
+
+
+def _require(cfg):
+    from grokfast.config import ConfigError
+    why = unsupported_reason(cfg)
+    if why:
+        raise ConfigError(f"the fused backend cannot run this model: {why}; use --backend reference")
+
+
+def loss_and_grads(model, tokens: torch.Tensor, labels: torch.Tensor):
+    """(mean loss as a float64 scalar, {param name: gradient}) through the fused kernels; the same
+    contract as grokfast.model.loss_and_grads_reference. The model's parameters are not changed."""
+    cfg = model.cfg
+    _require(cfg)
+    layout = ParamLayout(cfg)
+    flat = layout.flatten({n: p.detach() for n, p in model.named_parameters()})
+    loss, grad = _fb().loss_and_grads_flat(cfg, flat, tokens.contiguous(), labels.contiguous())
+    return loss[0].double(), {n: v[0] for n, v in layout.views(grad).items()}
+
+
+def _graphs_wanted(device: torch.device, cuda_graph: bool | None) -> bool:
+    if cuda_graph is None:
+        cuda_graph = os.environ.get("GROKFAST_CUDA_GRAPH", "1") != "0"
+    return device.type == "cuda" and bool(cuda_graph)
+
+
+class FusedStepper:
+    """One optimizer step of the fused backend. ``step(tokens, labels)`` returns the loss (a float64
+    device tensor, no sync). On a GPU the step is a CUDA graph after WARMUP_STEPS eager steps unless
+    cuda_graph=False (or, when cuda_graph is None, the environment has GROKFAST_CUDA_GRAPH=0). A CPU
+    run never touches CUDA APIs."""
+
+    name = "fused"
+
+    def __init__(self, model, tcfg, cuda_graph: bool | None = None):
+        from grokfast.config import ConfigError
+        cfg = model.cfg
+        _require(cfg)
+        if tcfg.batch_size is not None and tcfg.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {tcfg.batch_size}")
+        self.model, self.cfg, self.tcfg = model, cfg, tcfg
+        self.layout = ParamLayout(cfg)
+        params = dict(model.named_parameters())
+        if set(params) != set(self.layout.shapes):
+            raise ConfigError("the model's parameters do not match its config: build it with grokfast.Transformer(cfg)")
+        if any(p.dtype != torch.float32 for p in params.values()):
+            raise ConfigError("the fused backend trains float32 parameters: build the model in float32")
+        self.device = next(iter(params.values())).device
+        with torch.no_grad():
+            self.flat = self.layout.flatten({n: p.detach() for n, p in params.items()})   # [1, N]
+        for n, view in self.layout.views(self.flat).items():
+            params[n].data = view[0]
+        self.grad = torch.zeros_like(self.flat)
+        self.loss = torch.zeros(1, dtype=torch.float32, device=self.device)
+        self.opt = FusedOptimizer.from_configs([tcfg], self.layout.numel, device=self.device)
+        self._filter_seen = 0      # host mirror of the filter count: which state_dict keys exist
+        self._eager_steps = 0
+        self._graph = None         # torch.cuda.CUDAGraph once captured
+        self._static = None        # (tokens, labels) buffers the graph reads
+        self._src = None           # (tokens, labels, their _version) last copied into the buffers
+        self._contig = None        # contiguous copy of a strided batch, for eager steps
+        self._use_graph = _graphs_wanted(self.device, cuda_graph)
+
+    # -- the step ---------------------------------------------------------------------------------
+
+    def _contiguous(self, tokens, labels):
+        """The kernels read contiguous batches; a strided one (a Task split is a view) is copied once
+        and the copy reused while the same, unmodified tensors come back."""
+        if tokens.is_contiguous() and labels.is_contiguous():
+            return tokens, labels
+        key = (tokens, labels, tokens._version, labels._version)
+        c = self._contig
+        if c is None or c[0] is not tokens or c[1] is not labels or c[2:4] != key[2:]:
+            self._contig = c = (*key, tokens.contiguous(), labels.contiguous())
+        return c[4], c[5]
+
+    def _run(self, tokens, labels):
+        tokens, labels = self._contiguous(tokens, labels)
+        _fb().loss_and_grads_flat(self.cfg, self.flat, tokens, labels, grad_out=self.grad, loss_out=self.loss)
+        self.opt.step(self.flat, self.grad)
+
+    def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self._use_graph and self._eager_steps >= WARMUP_STEPS and self._graph_ready(tokens, labels):
+            self._feed(tokens, labels)
+            self._graph.replay()
+        else:
+            self._run(tokens, labels)
+            self._eager_steps += 1
+        if self.tcfg.grokfast != "none":
+            self._filter_seen += 1
+        return self.loss[0].double()   # a fresh tensor: the graph overwrites self.loss on the next replay
+
+    def _feed(self, tokens, labels):
+        """Copy the batch into the graph's input buffers unless it is the batch already there (the
+        same tensors, not modified since: full-batch training passes the same tensors every step)."""
+        src = self._src
+        if src is not None and src[0] is tokens and src[1] is labels and src[2] == (tokens._version, labels._version):
+            return
+        self._static[0].copy_(tokens)
+        self._static[1].copy_(labels)
+        self._src = (tokens, labels, (tokens._version, labels._version))
+
+    def _graph_ready(self, tokens, labels) -> bool:
+        """Capture on first use; False (run eagerly) for a batch of another shape, or if capture failed."""
+        if self._graph is not None:
+            st, sl = self._static
+            return tokens.shape == st.shape and labels.shape == sl.shape and tokens.dtype == st.dtype
+        static = (tokens.contiguous().clone(), labels.contiguous().clone())
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):   # records, does not run: the replay below does this step
+                _fb().loss_and_grads_flat(self.cfg, self.flat, static[0], static[1], grad_out=self.grad,
+                                          loss_out=self.loss)
+                self.opt.step(self.flat, self.grad)
+        except Exception as e:  # e.g. a host sync inside a kernel launcher: train eagerly instead
+            warnings.warn(f"CUDA graph capture of the fused step failed ({type(e).__name__}: {e}); "
+                          "running eagerly")
+            self._use_graph = False
+            torch.cuda.synchronize(self.device)
+            return False
+        self._graph, self._static = graph, static
+        self._src = (tokens, labels, (tokens._version, labels._version))
+        return True
+
+    # -- checkpoints --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        lay, opt = self.layout, self.opt
+        s = {f"model.{n}": v[0] for n, v in lay.views(self.flat).items()}
+        s.update({f"opt.m.{n}": v[0] for n, v in lay.views(opt.mom).items()})
+        s.update({f"opt.v.{n}": v[0] for n, v in lay.views(opt.vel).items()})
+        s["opt.t"] = opt.counters[0].clone()
+        if self._filter_seen > 0 and opt.ema is not None:
+            s.update({f"filter.ema.{n}": v[0] for n, v in lay.views(opt.ema).items()})
+        if self._filter_seen > 0 and opt.ring is not None:
+            W = opt.window
+            for n, shape in lay.shapes.items():
+                o, k = lay.offsets[n], math.prod(shape)
+                s[f"filter.ring.{n}"] = opt.ring[0, :, o:o + k].reshape(W, *shape).clone()
+        s["filter.count"] = opt.counters[1].clone()
+        return s
+
+    def load_state_dict(self, s: dict[str, torch.Tensor]) -> None:
+        from grokfast.config import ConfigError
+        lay, opt = self.layout, self.opt
+        count = int(s["filter.count"])
+        with torch.no_grad():
+            for prefix, buf in (("model.", self.flat), ("opt.m.", opt.mom), ("opt.v.", opt.vel)):
+                for n, v in lay.views(buf).items():
+                    v[0].copy_(s[prefix + n])
+            opt.counters[0].copy_(torch.as_tensor(s["opt.t"]))
+            opt.counters[1].copy_(torch.as_tensor(s["filter.count"]))
+            for kind, buf in (("ema", opt.ema), ("ring", opt.ring)):
+                if buf is None or count == 0:
+                    continue
+                missing = [n for n in lay.shapes if f"filter.{kind}.{n}" not in s]
+                if missing:
+                    raise ConfigError(f"checkpoint has filter.count {count} but no filter.{kind}.{missing[0]}: "
+                                      "it was written with another --grokfast setting")
+                for n, shape in lay.shapes.items():
+                    t = s[f"filter.{kind}.{n}"]
+                    if kind == "ema":
+                        lay.views(buf)[n][0].copy_(t)
+                    else:
+                        o = lay.offsets[n]
+                        buf[0, :, o:o + t[0].numel()].copy_(t.reshape(opt.window, -1))
+        self._filter_seen = count

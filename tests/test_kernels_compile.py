@@ -1,0 +1,49 @@
+"""Every fused kernel compiles ahead of time for sm_80 and sm_90 on this GPU-less machine, at the
+presets' shapes (nanda, power, pizza; M = 1 and 64), and none spills registers to local memory.
+
+The compilation runs in a subprocess without TRITON_INTERPRET (the interpreter, which conftest
+turns on for the other tests, replaces kernels with uncompilable interpreted functions)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from grokfast.kernels import aot
+
+
+@pytest.fixture(scope="module")
+def result():
+    return aot.compile_all_in_subprocess()
+
+
+def test_every_kernel_compiles_without_spills(result):
+    print("\n" + aot.format_table(result))
+    archs = {(r["kernel"], r["arch"]) for r in result["rows"]}
+    for kind in ("none", "ema", "ma"):
+        for arch in ("sm_80", "sm_90"):
+            assert (f"grokfast_adamw[{kind}]", arch) in archs
+    if importlib.util.find_spec("grokfast.kernels.forward_backward") is not None:
+        fb_rows = [r for r in result["rows"] if not r["kernel"].startswith("grokfast_adamw")]
+        assert fb_rows or result["skipped"], "forward_backward exists but gave no kernel to compile"
+        for name in aot.PRESETS:
+            assert any(r["shapes"].startswith(name) for r in fb_rows) or any(
+                s.startswith(name) for s in result["skipped"]), name
+    for r in result["rows"]:
+        assert r["regs"] > 0 and r["regs"] <= 255, r
+        assert r["shared"] <= (163 if r["arch"] == "sm_80" else 227) * 1024, r
+    assert aot.spills(result) == [], "register spills:\n" + aot.format_table(
+        {"rows": aot.spills(result), "skipped": []})
+
+
+def test_a_register_starved_kernel_is_reported_as_spilling():
+    """The check can fail: the MA optimizer kernel squeezed into 24 registers spills, and the row says so."""
+    code = ("import json; from grokfast.kernels import aot, optimizer; "
+            "print(json.dumps(aot.compile_spec(dict(optimizer.aot_specs()[2], maxnreg=24), 90)))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    row = dict(json.loads(out.strip().splitlines()[-1]), shapes="any")
+    assert row["regs"] <= 24 and row["spill_stores"] > 0, row
+    assert aot.spills({"rows": [row], "skipped": []}) == [row]
