@@ -32,6 +32,9 @@ def add_parser(sub):
     p.add_argument("--no-grok", action="store_true", help="skip the time-to-grok runs")
     p.add_argument("--no-scaling", action="store_true", help="skip the scaling sweeps")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--sweep-throughput", action="store_true",
+                   help="only the sweep benchmark: runs per hour of M models per launch (M = 1, 8, 64, 256) "
+                        "against M single runs (GPU)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -39,7 +42,7 @@ def command_line(args) -> str:
     """The command that reproduces this run, rebuilt from the parsed flags (the same whether the verb came
     from a shell or from grokfast.cli.main([...]))."""
     parts = ["grokfast", "bench"]
-    for flag in ("quick", "no_grok", "no_scaling", "no_progress"):
+    for flag in ("quick", "no_grok", "no_scaling", "no_progress", "sweep_throughput"):
         if getattr(args, flag):
             parts.append("--" + flag.replace("_", "-"))
     for flag in ("out", "preset", "backends", "scaling_backends", "device", "timed_steps", "warmup_steps",
@@ -53,6 +56,8 @@ def command_line(args) -> str:
 def cmd_bench(args) -> int:
     from .bench import make_plan, run_report
 
+    if getattr(args, "sweep_throughput", False):
+        return cmd_sweep_throughput(args)
     plan = make_plan(quick=args.quick, device=args.device, preset=args.preset, backends=args.backends,
                      scaling_backends=args.scaling_backends, timed=args.timed_steps, warmup=args.warmup_steps,
                      grok=not args.no_grok, scaling=not args.no_scaling, grok_max_steps=args.grok_max_steps)
@@ -70,4 +75,32 @@ def cmd_bench(args) -> int:
                   + (f"  {sp:6.2f}x eager" if sp else ""))
         else:
             print(f"  {r['backend']:<36} not available: {r['reason']}")
+    return 0
+
+
+def cmd_sweep_throughput(args) -> int:
+    """`grokfast bench --sweep-throughput`: the batched executor's runs per hour (grokfast.bench.sweep_throughput);
+    prints the table, and with --out writes sweep_throughput.json and .md there."""
+    import json
+
+    import torch
+
+    from .bench import make_workload, render_sweep_throughput, sweep_throughput
+
+    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    wl = make_workload(args.preset or "nanda", device)
+    kw = {}
+    if args.timed_steps is not None:
+        kw["timed"] = args.timed_steps
+    if args.warmup_steps is not None:
+        kw["warmup"] = args.warmup_steps
+    res = sweep_throughput(wl, device, **kw)
+    text = render_sweep_throughput(res)
+    print(text, end="")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        res["command"] = command_line(args)
+        (out / "sweep_throughput.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+        (out / "sweep_throughput.md").write_text(f"`{res['command']}`\n\n{text}")
     return 0

@@ -264,6 +264,6 @@ def test_measure_every_records_cheap_measures_in_the_metrics(tmp_path):
     with_measures = [r["step"] for r in rows if "sum_sq_weights" in r]
     assert with_measures == [0, 10, 20]
     # the sum of squared weights is what it says
-    assert rows[-1]["sum_sq_weights"] == pytest.approx(sum(float((p.double() ** 2).sum()) for p in run.model.parameters()), rel=1e-9)
+    assert rows[-1]["sum_sq_weights"] == pytest.approx(sum(float((p.detach().double() ** 2).sum()) for p in run.model.parameters()), rel=1e-9)
     with pytest.raises(ConfigError, match="--measure-every"):
         TrainConfig(eval_every=10, measure_every=15)
