@@ -18,6 +18,33 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"grokfast: error: {message} (see {self.prog} --help)\n")
 
 
+def add_model_flags(g) -> None:
+    """Model overrides shared by `train` and `sweep` (ModelConfig fields)."""
+    g.add_argument("--n-layers", type=int)
+    g.add_argument("--d-model", type=int)
+    g.add_argument("--n-heads", type=int)
+    g.add_argument("--d-head", type=int)
+    g.add_argument("--d-mlp", type=int)
+    g.add_argument("--act", choices=["relu", "gelu"])
+    g.add_argument("--layernorm", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--attn-alpha", type=float, help="attention rate (clock and pizza): 1 softmax, 0 constant")
+
+
+def add_training_flags(g) -> None:
+    """Optimizer and filter flags shared by `train` and `sweep` (TrainConfig fields)."""
+    g.add_argument("--steps", type=int, help="step limit")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--wd", type=float, help="AdamW decoupled weight decay")
+    g.add_argument("--beta1", type=float)
+    g.add_argument("--beta2", type=float)
+    g.add_argument("--warmup", type=int, help="linear learning-rate warm-up steps (0: none)")
+    g.add_argument("--batch-size", type=int, help="minibatch size (default: full batch, or the preset's)")
+    g.add_argument("--grokfast", choices=["ema", "ma", "none"], help="Grokfast gradient filter")
+    g.add_argument("--alpha", type=float, help="Grokfast-EMA momentum (0.98)")
+    g.add_argument("--lamb", type=float, help="Grokfast amplification (EMA 2.0, MA 5.0 in the paper)")
+    g.add_argument("--window", type=int, help="Grokfast-MA window (100)")
+
+
 def _add_train(sub):
     p = sub.add_parser("train", help="train one model and write a run directory",
                        description="Train one model. Defaults: the nanda preset on a GPU, the small preset "
@@ -31,28 +58,10 @@ def _add_train(sub):
     g.add_argument("--layout", help="token layout: 'a b =', 'a op b =', 'a op b' or 'a b'")
     g.add_argument("--seed", type=int, help="model init and minibatch seed (default 0)")
     g.add_argument("--data-seed", type=int, help="train/test split seed (default: --seed)")
-    g = p.add_argument_group("model (override the preset)")
-    g.add_argument("--n-layers", type=int)
-    g.add_argument("--d-model", type=int)
-    g.add_argument("--n-heads", type=int)
-    g.add_argument("--d-head", type=int)
-    g.add_argument("--d-mlp", type=int)
-    g.add_argument("--act", choices=["relu", "gelu"])
-    g.add_argument("--layernorm", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--attn-alpha", type=float, help="attention rate (clock and pizza): 1 softmax, 0 constant")
+    add_model_flags(p.add_argument_group("model (override the preset)"))
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--wd", type=float, help="AdamW decoupled weight decay")
-    g.add_argument("--beta1", type=float)
-    g.add_argument("--beta2", type=float)
-    g.add_argument("--warmup", type=int, help="linear learning-rate warm-up steps (0: none)")
-    g.add_argument("--batch-size", type=int, help="minibatch size (default: full batch, or the preset's)")
+    add_training_flags(g)
     g.add_argument("--full-batch", action="store_true", help="full batch even where the preset has minibatches")
-    g.add_argument("--grokfast", choices=["ema", "ma", "none"], help="Grokfast gradient filter")
-    g.add_argument("--alpha", type=float, help="Grokfast-EMA momentum (0.98)")
-    g.add_argument("--lamb", type=float, help="Grokfast amplification (EMA 2.0, MA 5.0 in the paper)")
-    g.add_argument("--window", type=int, help="Grokfast-MA window (100)")
     g.add_argument("--stop-at-grok", action=argparse.BooleanOptionalAction, default=None,
                    help="stop at the first evaluation with test accuracy >= 99%%")
     g = p.add_argument_group("run")

@@ -16,8 +16,23 @@ class ConfigError(ValueError):
     """Bad user input: the message is one line that says what to change."""
 
 
+class _Dict:
+    """to_dict / from_dict for the config dataclasses (config.json); unknown keys are an error."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Dict):
     """A decoder-only transformer with TransformerLens parameter names.
 
     d_vocab, d_vocab_out and n_ctx describe the task's token layout; ``for_task`` fills them in.
@@ -98,21 +113,12 @@ class ModelConfig:
             n += k
         return n
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """How to train. lr warm-up is linear over ``warmup`` steps: lr_t = lr * min(1, (t + 1) / warmup).
+class TrainConfig(_Dict):
+    """How to train. lr warm-up is linear over ``warmup`` steps: at optimizer step t = 1, 2, ...
+    lr_t = lr * min(1, t / warmup).
 
     grokfast: "none", "ema" (alpha, lamb) or "ma" (window, lamb), exactly as Lee et al. define them
     (see grokfast.filters). batch_size None means full batch.
@@ -163,16 +169,6 @@ class TrainConfig:
         need(self.backend in ("auto", "fused", "reference"),
              f"--backend must be auto, fused or reference, got {self.backend!r}")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown train config keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
 
 
 @dataclass(frozen=True)

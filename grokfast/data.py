@@ -219,6 +219,9 @@ class Split:
     def __len__(self):
         return self.labels.shape[0]
 
+    def __iter__(self):  # tokens, labels = task.train
+        return iter((self.tokens, self.labels))
+
 
 class Task:
     """A modular-arithmetic task with a seeded train/test split, held as token tensors on a device.

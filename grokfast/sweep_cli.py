@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from .config import ConfigError
+from .cli import add_model_flags, add_training_flags
 
 FIXED = ("op", "p", "frac", "layout", "data_seed", "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "act",
          "layernorm", "attn_alpha", "steps", "lr", "wd", "beta1", "beta2", "warmup", "batch_size", "grokfast",
@@ -45,25 +46,8 @@ def add_parser(sub):
     g.add_argument("--frac", type=float, help="train fraction, in (0, 1)")
     g.add_argument("--layout", help="token layout: 'a b =', 'a op b =', 'a op b' or 'a b'")
     g.add_argument("--data-seed", type=int, help="one train/test split for every run (default: each run's seed)")
-    g.add_argument("--n-layers", type=int)
-    g.add_argument("--d-model", type=int)
-    g.add_argument("--n-heads", type=int)
-    g.add_argument("--d-head", type=int)
-    g.add_argument("--d-mlp", type=int)
-    g.add_argument("--act", choices=["relu", "gelu"])
-    g.add_argument("--layernorm", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--attn-alpha", type=float)
-    g.add_argument("--steps", type=int, help="step limit of every run")
-    g.add_argument("--lr", type=float)
-    g.add_argument("--wd", type=float)
-    g.add_argument("--beta1", type=float)
-    g.add_argument("--beta2", type=float)
-    g.add_argument("--warmup", type=int)
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--grokfast", choices=["ema", "ma", "none"])
-    g.add_argument("--alpha", type=float)
-    g.add_argument("--lamb", type=float)
-    g.add_argument("--window", type=int)
+    add_model_flags(g)
+    add_training_flags(g)
     g.add_argument("--eval-every", type=int)
     g.add_argument("--checkpoint-every", type=int)
     g.add_argument("--backend", choices=["auto", "fused", "reference"])

@@ -151,6 +151,8 @@ def _plain_permutation(n, seed):
 
 def test_split_partitions_all_pairs():
     t = Task("x-y", 17, 0.4, seed=1)
+    tokens, labels = t.train
+    assert tokens is t.train.tokens and labels is t.train.labels
     assert len(t.train) == round(0.4 * 289) and len(t.train) + len(t.test) == 289
     both = torch.cat([t.train.tokens, t.test.tokens])
     assert len({tuple(r) for r in both.tolist()}) == 289
