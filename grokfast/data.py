@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import itertools
+import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -285,7 +286,7 @@ class Task:
                     rows[:, j] = self.op_tokens[i]
             rows[:, -1] = answers
             perm = seeded_permutation(n, self.seed * 1000003 + i)
-            n_train = int(round(self.frac * n))
+            n_train = math.floor(self.frac * n + 1e-9)  # floor, as Nanda et al. (3830 of 12769 at 30%)
             if n_train < 1 or n_train >= n:
                 raise ConfigError(f"--frac {frac} leaves an empty train or test set for {o.name!r} ({n} pairs)")
             train_rows.append(rows[perm[:n_train]])

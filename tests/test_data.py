@@ -153,7 +153,7 @@ def test_split_partitions_all_pairs():
     t = Task("x-y", 17, 0.4, seed=1)
     tokens, labels = t.train
     assert tokens is t.train.tokens and labels is t.train.labels
-    assert len(t.train) == round(0.4 * 289) and len(t.train) + len(t.test) == 289
+    assert len(t.train) == int(0.4 * 289) and len(t.train) + len(t.test) == 289
     both = torch.cat([t.train.tokens, t.test.tokens])
     assert len({tuple(r) for r in both.tolist()}) == 289
     a, b = both[:, 0], both[:, 1]
@@ -163,7 +163,7 @@ def test_split_partitions_all_pairs():
 
 def test_nanda_split_sizes():
     t = Task("x+y", 113, 0.3, seed=0)
-    assert (len(t.train), len(t.test)) == (3831, 8938)  # round(0.3 * 12769) = 3831 (the paper: 3830, floor)
+    assert (len(t.train), len(t.test)) == (3830, 8939)  # Nanda et al.: int(0.3 * 12769)
     assert t.d_vocab == 114 and t.d_vocab_out == 113 and t.n_ctx == 3
     assert (t.train.tokens[:, 2] == 113).all()
 
@@ -195,7 +195,7 @@ def test_mixture_has_one_token_per_operation_and_is_stratified():
             rows = split.tokens[:, 1] == t.op_tokens[i]
             a, b = split.tokens[rows, 0], split.tokens[rows, 2]
             assert torch.equal(split.labels[rows], fn(a, b))
-        assert int((t.train.tokens[:, 1] == t.op_tokens[i]).sum()) == round(0.5 * 121)
+        assert int((t.train.tokens[:, 1] == t.op_tokens[i]).sum()) == int(0.5 * 121)
 
 
 @pytest.mark.parametrize("kwargs,msg", [
