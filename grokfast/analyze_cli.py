@@ -25,19 +25,14 @@ def add_parser(sub) -> None:
 
 
 def cmd_analyze(args) -> int:
-    import torch
     from .analyze import analyze_run, write_analysis, group_skipped, key_freqs_text
 
     if args.every is not None and args.every < 1:
         raise ConfigError(f"--every must be a positive integer, got {args.every}")
     if args.at is not None and args.at < 0:
         raise ConfigError(f"--at must be a checkpoint step (>= 0), got {args.at}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ConfigError(f"--device {args.device!r} is not a device: use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but no CUDA GPU is visible: use --device cpu")
+    from .train import resolve_device
+    device = resolve_device(args.device)
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     a = analyze_run(args.run_dir, at=args.at, every=args.every, device=device, log=log)
     paths = write_analysis(a, args.out)

@@ -682,19 +682,9 @@ def make_plan(quick: bool = False, device=None, preset: str | None = None, backe
     Defaults: nanda on a GPU, small (x+y mod 31) on a CPU. --quick: fewer steps, small scaling grids, and
     the torch.compile backends left out unless named in ``backends`` (compiling takes tens of seconds to
     minutes: that is not a quick run)."""
-    from .train import default_preset_name
+    from .train import default_preset_name, resolve_device
 
-    if device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise ConfigError(f"--device {device!r} is not a device: use cpu or cuda") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {device} is not supported: use cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but no CUDA GPU is visible: use --device cpu")
+    device = resolve_device(device)
     preset = preset or default_preset_name(device)
     get_preset(preset)
 

@@ -78,20 +78,11 @@ def _add_train(sub):
 
 
 def cmd_train(args) -> int:
-    import torch
     from . import config as C
     from .data import Task
-    from .train import train, default_preset_name, TrainingDiverged, Interrupted
+    from .train import train, default_preset_name, resolve_device, TrainingDiverged, Interrupted
 
-    if args.device is not None:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise ConfigError(f"--device {args.device!r} is not a device: use cpu or cuda")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda but no CUDA GPU is visible: use --device cpu")
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
 
     train_over = {k: getattr(args, k) for k in ("steps", "lr", "wd", "beta1", "beta2", "warmup", "batch_size",
                                                 "grokfast", "alpha", "lamb", "window", "seed", "eval_every",

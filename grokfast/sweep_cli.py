@@ -93,18 +93,10 @@ def _spec_from_args(args, device):
 
 
 def cmd_sweep(args) -> int:
-    import torch
     from . import sweep as S
-    from .train import Interrupted
+    from .train import Interrupted, resolve_device
 
-    device = None
-    if args.device is not None:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise ConfigError(f"--device {args.device!r} is not a device: use cpu or cuda")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda but no CUDA GPU is visible: use --device cpu")
+    device = None if args.device is None else resolve_device(args.device)
     memory = None
     if args.memory is not None:
         if args.memory <= 0:
@@ -127,7 +119,7 @@ def cmd_sweep(args) -> int:
     else:
         if not args.out:
             raise ConfigError("--out SWEEP_DIR is needed: the folder for the runs and the results table")
-        dev = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = resolve_device(device)
         spec = _spec_from_args(args, dev)
 
     if args.dry_run:

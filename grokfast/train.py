@@ -64,6 +64,22 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device=None) -> torch.device:
+    """A torch.device from a name ("cpu", "cuda", "cuda:1"), a device, or None (cuda if available);
+    ConfigError for anything that is not a usable CPU or CUDA device here."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device {device!r} is not a device: use cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {dev} is not supported: use cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA GPU is visible: use --device cpu")
+    return dev
+
+
 def default_preset_name(device=None) -> str:
     """nanda on a GPU; on a CPU the small preset, which groks in well under a minute."""
     device = torch.device(device) if device is not None else default_device()
@@ -154,7 +170,7 @@ def train(task: Task | None = None, model_config: ModelConfig | None = None,
     after every step (for tests and tools). ``figures=False`` skips drawing grokking.png (sweeps).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
 
     start_tensors, start_meta = None, {}
     if resume is not None:
