@@ -8,13 +8,13 @@
 #   run(command="bash bench/gpu_proof.sh", timeout_s=600)          # device tool, repo root
 #
 # Stage budget (seconds) adds up to under the 600 s a call may run; pass a list to change it:
-#   GPU_PROOF_STAGES="tests check train bench sweep" bash bench/gpu_proof.sh
+#   GPU_PROOF_STAGES="tests check determinism train bench sweep" bash bench/gpu_proof.sh
 set -u
 OUT=${OUT:-$(mktemp -d)}
 R="$OUT/gpu_proof"
 mkdir -p "$R"
 export PYTHONUNBUFFERED=1
-STAGES=${GPU_PROOF_STAGES:-"tests check train bench sweep"}
+STAGES=${GPU_PROOF_STAGES:-"tests check determinism train bench sweep"}
 
 stage() {  # stage NAME SECONDS COMMAND...: run with a limit, log to $R/NAME.log, note the outcome
     local name=$1 limit=$2; shift 2
@@ -44,11 +44,12 @@ for s in $STAGES; do
     case $s in
         # the kernel tests build CPU tensors: on the device's Triton they run under its interpreter (this
         # checks the kernels against that Triton version); the GPU itself is checked by `grokfast check`
-        tests) stage tests 150 env TRITON_INTERPRET=1 python -m pytest -q -x tests/test_kernels_model.py tests/test_kernels_optimizer.py ;;
-        check) stage check 120 grokfast check ;;
-        train) stage train 90 grokfast train --preset nanda --backend fused --grokfast ema --no-progress --out "$R/nanda-ema-fused" ;;
-        bench) stage bench 180 grokfast bench --no-progress --out "$R/bench" ;;
-        sweep) stage sweep 60 grokfast bench --sweep-throughput --no-progress --out "$R/sweep-throughput" ;;
+        tests) stage tests 120 env TRITON_INTERPRET=1 python -m pytest -q -x tests/test_kernels_model.py tests/test_kernels_optimizer.py ;;
+        check) stage check 110 grokfast check ;;
+        determinism) stage determinism 45 python bench/determinism.py ;;
+        train) stage train 75 grokfast train --preset nanda --backend fused --grokfast ema --no-progress --out "$R/nanda-ema-fused" ;;
+        bench) stage bench 150 grokfast bench --no-progress --out "$R/bench" ;;
+        sweep) stage sweep 50 grokfast bench --sweep-throughput --no-progress --out "$R/sweep-throughput" ;;
         *) echo "unknown stage $s" >>"$R/summary.txt" ;;
     esac
 done
