@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
-# GPU proof in one call of the device tool: install, the kernel tests (interpreter, the device's Triton), `grokfast check` at the
-# presets' shapes, a full nanda run on the fused backend with Grokfast-EMA, the benchmark report and the
-# sweep throughput. Every stage has its own time limit and the script goes on after a failure, so one
-# call returns everything that could be measured. Output: $OUT/gpu_proof.tar.gz (all logs and reports)
-# and $OUT/summary.txt; unpack under bench/results/<date>-<device>/ and commit.
+# GPU proof in two calls of the device tool: install, the kernel tests (under the device Triton's
+# interpreter), `grokfast check` at the presets' shapes, determinism, a full nanda run on the fused backend
+# with Grokfast-EMA, the benchmark report in parts, and the sweep throughput. Every stage has its own time
+# limit and the script goes on after a failure, so a call returns everything that could be measured.
+# Output: $OUT/gpu_proof.tar.gz (all logs and reports) and $OUT/summary.txt; unpack under
+# bench/results/<date>-<device>/ and commit.
 #
-#   run(command="bash bench/gpu_proof.sh", timeout_s=600)          # device tool, repo root
-#
-# Stage budget (seconds) adds up to under the 600 s a call may run; pass a list to change it:
-#   GPU_PROOF_STAGES="tests check determinism train bench sweep" bash bench/gpu_proof.sh
+# Two calls cover everything (each stage has its own limit; a call may run 600 s):
+#   run(command="bash bench/gpu_proof.sh", timeout_s=600)                      # stages of call 1 (default)
+#   run(command="GPU_PROOF_STAGES='bench-compile bench-grok bench-scaling' bash bench/gpu_proof.sh", timeout_s=600)
 set -u
 OUT=${OUT:-$(mktemp -d)}
 R="$OUT/gpu_proof"
 mkdir -p "$R"
 export PYTHONUNBUFFERED=1
-STAGES=${GPU_PROOF_STAGES:-"tests check determinism train bench sweep"}
+STAGES=${GPU_PROOF_STAGES:-"tests check determinism train bench-step sweep"}
 
 stage() {  # stage NAME SECONDS COMMAND...: run with a limit, log to $R/NAME.log, note the outcome
     local name=$1 limit=$2; shift 2
@@ -48,8 +48,16 @@ for s in $STAGES; do
         check) stage check 110 grokfast check ;;
         determinism) stage determinism 45 python bench/determinism.py ;;
         train) stage train 75 grokfast train --preset nanda --backend fused --grokfast ema --no-progress --out "$R/nanda-ema-fused" ;;
-        bench) stage bench 150 grokfast bench --no-progress --out "$R/bench" ;;
-        sweep) stage sweep 50 grokfast bench --sweep-throughput --no-progress --out "$R/sweep-throughput" ;;
+        bench-step) stage bench-step 90 grokfast bench --no-progress --no-grok --no-scaling \
+            --backends reference-eager,fused,fused-cudagraph --out "$R/bench-step" ;;
+        bench-compile) stage bench-compile 280 grokfast bench --no-progress --no-grok --no-scaling \
+            --backends reference-eager,reference-compile-max-autotune,reference-compile-reduce-overhead,fused-cudagraph \
+            --out "$R/bench-compile" ;;
+        bench-grok) stage bench-grok 200 grokfast bench --no-progress --no-scaling --grok-max-steps 50000 \
+            --backends reference-eager,fused-cudagraph --out "$R/bench-grok" ;;
+        bench-scaling) stage bench-scaling 100 grokfast bench --no-progress --no-grok \
+            --backends reference-eager,fused-cudagraph --out "$R/bench-scaling" ;;
+        sweep) stage sweep 80 grokfast bench --sweep-throughput --no-progress --out "$R/sweep-throughput" ;;
         *) echo "unknown stage $s" >>"$R/summary.txt" ;;
     esac
 done
