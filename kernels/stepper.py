@@ -147,6 +147,9 @@ class FusedStepper:
             st, sl = self._static
             return tokens.shape == st.shape and labels.shape == sl.shape and tokens.dtype == st.dtype
         static = (tokens.contiguous().clone(), labels.contiguous().clone())
+        # The graph replays into the forward/backward workspace: hold it, so that the kernels' small
+        # workspace cache can never free memory the graph still writes (other shapes may evict it).
+        self._keep_ws = _fb()._workspace(self.cfg, 1, static[0].shape[0], self.device, True)
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         try:

@@ -1,5 +1,6 @@
-"""The batched fused stepper (kernels/batched.py) and the sweep's batched executor, under the Triton
-interpreter on the CPU.
+"""The batched fused stepper (kernels/batched.py) and the sweep's batched executor, on DEVICE: a CUDA GPU
+when there is one, else the CPU under the Triton interpreter. References (the float64 models and the
+sequential reference-backend sweeps) run on the CPU, as on a machine without a GPU.
 
 Bounds (float32 kernels against the float64 reference, per model, fresh random inits and splits):
   - parameters after 20 steps: max|theta_batched - theta_ref| / max|theta_ref| <= 1e-4 (the brief's bound;
@@ -27,12 +28,15 @@ import torch
 import grokfast
 from grokfast import rundir
 from grokfast import sweep as S
-from grokfast.backends import ReferenceStepper
+from grokfast.backends import ReferenceStepper, interpreter_on
 from grokfast.config import ConfigError, ModelConfig, TrainConfig
 from grokfast.data import Task
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="needs a GPU or TRITON_INTERPRET=1")
+
+# Where the fused kernels run: the GPU when there is one (and the interpreter is off), else the CPU.
+DEVICE = "cuda" if torch.cuda.is_available() and not interpreter_on() else "cpu"
 
 HYPER = [dict(lr=1e-2, wd=1.0, alpha=0.9, lamb=2.0, seed=0),
          dict(lr=3e-3, wd=0.1, alpha=0.98, lamb=5.0, seed=1),
@@ -40,7 +44,8 @@ HYPER = [dict(lr=1e-2, wd=1.0, alpha=0.9, lamb=2.0, seed=0),
 
 
 def rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 def tiny(grokfast="ema", p=7):
@@ -52,7 +57,7 @@ def tiny(grokfast="ema", p=7):
 
 def make(tasks, cfg, tcfgs):
     from grokfast.kernels import make_batched_stepper
-    models = [grokfast.Transformer(cfg, seed=t.seed) for t in tcfgs]
+    models = [grokfast.Transformer(cfg, seed=t.seed, device=DEVICE) for t in tcfgs]   # the stepper moves the splits
     return make_batched_stepper(models, tcfgs, ([t.train.tokens for t in tasks], [t.train.labels for t in tasks]),
                                 ([t.test.tokens for t in tasks], [t.test.labels for t in tasks]))
 
@@ -144,12 +149,13 @@ def quiet(msg):
 @pytest.fixture(scope="module")
 def batched_sweep(tmp_path_factory):
     d = tmp_path_factory.mktemp("batched") / "sweep"
-    return S.run_sweep(spec("fused"), out=d, executor="batched", log=quiet, figures=False)
+    return S.run_sweep(spec("fused"), out=d, device=DEVICE, executor="batched", log=quiet, figures=False)
 
 
 def test_batched_rows_equal_sequential_rows(batched_sweep, tmp_path):
     assert batched_sweep.executor == "batched"
-    seq = S.run_sweep(spec("reference"), out=tmp_path / "seq", executor="sequential", log=quiet, figures=False)
+    seq = S.run_sweep(spec("reference"), out=tmp_path / "seq", device="cpu", executor="sequential", log=quiet,
+                      figures=False)
     assert len(seq.rows) == len(batched_sweep.rows) == 4
     assert any(r["steps_to_grok"] is not None for r in seq.rows)
     assert len({r["steps_to_grok"] for r in seq.rows}) > 1   # runs retire at different steps
@@ -177,8 +183,9 @@ def test_after_grok_keeps_training_like_the_sequential_executor(tmp_path):
     def sp(backend):
         return S.SweepSpec(preset="small", grid={"lr": [1e-2, 3e-2]}, seeds=[0], after_grok=5,
                            fixed={**FIXED, "backend": backend})
-    b = S.run_sweep(sp("fused"), out=tmp_path / "b", executor="batched", log=quiet, figures=False)
-    s = S.run_sweep(sp("reference"), out=tmp_path / "s", executor="sequential", log=quiet, figures=False)
+    b = S.run_sweep(sp("fused"), out=tmp_path / "b", device=DEVICE, executor="batched", log=quiet, figures=False)
+    s = S.run_sweep(sp("reference"), out=tmp_path / "s", device="cpu", executor="sequential", log=quiet,
+                    figures=False)
     for x, y in zip(b.rows, s.rows):
         assert x["steps_to_grok"] is not None
         assert x["steps_done"] == y["steps_done"] == x["steps_to_grok"] + 5
@@ -205,11 +212,11 @@ def test_killed_batched_sweep_resumes_every_run(batched_sweep, tmp_path, monkeyp
 
     monkeypatch.setattr(rundir, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        S.run_sweep(spec("fused"), out=d, executor="batched", log=quiet, figures=False)
+        S.run_sweep(spec("fused"), out=d, device=DEVICE, executor="batched", log=quiet, figures=False)
     monkeypatch.setattr(rundir, "save_checkpoint", real_save)
     # an unfinished run continues from its checkpoint; runs that grokked by step 10 are finished
     logged = []
-    res = S.run_sweep(resume=d, executor="batched", log=logged.append, figures=False)
+    res = S.run_sweep(resume=d, device=DEVICE, executor="batched", log=logged.append, figures=False)
     launches = sorted(m.split(" runs on")[0] + m.split("fused kernels")[1].split(" (")[0]
                       for m in logged if m.startswith("batched launch:"))
     # two unfinished runs at step 10, one whose step-10 checkpoint was lost (from 0); the run that grokked
@@ -228,13 +235,19 @@ def test_killed_batched_sweep_resumes_every_run(batched_sweep, tmp_path, monkeyp
 
 def test_executor_choice_and_refusal(tmp_path, monkeypatch):
     runs = S.expand(spec("fused"))
-    # explicit batched on the CPU under the interpreter, for --backend fused runs
-    assert S.plan(spec("fused"), "cpu", "batched")[1] == "batched"
-    # auto never picks the interpreter; runs on the reference backend cannot be batched
-    assert S.plan(spec("fused"), "cpu", "auto")[1] == "sequential"
-    with pytest.raises(ConfigError, match="batched fused executor: not available .*backend is reference"):
-        S.plan(spec("auto"), "cpu", "batched")
-    monkeypatch.delenv("TRITON_INTERPRET")
+    if DEVICE == "cpu":   # interpreter-only: the CPU has a batched executor only under TRITON_INTERPRET=1
+        # explicit batched on the CPU under the interpreter, for --backend fused runs
+        assert S.plan(spec("fused"), "cpu", "batched")[1] == "batched"
+        # auto never picks the interpreter; runs on the reference backend cannot be batched
+        assert S.plan(spec("fused"), "cpu", "auto")[1] == "sequential"
+        with pytest.raises(ConfigError, match="batched fused executor: not available .*backend is reference"):
+            S.plan(spec("auto"), "cpu", "batched")
+    else:                 # on a GPU: batched asked for or picked by auto; reference runs cannot be batched
+        assert S.plan(spec("fused"), DEVICE, "batched")[1] == "batched"
+        assert S.plan(spec("fused"), DEVICE, "auto")[1] == "batched"
+        with pytest.raises(ConfigError, match="batched fused executor: not available .*backend is reference"):
+            S.plan(spec("reference"), DEVICE, "batched")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # not set on a GPU machine
     ok, why = S.batched_status("cpu", runs, explicit=True)
     assert not ok and "needs a CUDA GPU" in why
     # minibatch runs go to the sequential executor
@@ -247,8 +260,8 @@ def test_sweep_throughput_helper_runs_and_refuses_the_cpu(monkeypatch):
     on a CPU without the interpreter it reports itself not available."""
     from grokfast.bench import Workload, render_sweep_throughput, sweep_throughput
     tasks, cfg, tcfgs = tiny("ema")
-    wl = Workload("tiny", tasks[0], cfg, dataclasses.replace(tcfgs[0], eval_every=10), 1)
-    res = sweep_throughput(wl, "cpu", Ms=(1, 2), run_steps=1000, warmup=1, timed=1, allow_interpreter=True)
+    wl = Workload("tiny", tasks[0].to(DEVICE), cfg, dataclasses.replace(tcfgs[0], eval_every=10), 1)
+    res = sweep_throughput(wl, DEVICE, Ms=(1, 2), run_steps=1000, warmup=1, timed=1, allow_interpreter=True)
     single = res["single"]
     assert single["runs_per_hour"] == pytest.approx(3600 / (1000 * single["seconds_per_step"]))
     for r in res["rows"]:
@@ -256,5 +269,5 @@ def test_sweep_throughput_helper_runs_and_refuses_the_cpu(monkeypatch):
         assert r["seconds_per_step"] == pytest.approx(r["step_s"] + r["eval_s"] / 10)
         assert r["speedup"] == pytest.approx(r["M"] * single["seconds_per_step"] / r["seconds_per_step"])
     assert "| 2 |" in render_sweep_throughput(res)
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # not set on a GPU machine
     assert sweep_throughput(wl, "cpu", allow_interpreter=True)["status"] == "not available"

@@ -1,8 +1,8 @@
 """The fused forward + backward (kernels/forward_backward.py) against the float64 reference model.
 
 Every test builds grokfast.Transformer, packs its float32 weights with ParamLayout, runs the Triton
-kernels (under TRITON_INTERPRET=1 on a CPU-only machine, see conftest.py) on fresh random tokens,
-labels and weights, and compares the loss and EVERY parameter's gradient with
+kernels on DEVICE (a CUDA GPU when there is one, else the CPU under TRITON_INTERPRET=1, see conftest.py)
+on fresh random tokens, labels and weights, and compares the loss and EVERY parameter's gradient with
 grokfast.model.loss_and_grads_reference on model.double(). Output buffers and the kernels'
 workspace are filled with NaN first, so an entry that no kernel writes (or a read of one) fails.
 Shapes are tiny (p 7-13, d_model 16-32) because the interpreter runs ~1 ms per program.
@@ -16,6 +16,7 @@ import pytest
 import torch
 from hypothesis import given, settings, HealthCheck, strategies as st
 
+from grokfast.backends import interpreter_on
 from grokfast.config import ConfigError, ModelConfig
 from grokfast.model import Transformer, loss_and_grads_reference
 from grokfast.kernels import forward_backward as fb
@@ -29,6 +30,11 @@ from grokfast.kernels.unembed_loss import cross_entropy
 # Float32 kernels on well-conditioned inputs (default init, O(1) logits) land near 1e-7..1e-6.
 GRAD_RTOL = 1e-5
 LOSS_RTOL = 1e-6
+
+# Where the kernels run: the GPU when there is one (and the interpreter is off), else the CPU under the
+# interpreter. Inputs are drawn on the CPU (same values everywhere) and moved; the float64 reference and
+# every comparison run on the CPU (kernel outputs are moved back; .cpu() of a CPU tensor is the tensor).
+DEVICE = "cuda" if torch.cuda.is_available() and not interpreter_on() else "cpu"
 
 
 @pytest.fixture(autouse=True)
@@ -69,17 +75,19 @@ def random_data(cfg, B, M, per_model, seed):
 
 
 def pack(models, cfg):
+    """(layout, flat [M, N] float32 on DEVICE) of CPU models."""
     lay = ParamLayout(cfg)
-    return lay, torch.cat([lay.flatten(m.state_dict()) for m in models]).contiguous()
+    return lay, torch.cat([lay.flatten(m.state_dict()) for m in models]).contiguous().to(DEVICE)
 
 
 def fused(cfg, flat, tokens, labels):
+    """The kernels on DEVICE (flat there already; tokens and labels moved); (loss [M], grad [M, N]) on the CPU."""
     M = flat.shape[0]
     grad = torch.full_like(flat, float("nan"))
-    loss = torch.full((M,), float("nan"))
-    out = fb.loss_and_grads_flat(cfg, flat, tokens, labels, grad_out=grad, loss_out=loss)
+    loss = torch.full((M,), float("nan"), device=flat.device)
+    out = fb.loss_and_grads_flat(cfg, flat, tokens.to(DEVICE), labels.to(DEVICE), grad_out=grad, loss_out=loss)
     assert out[0] is loss and out[1] is grad
-    return loss, grad
+    return loss.cpu(), grad.cpu()
 
 
 def rel(a, b) -> float:
@@ -156,17 +164,18 @@ def test_gemm_strided_batched_against_float64(monkeypatch, split_min_k):
     M, J, R, KO, KI, N = 2, 3, 20, 1, 200, 24
     a = torch.randn(M, KI, R, generator=g).transpose(1, 2)               # [M, R, KI], column-major
     b = torch.randn(M, J, KI, N, generator=g)
-    out = torch.full((M, J, R, N), float("nan"))
-    gemm(a.unsqueeze(1).unsqueeze(3).expand(M, J, R, KO, KI), b.unsqueeze(2), out)
+    a_d = a.transpose(1, 2).to(DEVICE).transpose(1, 2)                    # the same strides on DEVICE
+    out = torch.full((M, J, R, N), float("nan"), device=DEVICE)
+    gemm(a_d.unsqueeze(1).unsqueeze(3).expand(M, J, R, KO, KI), b.to(DEVICE).unsqueeze(2), out)
     ref = torch.einsum("mrk,mjkn->mjrn", a.double(), b.double())
-    assert rel(out, ref) <= 1e-6
+    assert rel(out.cpu(), ref) <= 1e-6
     # contraction over (heads x d_head) of a [H, D, Dh] weight: KO = H, KI = Dh
     H, Dh, D = 3, 5, 17
     x = torch.randn(M, R, H * Dh, generator=g)
     W = torch.randn(M, H, D, Dh, generator=g)
-    out2 = torch.full((M, R, D), float("nan"))
-    gemm(x.view(M, R, H, Dh).unsqueeze(1), W.permute(0, 1, 3, 2).unsqueeze(1), out2)
-    assert rel(out2, torch.einsum("mrhe,mhde->mrd", x.view(M, R, H, Dh).double(), W.double())) <= 1e-6
+    out2 = torch.full((M, R, D), float("nan"), device=DEVICE)
+    gemm(x.to(DEVICE).view(M, R, H, Dh).unsqueeze(1), W.to(DEVICE).permute(0, 1, 3, 2).unsqueeze(1), out2)
+    assert rel(out2.cpu(), torch.einsum("mrhe,mhde->mrd", x.view(M, R, H, Dh).double(), W.double())) <= 1e-6
 
 
 @pytest.mark.parametrize("split_min_k", [16, 10**9])
@@ -178,8 +187,9 @@ def test_token_scatter_sums_rows_by_position_and_token(monkeypatch, split_min_k)
     M, B, T, V, W = 2, 70, 3, 5, 20
     G = torch.randn(M, B * T, W, generator=g)
     tok = torch.randint(0, V, (M, B, T), generator=g)
-    out = torch.full((M, T * V, W), float("nan"))
-    token_scatter(G, tok, out)
+    out = torch.full((M, T * V, W), float("nan"), device=DEVICE)
+    token_scatter(G.to(DEVICE), tok.to(DEVICE), out)
+    out = out.cpu()
     onehot = torch.nn.functional.one_hot(tok, V).double()                    # [M, B, T, V]
     ref = torch.einsum("mbtv,mbtw->mtvw", onehot, G.double().view(M, B, T, W)).reshape(M, T * V, W)
     assert rel(out, ref) <= 1e-6
@@ -234,10 +244,11 @@ def test_cross_entropy_accurate_when_confident():
     labels = torch.randint(0, P, (M, B), generator=g)
     margin = torch.linspace(0.0, 40.0, B)              # up to loss ~ 1e-17
     logits.scatter_(2, labels.unsqueeze(-1), (logits.max(-1).values + margin).unsqueeze(-1))
-    loss_ex = torch.full((M, B), float("nan"))
-    correct = torch.full((M, B), -1, dtype=torch.int32)
-    dlog = torch.full((M, B, P), float("nan"))
-    cross_entropy(logits, labels, loss_ex, correct, dlog)
+    loss_ex = torch.full((M, B), float("nan"), device=DEVICE)
+    correct = torch.full((M, B), -1, dtype=torch.int32, device=DEVICE)
+    dlog = torch.full((M, B, P), float("nan"), device=DEVICE)
+    cross_entropy(logits.to(DEVICE), labels.to(DEVICE), loss_ex, correct, dlog)
+    loss_ex, correct, dlog = loss_ex.cpu(), correct.cpu(), dlog.cpu()
     l64 = logits.double()
     # float64 logsumexp(l) - l_y cancels once the loss is below ~1e-12; here the label is the argmax,
     # so the exact loss is log1p(sum_{j != y} exp(l_j - l_y)), which float64 evaluates accurately.
@@ -283,9 +294,10 @@ def test_eval_matches_reference_and_chunks(monkeypatch):
         labels[0] = models[0](tokens[0]).argmax(-1)
         labels[0, :13] = (labels[0, :13] + 1) % cfg.d_vocab_out
     monkeypatch.setattr(fb, "EVAL_CHUNK_FLOATS", 1)      # chunks of 64 examples: 64 + 36
-    loss = torch.full((2,), float("nan"))
-    correct = torch.full((2,), -1, dtype=torch.int32)
-    fb.eval_flat(cfg, flat, tokens, labels, loss_out=loss, correct_out=correct)
+    loss = torch.full((2,), float("nan"), device=DEVICE)
+    correct = torch.full((2,), -1, dtype=torch.int32, device=DEVICE)
+    fb.eval_flat(cfg, flat, tokens.to(DEVICE), labels.to(DEVICE), loss_out=loss, correct_out=correct)
+    loss, correct = loss.cpu(), correct.cpu()
     for m, model in enumerate(models):
         with torch.no_grad():
             logits = copy.deepcopy(model).double()(tokens[m])
@@ -299,7 +311,8 @@ def test_loss_and_grads_of_a_module_is_keyed_like_state_dict():
     cfg = tiny(unembed_bias=True)
     model = make_model(cfg, seed=5)
     tokens, labels = random_data(cfg, 13, 1, False, seed=5)
-    loss, grads = fb.loss_and_grads(model, tokens, labels)
+    loss, grads = fb.loss_and_grads(copy.deepcopy(model).to(DEVICE), tokens.to(DEVICE), labels.to(DEVICE))
+    loss, grads = loss.cpu(), {n: g.cpu() for n, g in grads.items()}
     loss_ref, grads_ref = loss_and_grads_reference(copy.deepcopy(model).double(), tokens, labels)
     assert loss.dtype == torch.float64 and abs(loss.item() - loss_ref.item()) <= LOSS_RTOL * loss_ref.item()
     assert list(grads) == list(model.state_dict())
@@ -322,7 +335,7 @@ def test_presets_supported_and_limits_named():
 def test_bad_inputs_raise_clear_errors():
     cfg = tiny()
     lay, flat = pack([make_model(cfg, 0)], cfg)
-    tokens, labels = random_data(cfg, 8, 1, False, seed=0)
+    tokens, labels = (t.to(DEVICE) for t in random_data(cfg, 8, 1, False, seed=0))
     call = fb.loss_and_grads_flat
     with pytest.raises(ValueError, match="float32"):
         call(cfg, flat.double(), tokens, labels)
@@ -339,13 +352,13 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="tokens must be"):
         call(cfg, flat, tokens.expand(2, -1, -1).contiguous(), labels)      # M = 1 but 2 token sets
     with pytest.raises(ValueError, match="grad_out"):
-        call(cfg, flat, tokens, labels, grad_out=torch.empty(1, 5))
+        call(cfg, flat, tokens, labels, grad_out=torch.empty(1, 5, device=DEVICE))
     with pytest.raises(ValueError, match="loss_out"):
-        call(cfg, flat, tokens, labels, loss_out=torch.empty(2))
+        call(cfg, flat, tokens, labels, loss_out=torch.empty(2, device=DEVICE))
     with pytest.raises(ValueError, match="meta"):
         call(cfg, flat, tokens.to("meta"), labels)
     with pytest.raises(ValueError, match="correct_out"):
-        fb.eval_flat(cfg, flat, tokens, labels, correct_out=torch.empty(1))
+        fb.eval_flat(cfg, flat, tokens, labels, correct_out=torch.empty(1, device=DEVICE))
     with pytest.raises(ValueError, match="d_vocab"):
         fb.check_token_range(cfg, tokens + cfg.d_vocab, labels)
 

@@ -9,12 +9,15 @@ with different lr, wd, alpha, lamb train in one launch. Bounds, per model:
   - AdamW moments and the EMA state: <= 2e-5 relative to their max (measured 1e-6 after 100 steps).
 State the kernel must overwrite before reading (EMA before the first step, the MA ring before it
 fills) starts as NaN, and a NaN guard region after every buffer must survive (masking past N).
+The kernels run on DEVICE: a CUDA GPU when there is one, else the CPU under TRITON_INTERPRET=1 (see
+conftest.py). Random inputs are drawn on the CPU and moved; references and comparisons run on the CPU.
 """
 import math
 
 import pytest
 import torch
 
+from grokfast.backends import interpreter_on
 from grokfast.config import TrainConfig
 from grokfast.optim import AdamW, GrokfastFilter
 
@@ -24,18 +27,22 @@ N = BLOCK + 477          # two programs per model, the second one partial
 GUARD = 37
 HYPER = dict(lr=[1e-3, 3e-3, 1e-2], wd=[1.0, 0.0, 0.1], alpha=[0.98, 0.9, 0.5], lamb=[2.0, 5.0, 0.5])
 
+# Where the kernels run: the GPU when there is one (and the interpreter is off), else the CPU.
+DEVICE = "cuda" if torch.cuda.is_available() and not interpreter_on() else "cpu"
+
 
 def guarded(shape, fill):
     """A contiguous tensor of `shape` followed by a NaN guard region in the same storage."""
     n = math.prod(shape)
-    store = torch.full((n + GUARD,), float("nan"), dtype=torch.float32)
+    store = torch.full((n + GUARD,), float("nan"), dtype=torch.float32, device=DEVICE)
     t = store[:n].view(*shape)
     t.fill_(fill)
     return t, store[n:]
 
 
 def rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 def gradients(steps, M, gen):
@@ -53,7 +60,7 @@ def test_matches_reference_formulas(kind, M):
     hp = {k: torch.tensor(v[:M], dtype=torch.float32) for k, v in HYPER.items()}
     window = 3
     opt = FusedOptimizer(M, N, lr=hp["lr"], wd=hp["wd"], alpha=hp["alpha"], lamb=hp["lamb"], beta1=0.9,
-                         beta2=0.98, eps=1e-8, warmup=10, grokfast=kind, window=window)
+                         beta2=0.98, eps=1e-8, warmup=10, grokfast=kind, window=window, device=DEVICE)
     # poison: state the kernel must write before it reads
     theta, guard = guarded((M, N), 0.0)
     theta.copy_(torch.randn(M, N, generator=gen))
@@ -75,10 +82,10 @@ def test_matches_reference_formulas(kind, M):
         cfg = TrainConfig(lr=hp["lr"][m].item(), wd=hp["wd"][m].item(), alpha=hp["alpha"][m].item(),
                           lamb=hp["lamb"][m].item(), beta1=0.9, beta2=0.98, eps=1e-8, warmup=10,
                           grokfast=kind, window=window)
-        p = {"x": theta0[m].double().clone()}
+        p = {"x": theta0[m].double().cpu().clone()}
         refs.append((p, AdamW(p, cfg), GrokfastFilter.from_config(cfg)))
 
-    grads_f32 = torch.empty(M, N)
+    grads_f32 = torch.empty(M, N, device=DEVICE)
     for step, g in enumerate(gradients(100, M, gen), start=1):
         grads_f32.copy_(g)
         opt.step(theta, grads_f32)
@@ -103,10 +110,11 @@ def test_matches_reference_formulas(kind, M):
 def test_different_hyperparameters_are_independent():
     """Model 1 of a 2-model launch equals a 1-model launch with model 1's settings, bit for bit."""
     gen = torch.Generator().manual_seed(7)
-    theta0 = torch.randn(2, N, generator=gen)
-    gs = list(gradients(5, 2, gen))
-    both = FusedOptimizer(2, N, lr=[1e-3, 5e-3], wd=[0.5, 2.0], alpha=[0.9, 0.8], lamb=[1.0, 3.0], grokfast="ema")
-    one = FusedOptimizer(1, N, lr=5e-3, wd=2.0, alpha=0.8, lamb=3.0, grokfast="ema")
+    theta0 = torch.randn(2, N, generator=gen).to(DEVICE)
+    gs = [g.to(DEVICE) for g in gradients(5, 2, gen)]
+    both = FusedOptimizer(2, N, lr=[1e-3, 5e-3], wd=[0.5, 2.0], alpha=[0.9, 0.8], lamb=[1.0, 3.0], grokfast="ema",
+                          device=DEVICE)
+    one = FusedOptimizer(1, N, lr=5e-3, wd=2.0, alpha=0.8, lamb=3.0, grokfast="ema", device=DEVICE)
     a, b = theta0.clone(), theta0[1:].clone()
     for g in gs:
         both.step(a, g.contiguous())
@@ -190,14 +198,15 @@ def test_trainer_fused_matches_reference_and_is_deterministic(fb, kind):
     task, cfg = tiny()
     _fused_supported(cfg)
     kw = dict(steps=4, lr=3e-3, wd=1.0, warmup=2, grokfast=kind, window=2, eval_every=4, progress=False,
-              device="cpu", log=lambda msg: None)
+              log=lambda msg: None)
     backends = ["fused", "reference"] + (["fused"] if kind == "ma" else [])
-    runs = [grokfast.train(task, cfg, backend=b, **kw) for b in backends]
+    # fused on DEVICE (on a GPU: eager steps, then CUDA-graph replays); the reference on the CPU as always
+    runs = [grokfast.train(task, cfg, backend=b, device=DEVICE if b == "fused" else "cpu", **kw) for b in backends]
     assert runs[0].backend == "fused" and runs[1].backend == "reference"
     fused, ref = (dict(r.model.named_parameters()) for r in runs[:2])
     for n in ref:
         assert rel(fused[n], ref[n]) <= 1e-4, (n, rel(fused[n], ref[n]))
-        assert not torch.equal(ref[n], Transformer(cfg).state_dict()[n]) or n.endswith(".b_in"), n
+        assert not torch.equal(ref[n].cpu(), Transformer(cfg).state_dict()[n]) or n.endswith(".b_in"), n
     lf, lr_ = runs[0].history[-1]["train_loss"], runs[1].history[-1]["train_loss"]
     assert abs(lf - lr_) <= 1e-5 * lr_
     if len(runs) == 3:
@@ -214,12 +223,13 @@ def test_state_dict_keys_and_resume(fb, kind):
     _fused_supported(cfg)
     tcfg = grokfast.TrainConfig(lr=1e-2, warmup=0, grokfast=kind, window=2)
     tok, lab = task.train.tokens, task.train.labels
-    ref = ReferenceStepper(Transformer(cfg, seed=1), tcfg)
-    model = Transformer(cfg, seed=1)
+    tok_d, lab_d = tok.to(DEVICE), lab.to(DEVICE)
+    ref = ReferenceStepper(Transformer(cfg, seed=1), tcfg)          # the reference on the CPU
+    model = Transformer(cfg, seed=1, device=DEVICE)
     fused = stepper_mod.FusedStepper(model, tcfg)
-    for st in (ref, fused):
-        st.step(tok, lab)
-        st.step(tok, lab)
+    for st, (t, l) in ((ref, (tok, lab)), (fused, (tok_d, lab_d))):
+        st.step(t, l)
+        st.step(t, l)
     rs, fs = ref.state_dict(), fused.state_dict()
     assert sorted(rs) == sorted(fs)
     for k in rs:
@@ -228,18 +238,18 @@ def test_state_dict_keys_and_resume(fb, kind):
     # live views: the trainer's evaluate() reads the weights the kernels write
     assert model.embed.W_E.data_ptr() == fused.flat.data_ptr()
     saved = {k: v.clone() for k, v in fs.items()}
-    fused.step(tok, lab)
+    fused.step(tok_d, lab_d)
     after3 = {k: v.clone() for k, v in fused.state_dict().items()}
-    again = stepper_mod.FusedStepper(Transformer(cfg, seed=5), tcfg)
+    again = stepper_mod.FusedStepper(Transformer(cfg, seed=5, device=DEVICE), tcfg)
     again.load_state_dict(saved)
-    again.step(tok, lab)
+    again.step(tok_d, lab_d)
     resumed = again.state_dict()
     for k in after3:
         assert torch.equal(after3[k], resumed[k]), k
     # and a fused checkpoint loads into the reference stepper
     ref2 = ReferenceStepper(Transformer(cfg, seed=5), tcfg)
-    ref2.load_state_dict(saved)
-    assert torch.equal(ref2.model.embed.W_E, saved["model.embed.W_E"])
+    ref2.load_state_dict({k: v.cpu() for k, v in saved.items()})
+    assert torch.equal(ref2.model.embed.W_E, saved["model.embed.W_E"].cpu())
 
 
 def test_fused_on_cpu_needs_the_interpreter(monkeypatch):
@@ -251,9 +261,9 @@ def test_fused_on_cpu_needs_the_interpreter(monkeypatch):
     assert resolve_backend("auto", cfg, "cpu")[0] == "reference"
 
 
-def test_cpu_step_never_touches_cuda_and_graph_inputs_are_fed_once(fb, monkeypatch):
-    """cuda_graph=True on a CPU model: no CUDA API is called. The graph's input feeding copies a batch
-    only when it is new or was modified in place (full batch: the same tensors every step, no copy)."""
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU-only: steps a CPU model, which needs the Triton interpreter")
+def test_cpu_step_never_touches_cuda(fb, monkeypatch):
+    """cuda_graph=True on a CPU model: no CUDA API is called."""
     task, cfg = tiny()
     _fused_supported(cfg)
 
@@ -266,6 +276,15 @@ def test_cpu_step_never_touches_cuda_and_graph_inputs_are_fed_once(fb, monkeypat
     for _ in range(stepper_mod.WARMUP_STEPS + 1):
         loss = st.step(tok, lab)
     assert loss.dtype == torch.float64 and loss.dim() == 0 and torch.isfinite(loss)
+
+
+def test_graph_inputs_are_fed_once(fb, monkeypatch):
+    """The graph's input feeding (on DEVICE) copies a batch only when it is new or was modified in place
+    (full batch: the same tensors every step, no copy)."""
+    task, cfg = tiny()
+    _fused_supported(cfg)
+    st = stepper_mod.FusedStepper(Transformer(cfg, device=DEVICE), grokfast.TrainConfig(), cuda_graph=True)
+    tok, lab = task.train.tokens.to(DEVICE), task.train.labels.to(DEVICE)
 
     copies = []
     st._static = (torch.zeros_like(tok), torch.zeros_like(lab))
@@ -288,8 +307,12 @@ def test_kernels_loss_and_grads_contract(fb):
     (max-abs error over max-abs value; float32 kernels, measured ~3e-7). Strided inputs are accepted."""
     task, cfg = tiny(layout="a b")
     _fused_supported(cfg)
-    model = Transformer(cfg, seed=3)
-    loss, grads = grokfast.loss_and_grads(model, task.train.tokens, task.train.labels, backend="fused")
+    model = Transformer(cfg, seed=3, device=DEVICE)
+    tok, lab = task.train.tokens, task.train.labels           # strided views of the [n, 3] examples
+    if DEVICE != "cpu":   # .to() of a strided view is contiguous: the same strides on DEVICE
+        tok, lab = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=DEVICE).copy_(t) for t in (tok, lab))
+    assert not tok.is_contiguous() and not lab.is_contiguous()
+    loss, grads = grokfast.loss_and_grads(model, tok, lab, backend="fused")
     ref_loss, ref_grads = loss_and_grads_reference(Transformer(cfg, seed=3).double(), task.train.tokens,
                                                    task.train.labels)
     assert loss.dtype == torch.float64 and loss.dim() == 0
