@@ -17,6 +17,10 @@ How the work is laid out (DESIGN.md, "The fused training step"), T = n_ctx, V = 
             attention backward per example into G = [dq | dk | dv | dresid] rows, G summed into the
             (position, token) tables by a one-hot GEMM for layer 0, then the table gradients flow to
             W_Q, W_K, W_V (table-sized products), LN1, and dW_E, dW_pos.
+Launches: independent products share one launch (mlp.gemm_launch: {dX, dW, db} of each linear map)
+and the split-K sums of every weight gradient wait for one launch at the end (mlp.Deferred), so a
+step's forward + backward is 19 launches for the nanda and pizza presets and 44 for power (the
+optimizer adds one; tests/test_kernels_model.py::test_launches_per_step keeps these as ceilings).
 One departure from DESIGN.md's sketch: there is no value-output table VO = x0 W_V W_O; attention
 sums V rows (d_head wide) and z W_O is one GEMM over the examples, because the backward would
 otherwise scatter n_heads x d_model wide gradients into the VO table (n_heads times more work).
@@ -39,7 +43,7 @@ from ._common import check, record_launches, signature_of
 from .embed_attn import attn_backward, attn_forward, embed_backward, embed_table, token_scatter
 from .layernorm import layernorm_backward, layernorm_forward
 from .layout import ParamLayout
-from .mlp import colsum, gemm, mlp_backward, mlp_forward
+from .mlp import Deferred, colsum_plan, gemm, gemm_launch, gemm_plan, mlp_backward, mlp_forward
 from .unembed_loss import cross_entropy, mean_reduce
 
 try:  # ConfigError lives with the configs; the kernels must not need the rest of grokfast
@@ -119,6 +123,7 @@ class Workspace:
         self.loss_ex, self.correct_ex = e(M, B), e(M, B, dtype=torch.int32)
         self.correct = e(M, dtype=torch.int32)
         if grads:
+            self.deferred = Deferred()       # the weight gradients' split-K sums, done in one launch
             self.dlogits, self.dxf = e(M, B, P), e(M, B, D)
             self.dres = e(M, B, D) if LN else None
 
@@ -204,13 +209,14 @@ def _backward(cfg, lay, flat, tokens, ws: Workspace, xf, grad_out):
     D, H, Dh = cfg.d_model, cfg.n_heads, cfg.d_head
     HD, LN = H * Dh, cfg.layernorm
     p, g = lay.views(flat), lay.views(grad_out)
-    gemm(ws.dlogits, p["unembed.W_U"].transpose(1, 2), ws.dxf)
-    gemm(xf.transpose(1, 2), ws.dlogits, g["unembed.W_U"])
-    if cfg.unembed_bias:
-        colsum(ws.dlogits, g["unembed.b_U"])
+    d = ws.deferred      # weight gradients are outputs only: their split-K sums wait for one launch at the end
+    # independent products share a launch (gemm_launch): {dxf, dW_U, db_U}
+    gemm_launch(gemm_plan(ws.dlogits, p["unembed.W_U"].transpose(1, 2), ws.dxf),
+                gemm_plan(xf.transpose(1, 2), ws.dlogits, g["unembed.W_U"], defer=d),
+                *([colsum_plan(ws.dlogits, g["unembed.b_U"], defer=d)] if cfg.unembed_bias else []))
     if LN:
         layernorm_backward(ws.layers[-1].out, p["ln_final.w"], ws.muf, ws.rsf, ws.dxf, ws.dres,
-                           g["ln_final.w"], g["ln_final.b"])
+                           g["ln_final.w"], g["ln_final.b"], defer=d)
     dout = ws.dres if LN else ws.dxf                    # dL / d(output of the current block)
     for l in reversed(range(cfg.n_layers)):
         a = ws.layers[l]
@@ -221,37 +227,35 @@ def _backward(cfg, lay, flat, tokens, ws: Workspace, xf, grad_out):
         # MLP, then (LayerNorm 2 and) the residual: dmid = dout + d(MLP input)
         mlp_backward(dout, a.hn2 if LN else a.mid, a.pre, a.post, p[n + "mlp.W_in"], p[n + "mlp.W_out"],
                      a.dpre, a.dh2 if LN else a.dmid, g[n + "mlp.W_in"], g[n + "mlp.b_in"],
-                     g[n + "mlp.W_out"], g[n + "mlp.b_out"], cfg.act, dh_res=None if LN else dout)
+                     g[n + "mlp.W_out"], g[n + "mlp.b_out"], cfg.act, dh_res=None if LN else dout, defer=d)
         if LN:
             layernorm_backward(a.mid, p[n + "ln2.w"], a.mu2, a.rs2, a.dh2, a.dmid, g[n + "ln2.w"], g[n + "ln2.b"],
-                               res=dout)
-        # output projection
-        gemm(a.dmid, p[n + "attn.W_O"].reshape(M, HD, D).transpose(1, 2), a.dz)
-        gemm(a.z.transpose(1, 2), a.dmid, g[n + "attn.W_O"].reshape(M, HD, D))
-        if cfg.attn_bias:
-            colsum(a.dmid, g[n + "attn.b_O"])
+                               res=dout, defer=d)
+        # output projection: {dz, dW_O, db_O} in one launch
+        gemm_launch(gemm_plan(a.dmid, p[n + "attn.W_O"].reshape(M, HD, D).transpose(1, 2), a.dz),
+                    gemm_plan(a.z.transpose(1, 2), a.dmid, g[n + "attn.W_O"].reshape(M, HD, D), defer=d),
+                    *([colsum_plan(a.dmid, g[n + "attn.b_O"], defer=d)] if cfg.attn_bias else []))
         # attention per example, then into the (position, token) tables for layer 0
         attn_backward(a.qkv, tokens, a.sm, a.dz, a.dmid, a.G, H, Dh, a.TQ, a.table, cfg.attn_alpha)
         src = token_scatter(a.G, tokens, a.Gtab) if a.table else a.G      # [M, R, 3 HD + D]
         dqkv, dres = src[:, :, :3 * HD], src[:, :, 3 * HD:]
         W_qkv = _span(flat, lay, n + "attn.W_Q", 3 * H * D * Dh).view(M, 3 * H, D, Dh)
         gW_qkv = _span(grad_out, lay, n + "attn.W_Q", 3 * H * D * Dh).view(M, 3 * H, D, Dh)
-        # dW_{Q|K|V}[h] = hn^T dqkv[:, block j]
-        gemm(hn.transpose(1, 2).unsqueeze(1).unsqueeze(3).expand(M, 3 * H, D, 1, R),
-             dqkv.view(M, R, 3 * H, Dh).permute(0, 2, 1, 3).unsqueeze(2), gW_qkv)
-        if cfg.attn_bias:
-            colsum(dqkv, _span(grad_out, lay, n + "attn.b_Q", 3 * HD))
-        # dhn[r, d] = sum_{j, e} dqkv[r, j * Dh + e] W[j, d, e]: contraction over (heads x d_head)
+        # dW_{Q|K|V}[h] = hn^T dqkv[:, block j] (and db_{Q|K|V}), and
+        # dhn[r, d] = sum_{j, e} dqkv[r, j * Dh + e] W[j, d, e]: contraction over (heads x d_head); one launch
         a_op = dqkv.view(M, R, 3 * H, Dh).unsqueeze(1)
         b_op = W_qkv.permute(0, 1, 3, 2).unsqueeze(1)
+        gemm_launch(gemm_plan(hn.transpose(1, 2).unsqueeze(1).unsqueeze(3).expand(M, 3 * H, D, 1, R),
+                              dqkv.view(M, R, 3 * H, Dh).permute(0, 2, 1, 3).unsqueeze(2), gW_qkv, defer=d),
+                    *([colsum_plan(dqkv, _span(grad_out, lay, n + "attn.b_Q", 3 * HD), defer=d)]
+                      if cfg.attn_bias else []),
+                    gemm_plan(a_op, b_op, a.dhn) if LN else gemm_plan(a_op, b_op, a.dx, res=dres))
         if LN:
-            gemm(a_op, b_op, a.dhn)
             layernorm_backward(x_in, p[n + "ln1.w"], a.mu1, a.rs1, a.dhn, a.dx, g[n + "ln1.w"], g[n + "ln1.b"],
-                               res=dres)
-        else:
-            gemm(a_op, b_op, a.dx, res=dres)
+                               res=dres, defer=d)
         dout = a.dx
     embed_backward(ws.layers[0].dx, g["embed.W_E"], g["pos_embed.W_pos"])
+    d.flush()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ._common import check, launch, pow2
-from .mlp import colsum
+from .mlp import colsum_plan, gemm_launch
 
 
 @triton.jit
@@ -103,9 +103,10 @@ def layernorm_forward(x, w, b, y, mean, rstd, eps):
     return y
 
 
-def layernorm_backward(x, w, mean, rstd, dy, dx, dw, db, res=None):
+def layernorm_backward(x, w, mean, rstd, dy, dx, dw, db, res=None, defer=None):
     """dx = LayerNorm backward of dy (+ res); dw, db [M, D] the weight and bias gradients summed over
-    rows. x, dy, dx, res [M, R, D]; mean, rstd [M, R] from layernorm_forward."""
+    rows. x, dy, dx, res [M, R, D]; mean, rstd [M, R] from layernorm_forward. With defer (an
+    mlp.Deferred), dw and db are complete only after ``defer.flush()``."""
     M, R, D = x.shape
     for n, t in (("x", x), ("dy", dy), ("dx", dx)) + ((("res", res),) if res is not None else ()):
         _rows_check(n, t, M, D)
@@ -127,6 +128,6 @@ def layernorm_backward(x, w, mean, rstd, dy, dx, dw, db, res=None):
                 sres_m=res.stride(0) if res is not None else 0, sres_r=res.stride(1) if res is not None else 0,
                 spart_m=part.stride(0)),
            dict(HAS_RES=res is not None, BLOCK_R=BR, BLOCK_D=BD))
-    colsum(part[:, :, :D], dw)        # fixed-order sums over the row blocks (split-K when long)
-    colsum(part[:, :, D:], db)
+    # fixed-order sums over the row blocks (split-K when long), both in one launch
+    gemm_launch(colsum_plan(part[:, :, :D], dw, defer=defer), colsum_plan(part[:, :, D:], db, defer=defer))
     return dx

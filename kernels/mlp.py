@@ -13,14 +13,24 @@ head or the Q/K/V block),
 Every operand is addressed through its strides, so a transpose or a broadcast (stride 0) costs
 nothing; the split of the contraction into (KO, KI) lets one launch contract over heads x d_head of
 a [n_heads, d_model, d_head] weight. The MLP forward is two launches
-(pre, post = act(h W_in + b_in); out = post W_out + b_out + resid_mid) and its backward four
-(dpre = (dout W_out^T) * act'(pre); dW_out = post^T dout; dW_in = h^T dpre; dh = dpre W_in^T).
+(pre, post = act(h W_in + b_in); out = post W_out + b_out + resid_mid) and its backward two
+grouped launches ({dpre = (dout W_out^T) * act'(pre), dW_out = post^T dout, db_out}, then
+{dW_in = h^T dpre, db_in, dh = dpre W_in^T}).
+
+Grouped launches: problems that do not depend on one another (the backward's dX = dY W^T and
+dW = X^T dY, and the bias sums, all read dY) run in one launch of gemm{2,3}_kernel (gemm_group.py,
+generated from GEMM_ARGS): ``gemm_plan`` checks one problem, ``gemm_launch(*plans)`` runs up to
+MAX_GROUP of them per launch, problem g on its own range of programs with its own constexprs (so each
+keeps the code it would have alone: the same bits).
 
 Weight gradients contract over the examples. With few output tiles and a long contraction, the
 contraction is split into S slices (split-K): each program writes its partial tile to a scratch
-buffer and split_sum_kernel adds the S partials in a fixed order, so the result is deterministic
-without atomics (and bit-identical from run to run for the same shapes). Block sizes: BLOCK_R in {16, 32}, BLOCK_N in {16, 32, 64},
-BLOCK_K = 16, 8 warps; every dot dimension >= 16 (masks pad small operands), float32 accumulators, dots at
+buffer and the S partials are added in a fixed order, so the result is deterministic without
+atomics (and bit-identical from run to run for the same shapes): right away by split_sum_kernel,
+or, with a ``Deferred``, later and for every weight gradient of the pass in one launch of
+split_sum_many_kernel (a device table of (buffer address, output address, shape, strides) rows).
+Block sizes: BLOCK_R in {16, 32}, BLOCK_N in {16, 32, 64}, BLOCK_K = 16, 8 warps; every dot
+dimension >= 16 (masks pad small operands), float32 accumulators, dots at
 ``_common.DOT_PRECISION`` ("ieee" by default). act: 0 none, 1 ReLU, 2 GELU (exact, erf form).
 """
 from __future__ import annotations
@@ -53,10 +63,20 @@ def _dact(x, ACT: tl.constexpr):
         return cdf + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
 
 
+# The GEMM's runtime arguments, in order, for one problem (the group kernels repeat them with a suffix).
+GEMM_ARGS = ("A", "Bw", "C", "BIAS", "RES", "Z", "WS", "R", "N", "KI", "KO", "NJ", "MJ", "K_SPLIT",
+             "sa_m", "sa_j", "sa_r", "sa_ko", "sa_ki", "sb_m", "sb_j", "sb_ko", "sb_ki", "sb_n",
+             "sc_m", "sc_j", "sc_r", "sc_n", "sbias_m", "sbias_j", "sbias_n",
+             "sres_m", "sres_j", "sres_r", "sres_n", "sz_m", "sz_j", "sz_r", "sz_n")
+GEMM_CONSTEXPRS = ("HAS_BIAS", "HAS_RES", "ACT", "STORE_PRE", "DACT", "SPLIT", "PRECISION",
+                   "BLOCK_R", "BLOCK_N", "BLOCK_K")
+
+
 @triton.jit
-def gemm_kernel(
+def _gemm_program(
+    pid,
     A, Bw, C, BIAS, RES, Z, WS,
-    R, N, KI, KO, NJ, K_SPLIT,
+    R, N, KI, KO, NJ, MJ, K_SPLIT,
     sa_m, sa_j, sa_r, sa_ko, sa_ki,
     sb_m, sb_j, sb_ko, sb_ki, sb_n,
     sc_m, sc_j, sc_r, sc_n,
@@ -67,15 +87,19 @@ def gemm_kernel(
     DACT: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One [BLOCK_R, BLOCK_N] tile of C for batch (m, j) = divmod(pid(1), NJ), contraction slice
-    ki in [pid(2) * K_SPLIT, (pid(2) + 1) * K_SPLIT); grid (cdiv(R, BLOCK_R) * cdiv(N, BLOCK_N), M * NJ, S).
-    SPLIT: write the raw partial sum to WS[pid(2), pid(1)] ([S, M * NJ, R, N] contiguous) for
-    split_sum_kernel (no epilogue); otherwise S = 1 and the epilogue of the module docstring."""
-    pid = tl.program_id(0)
-    pb = tl.program_id(1)
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    pid_r = pid // n_tiles
-    pid_n = pid % n_tiles
+    """Program ``pid`` of one GEMM problem: pid = (split * MJ + pb) * n_tiles + tile, tile = one
+    [BLOCK_R, BLOCK_N] tile of C for batch pb = m * NJ + j (MJ = M * NJ batches), contraction slice
+    ki in [split * K_SPLIT, (split + 1) * K_SPLIT). SPLIT: write the raw partial sum to
+    WS[split, pb] ([S, MJ, R, N] contiguous) for a fixed-order reduction (no epilogue); otherwise
+    S = 1 and the epilogue of the module docstring."""
+    n_tiles_n = tl.cdiv(N, BLOCK_N)
+    n_tiles = tl.cdiv(R, BLOCK_R) * n_tiles_n
+    tile = pid % n_tiles
+    rest = pid // n_tiles
+    pb = rest % MJ
+    split = rest // MJ
+    pid_r = tile // n_tiles_n
+    pid_n = tile % n_tiles_n
     m = (pb // NJ).to(tl.int64)
     j = (pb % NJ).to(tl.int64)
     rows = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
@@ -85,7 +109,6 @@ def gemm_kernel(
     nmask = cols < N
     a_base = A + m * sa_m + j * sa_j + rows[:, None] * sa_r
     b_base = Bw + m * sb_m + j * sb_j + cols[None, :] * sb_n
-    split = tl.program_id(2)
     k_lo = split * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, KI)
     acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
@@ -98,22 +121,44 @@ def gemm_kernel(
             acc += tl.dot(a, b, input_precision=PRECISION)
     cmask = rmask[:, None] & nmask[None, :]
     if SPLIT:
-        slot = split.to(tl.int64) * tl.num_programs(1) + pb
+        slot = split.to(tl.int64) * MJ + pb
         tl.store(WS + (slot * R + rows[:, None]) * N + cols[None, :], acc, mask=cmask)
-        return
-    if HAS_BIAS:
-        acc += tl.load(BIAS + m * sbias_m + j * sbias_j + cols * sbias_n, mask=nmask, other=0.0)[None, :]
-    z_ptrs = Z + m * sz_m + j * sz_j + rows[:, None] * sz_r + cols[None, :] * sz_n
-    if DACT != 0:
-        acc = acc * _dact(tl.load(z_ptrs, mask=cmask, other=0.0), DACT)
-    if HAS_RES:
-        acc += tl.load(RES + m * sres_m + j * sres_j + rows[:, None] * sres_r + cols[None, :] * sres_n,
-                       mask=cmask, other=0.0)
-    if ACT != 0:
-        if STORE_PRE:
-            tl.store(z_ptrs, acc, mask=cmask)
-        acc = _act(acc, ACT)
-    tl.store(C + m * sc_m + j * sc_j + rows[:, None] * sc_r + cols[None, :] * sc_n, acc, mask=cmask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(BIAS + m * sbias_m + j * sbias_j + cols * sbias_n, mask=nmask, other=0.0)[None, :]
+        z_ptrs = Z + m * sz_m + j * sz_j + rows[:, None] * sz_r + cols[None, :] * sz_n
+        if DACT != 0:
+            acc = acc * _dact(tl.load(z_ptrs, mask=cmask, other=0.0), DACT)
+        if HAS_RES:
+            acc += tl.load(RES + m * sres_m + j * sres_j + rows[:, None] * sres_r + cols[None, :] * sres_n,
+                           mask=cmask, other=0.0)
+        if ACT != 0:
+            if STORE_PRE:
+                tl.store(z_ptrs, acc, mask=cmask)
+            acc = _act(acc, ACT)
+        tl.store(C + m * sc_m + j * sc_j + rows[:, None] * sc_r + cols[None, :] * sc_n, acc, mask=cmask)
+
+
+@triton.jit
+def gemm_kernel(
+    A, Bw, C, BIAS, RES, Z, WS,
+    R, N, KI, KO, NJ, MJ, K_SPLIT,
+    sa_m, sa_j, sa_r, sa_ko, sa_ki,
+    sb_m, sb_j, sb_ko, sb_ki, sb_n,
+    sc_m, sc_j, sc_r, sc_n,
+    sbias_m, sbias_j, sbias_n,
+    sres_m, sres_j, sres_r, sres_n,
+    sz_m, sz_j, sz_r, sz_n,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr,
+    DACT: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One GEMM problem (_gemm_program); grid (n_tiles * MJ * S,)."""
+    _gemm_program(
+        tl.program_id(0), A, Bw, C, BIAS, RES, Z, WS, R, N, KI, KO, NJ, MJ, K_SPLIT,
+        sa_m, sa_j, sa_r, sa_ko, sa_ki, sb_m, sb_j, sb_ko, sb_ki, sb_n, sc_m, sc_j, sc_r, sc_n,
+        sbias_m, sbias_j, sbias_n, sres_m, sres_j, sres_r, sres_n, sz_m, sz_j, sz_r, sz_n,
+        HAS_BIAS, HAS_RES, ACT, STORE_PRE, DACT, SPLIT, PRECISION, BLOCK_R, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -135,6 +180,104 @@ def split_sum_kernel(WS, C, S, R, N, NJ, sc_m, sc_j, sc_r, sc_n,
     m = (pb // NJ).to(tl.int64)
     j = (pb % NJ).to(tl.int64)
     tl.store(C + m * sc_m + j * sc_j + rows[:, None] * sc_r + cols[None, :] * sc_n, acc, mask=cmask)
+
+
+@triton.jit
+def split_sum_many_kernel(TAB, PROG, BLOCK: tl.constexpr):
+    """The deferred form of split_sum_kernel: many reductions in one launch, described by a table.
+
+    TAB [n_seg, 12] int64, one row per reduction: (ws address, out address, S, MJ, R, N, NJ,
+    sc_m, sc_j, sc_r, sc_n, first program). ws holds [S, MJ, R, N] contiguous partials; out[m, j, r, n]
+    (strides sc_*) = sum_{s < S} ws[s, m * NJ + j, r, n] in the order s = 0, 1, ... (the same float
+    operations as split_sum_kernel, so the same bits). PROG [n_programs] int32: the segment of each
+    program. A segment has MJ * cdiv(R * N, BLOCK) programs; grid (n_programs,)."""
+    pid = tl.program_id(0)
+    seg = tl.load(PROG + pid).to(tl.int64)
+    row = TAB + seg * 12
+    ws = tl.load(row + 0).to(tl.pointer_type(tl.float32))
+    out = tl.load(row + 1).to(tl.pointer_type(tl.float32))
+    S = tl.load(row + 2)
+    MJ = tl.load(row + 3)
+    R = tl.load(row + 4)
+    N = tl.load(row + 5)
+    NJ = tl.load(row + 6)
+    local = pid - tl.load(row + 11)
+    RN = R * N
+    per_slab = (RN + BLOCK - 1) // BLOCK
+    pb = local // per_slab
+    idx = (local % per_slab) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = idx < RN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, S):
+        acc += tl.load(ws + (s * MJ + pb) * RN + idx, mask=mask, other=0.0)
+    r = idx // N
+    n = idx % N
+    m = pb // NJ
+    j = pb % NJ
+    dst = m * tl.load(row + 7) + j * tl.load(row + 8) + r * tl.load(row + 9) + n * tl.load(row + 10)
+    tl.store(out + dst, acc, mask=mask)
+
+
+class Deferred:
+    """Split-K reductions put off to the end of a pass and done in one launch (split_sum_many_kernel).
+
+    The weight and bias gradients of the backward are outputs only: nothing in the pass reads them,
+    so their partial sums can wait. ``gemm(..., defer=d)`` writes its partials into a buffer that ``d``
+    keeps (the same buffer for the i-th split GEMM of every pass, so addresses are stable and the
+    descriptor table is built once: a CUDA graph captured after a first eager pass replays it) and
+    ``d.flush()`` reduces every pending one. Without splits, flush launches nothing."""
+
+    SEG_FIELDS = 12
+    BLOCK = 1024
+
+    def __init__(self):
+        self._bufs: list[torch.Tensor] = []
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._tables: dict = {}
+
+    def buffer(self, shape, device) -> torch.Tensor:
+        i = len(self._pending)
+        if i < len(self._bufs) and tuple(self._bufs[i].shape) == tuple(shape) and self._bufs[i].device == device:
+            return self._bufs[i]
+        buf = torch.empty(shape, dtype=torch.float32, device=device)
+        del self._bufs[i:]
+        self._bufs.append(buf)
+        return buf
+
+    def add(self, ws: torch.Tensor, out4: torch.Tensor) -> None:
+        self._pending.append((ws, out4))
+
+    def _table(self, device):
+        meta = device.type == "meta"
+        rows, prog, first = [], [], 0
+        for seg, (ws, C) in enumerate(self._pending):
+            S, MJ, R, N = ws.shape
+            n = MJ * triton.cdiv(R * N, self.BLOCK)
+            rows.append([0 if meta else ws.data_ptr(), 0 if meta else C.data_ptr(), S, MJ, R, N, C.shape[1],
+                         *C.stride(), first])
+            prog += [seg] * n
+            first += n
+        key = tuple(map(tuple, rows))
+        hit = self._tables.get(key)
+        if hit is None:
+            if meta:
+                hit = (torch.empty((len(rows), self.SEG_FIELDS), dtype=torch.int64, device=device),
+                       torch.empty((first,), dtype=torch.int32, device=device))
+            else:
+                hit = (torch.tensor(rows, dtype=torch.int64).to(device),
+                       torch.tensor(prog, dtype=torch.int32).to(device))
+            if len(self._tables) >= 8:
+                self._tables.pop(next(iter(self._tables)))
+            self._tables[key] = hit
+        return hit, first
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        device = self._pending[0][0].device
+        (tab, prog), n = self._table(device)
+        launch(split_sum_many_kernel, (n,), dict(TAB=tab, PROG=prog), dict(BLOCK=self.BLOCK), num_warps=4)
+        self._pending = []
 
 
 # Split-K for long contractions with few output tiles (weight and bias gradients sum over every
@@ -181,15 +324,27 @@ def _as4(t, name, lead: int):
     raise ValueError(f"{name} has {t.dim()} dimensions, expected {lead} or {lead + 1}: got {list(t.shape)}")
 
 
-def gemm(a, b, out, bias=None, res=None, act=None, pre_out=None, dact=None, z=None, precision=None):
-    """out = act(a @ b + bias (* act'(z)) + res), batched over models (and an optional axis J).
+class GemmPlan:
+    """One GEMM problem ready to launch: its runtime arguments and constexprs (GEMM_ARGS and
+    GEMM_CONSTEXPRS), its number of programs, and what to do with split-K partials afterwards."""
 
-    a [M, R, K] or [M, J, R, KO, KI]; b [M, K, N] or [M, J, KO, KI, N]; out [M, R, N] or
-    [M, J, R, N]; bias [M, N] or [M, J, N]; res, z, pre_out like out. Any strides (views,
-    transposes, expand). act in (None, "relu", "gelu") with pre_out receiving a @ b + bias;
-    dact in (None, "relu", "gelu") multiplies by act'(z) (backward through the activation).
-    float32 only. Returns out.
-    """
+    def __init__(self, args, cx, n_programs, ws, out4, defer):
+        self.args, self.cx, self.n_programs = args, cx, n_programs
+        self._ws, self._out4, self._defer = ws, out4, defer
+
+    def finish(self) -> None:
+        if not self.cx["SPLIT"]:
+            return
+        if self._defer is not None:
+            self._defer.add(self._ws, self._out4)
+        else:
+            split_sum(self._ws, self._out4)
+
+
+def gemm_plan(a, b, out, bias=None, res=None, act=None, pre_out=None, dact=None, z=None, precision=None,
+              defer: Deferred | None = None) -> GemmPlan:
+    """The arguments of ``gemm`` checked and turned into a GemmPlan (nothing is launched): run it with
+    ``gemm_launch(plan, ...)``, alone or grouped with independent problems."""
     A, Bw = _as5(a, "a"), None
     if b.dim() == 3:
         Bw = b.unsqueeze(1).unsqueeze(2)
@@ -225,12 +380,18 @@ def gemm(a, b, out, bias=None, res=None, act=None, pre_out=None, dact=None, z=No
     S = 1 if epilogue else _n_splits(tiles * M * J, KI, KO)
     k_split = triton.cdiv(triton.cdiv(KI, S), BK) * BK
     S = triton.cdiv(KI, k_split)
-    ws = torch.empty((S, M * J, R, N), dtype=torch.float32, device=C.device) if S > 1 else dummy
+    if S == 1:
+        ws = dummy
+    elif defer is not None:
+        ws = defer.buffer((S, M * J, R, N), C.device)
+    else:
+        ws = torch.empty((S, M * J, R, N), dtype=torch.float32, device=C.device)
     sb = Bi.stride() if Bi is not None else (0, 0, 0)
     sr = Rs.stride() if Rs is not None else (0, 0, 0, 0)
     sz = Zs.stride() if Zs is not None else (0, 0, 0, 0)
     args = dict(A=A, Bw=Bw, C=C, BIAS=Bi if Bi is not None else dummy, RES=Rs if Rs is not None else dummy,
-                Z=Zs if Zs is not None else dummy, WS=ws, R=R, N=N, KI=KI, KO=KO, NJ=J, K_SPLIT=k_split,
+                Z=Zs if Zs is not None else dummy, WS=ws, R=R, N=N, KI=KI, KO=KO, NJ=J, MJ=M * J,
+                K_SPLIT=k_split,
                 sa_m=A.stride(0), sa_j=A.stride(1), sa_r=A.stride(2), sa_ko=A.stride(3), sa_ki=A.stride(4),
                 sb_m=Bw.stride(0), sb_j=Bw.stride(1), sb_ko=Bw.stride(2), sb_ki=Bw.stride(3), sb_n=Bw.stride(4),
                 sc_m=C.stride(0), sc_j=C.stride(1), sc_r=C.stride(2), sc_n=C.stride(3),
@@ -240,20 +401,103 @@ def gemm(a, b, out, bias=None, res=None, act=None, pre_out=None, dact=None, z=No
     cx = dict(HAS_BIAS=Bi is not None, HAS_RES=Rs is not None, ACT=ACTS[act], STORE_PRE=act is not None,
               DACT=ACTS[dact], SPLIT=S > 1, PRECISION=precision or _common.DOT_PRECISION,
               BLOCK_R=BR, BLOCK_N=BN, BLOCK_K=BK)
-    # 32 x 64 x 16 tiles, 8 warps: <= 128 registers and no spills on sm_80 and sm_90 with every
-    # epilogue (4 warps, or 64 x 64 tiles, spill a little)
-    launch(gemm_kernel, (tiles, M * J, S), args, cx, num_warps=8)
-    if S > 1:
-        split_sum(ws, C)
+    return GemmPlan(args, cx, tiles * M * J * S, ws, C, defer)
+
+
+MAX_GROUP = 3   # problems per grouped launch (gemm_group.py has a kernel for each count up to this)
+
+
+def gemm_launch(*plans: GemmPlan) -> None:
+    """Run GEMM problems that do not depend on one another (none reads what another writes) in as
+    few launches as possible: up to MAX_GROUP per launch, the programs of problem i after those of
+    problems 0..i-1 (gemm_group.py). Each problem gives the same result as launched alone."""
+    from . import gemm_group
+    plans = [p for p in plans if p.n_programs > 0]
+    for i in range(0, len(plans), MAX_GROUP):
+        group = plans[i:i + MAX_GROUP]
+        if len(group) == 1:
+            kernel, args, cx = gemm_kernel, dict(group[0].args), dict(group[0].cx)
+        else:
+            kernel, args, cx = gemm_group.KERNELS[len(group)], {}, {}
+            for g, p in enumerate(group):
+                args.update({f"{k}{g}": v for k, v in p.args.items()})
+                cx.update({f"{k}{g}": v for k, v in p.cx.items()})
+            first = 0
+            for g, p in enumerate(group[:-1]):
+                first += p.n_programs
+                args[f"NP{g}"] = first
+        # 32 x 64 x 16 tiles, 8 warps: <= 128 registers and no spills on sm_80 and sm_90 with every
+        # epilogue (4 warps, or 64 x 64 tiles, spill a little)
+        launch(kernel, (sum(p.n_programs for p in group),), args, cx, num_warps=8)
+        for p in group:
+            p.finish()
+
+
+def gemm(a, b, out, bias=None, res=None, act=None, pre_out=None, dact=None, z=None, precision=None,
+         defer: Deferred | None = None):
+    """out = act(a @ b + bias (* act'(z)) + res), batched over models (and an optional axis J).
+
+    a [M, R, K] or [M, J, R, KO, KI]; b [M, K, N] or [M, J, KO, KI, N]; out [M, R, N] or
+    [M, J, R, N]; bias [M, N] or [M, J, N]; res, z, pre_out like out. Any strides (views,
+    transposes, expand). act in (None, "relu", "gelu") with pre_out receiving a @ b + bias;
+    dact in (None, "relu", "gelu") multiplies by act'(z) (backward through the activation).
+    float32 only. Returns out. defer: a Deferred that receives the split-K partials (when the
+    contraction is split) so that out is complete only after ``defer.flush()``.
+    """
+    gemm_launch(gemm_plan(a, b, out, bias=bias, res=res, act=act, pre_out=pre_out, dact=dact, z=z,
+                          precision=precision, defer=defer))
     return out
+
+
+def group_kernels_source(max_group: int = MAX_GROUP) -> str:
+    """The text of kernels/gemm_group.py: for n = 2..max_group, gemm{n}_kernel runs n GEMM problems
+    in one launch (the arguments of each suffixed with its index; NP0 < NP1 < ... the first program
+    of each next problem). Generated because a Triton kernel's parameters must be spelled out;
+    tests/test_kernels_model.py checks the file is up to date."""
+    def params(g):
+        return ", ".join(f"{a}{g}" for a in GEMM_ARGS) + ",\n        " + ", ".join(
+            f"{c}{g}: tl.constexpr" for c in GEMM_CONSTEXPRS)
+
+    def call(g, pid):
+        return (f"_gemm_program(\n            {pid}, "
+                + ", ".join(f"{a}{g}" for a in GEMM_ARGS) + ",\n            "
+                + ", ".join(f"{c}{g}" for c in GEMM_CONSTEXPRS) + ")")
+
+    out = ['"""Grouped GEMM kernels: several independent problems of kernels/mlp.py in one launch.',
+           "",
+           "GENERATED by kernels.mlp.group_kernels_source(); do not edit (regenerate with",
+           "python -c \"from grokfast.kernels import mlp; open('kernels/gemm_group.py', 'w').write(mlp.group_kernels_source())\").",
+           '"""',
+           "import triton",
+           "import triton.language as tl",
+           "",
+           "from .mlp import _gemm_program",
+           ""]
+    for n in range(2, max_group + 1):
+        out += ["", "", "@triton.jit", f"def gemm{n}_kernel("]
+        for g in range(n):
+            out.append(f"        {params(g)},")
+        out.append("        " + ", ".join(f"NP{g}" for g in range(n - 1)) + ",")
+        out.append("):")
+        out.append(f'    """{n} GEMM problems; problem g has programs [NP(g-1), NP(g)) (NP(-1) = 0);'
+                   ' grid (total programs,)."""')
+        out.append("    pid = tl.program_id(0)")
+        for g in range(n):
+            kw = "if" if g == 0 else ("elif" if g < n - 1 else "else")
+            cond = f" pid < NP{g}" if g < n - 1 else ""
+            base = "pid" if g == 0 else f"pid - NP{g - 1}"
+            out.append(f"    {kw}{cond}:")
+            out.append(f"        {call(g, base)}")
+    out += ["", "", "KERNELS = {" + ", ".join(f"{n}: gemm{n}_kernel" for n in range(2, max_group + 1)) + "}", ""]
+    return "\n".join(out)
 
 
 _ONES: dict = {}
 
 
-def colsum(x, out):
-    """out[m, n] = sum_r x[m, r, n] (bias gradients), as the GEMM ones[1, R] @ x so that long sums
-    get split-K like the weight gradients. x [M, R, N], out [M, N], any strides. Returns out."""
+def colsum_plan(x, out, defer: Deferred | None = None) -> GemmPlan:
+    """out[m, n] = sum_r x[m, r, n] (bias gradients) as the GemmPlan of ones[1, R] @ x, so that long
+    sums get split-K like the weight gradients. x [M, R, N], out [M, N], any strides."""
     check("x", x, torch.float32, dims=3)
     M, R, N = x.shape
     check("out", out, torch.float32, shape=(M, N))
@@ -261,7 +505,12 @@ def colsum(x, out):
     if key not in _ONES:
         _ONES[key] = torch.ones(1, dtype=torch.float32, device=x.device)
     ones = _ONES[key].expand(M, 1, R)
-    gemm(ones, x, out.unsqueeze(1))
+    return gemm_plan(ones, x, out.unsqueeze(1), defer=defer)
+
+
+def colsum(x, out, defer: Deferred | None = None):
+    """colsum_plan launched alone. Returns out."""
+    gemm_launch(colsum_plan(x, out, defer))
     return out
 
 
@@ -275,16 +524,19 @@ def mlp_forward(h, W_in, b_in, W_out, b_out, resid, pre, post, out, act):
     return out
 
 
-def mlp_backward(dout, h, pre, post, W_in, W_out, dpre, dh, dW_in, db_in, dW_out, db_out, act, dh_res=None):
+def mlp_backward(dout, h, pre, post, W_in, W_out, dpre, dh, dW_in, db_in, dW_out, db_out, act, dh_res=None,
+                 defer: Deferred | None = None):
     """Backward of mlp_forward's MLP given dout = dLoss/d out [M, R, D]:
 
         dpre = (dout W_out^T) * act'(pre)     [M, R, F]
         dW_out = post^T dout, db_out = sum_r dout, dW_in = h^T dpre, db_in = sum_r dpre
         dh = dpre W_in^T (+ dh_res, e.g. the residual path's gradient when there is no LayerNorm)
+    Two grouped launches: {dpre, dW_out, db_out}, then {dW_in, db_in, dh}. The four weight and bias
+    gradients are complete after ``defer.flush()`` when defer is given.
     """
-    gemm(dout, W_out.transpose(1, 2), dpre, dact=act, z=pre)
-    gemm(post.transpose(1, 2), dout, dW_out)
-    colsum(dout, db_out)
-    gemm(h.transpose(1, 2), dpre, dW_in)
-    colsum(dpre, db_in)
-    gemm(dpre, W_in.transpose(1, 2), dh, res=dh_res)
+    gemm_launch(gemm_plan(dout, W_out.transpose(1, 2), dpre, dact=act, z=pre),
+                gemm_plan(post.transpose(1, 2), dout, dW_out, defer=defer),
+                colsum_plan(dout, db_out, defer=defer))
+    gemm_launch(gemm_plan(h.transpose(1, 2), dpre, dW_in, defer=defer),
+                colsum_plan(dpre, db_in, defer=defer),
+                gemm_plan(dpre, W_in.transpose(1, 2), dh, res=dh_res))

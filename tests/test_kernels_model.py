@@ -178,6 +178,79 @@ def test_gemm_strided_batched_against_float64(monkeypatch, split_min_k):
     assert rel(out2.cpu(), torch.einsum("mrhe,mhde->mrd", x.view(M, R, H, Dh).double(), W.double())) <= 1e-6
 
 
+def test_grouped_launch_equals_separate_launches_and_float64(monkeypatch):
+    """gemm_launch runs up to three independent problems in one launch (gemm2/gemm3 kernels): each gives
+    the same bits as launched alone, with different epilogues (bias + GELU storing the pre-activation,
+    act' times a saved z plus a residual) and split-K partials reduced later by one Deferred flush.
+    Bound: 1e-6 relative against float64 (sums of <= 90 O(1) products)."""
+    monkeypatch.setattr(mlp, "SPLIT_MIN_K", 16)
+    g = torch.Generator().manual_seed(7)
+    M, R, K, N = 2, 37, 90, 20
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    x, w, bias, z, res, dy = r(M, R, K), r(M, K, N), r(M, N), r(M, R, N), r(M, R, N), r(M, R, N)
+    d = {k: v.to(DEVICE) for k, v in dict(x=x, w=w, bias=bias, z=z, res=res, dy=dy).items()}
+
+    def outs():
+        return [torch.full(s, float("nan"), device=DEVICE) for s in ((M, R, N), (M, R, N), (M, R, N), (M, K, N), (M, N))]
+
+    def plans(o, defer):
+        return [mlp.gemm_plan(d["x"], d["w"], o[0], bias=d["bias"], act="gelu", pre_out=o[1]),
+                mlp.gemm_plan(d["x"], d["w"], o[2], dact="relu", z=d["z"], res=d["res"]),
+                mlp.gemm_plan(d["x"].transpose(1, 2), d["dy"], o[3], defer=defer),   # K = R = 37: split
+                mlp.colsum_plan(d["dy"], o[4], defer=defer)]
+    alone = outs()
+    for p in plans(alone, None):
+        mlp.gemm_launch(p)
+    assert plans(alone, None)[2].cx["SPLIT"], "the weight-gradient problem should take the split-K path"
+    grouped, defer = outs(), mlp.Deferred()
+    with fb.record_launches() as rec:             # count what one grouped call launches (meta-free dry run)
+        mlp.gemm_launch(*plans(outs(), mlp.Deferred()))
+    assert [k.__name__ for k, *_ in rec] == ["gemm3_kernel", "gemm_kernel"]
+    mlp.gemm_launch(*plans(grouped, defer))
+    assert torch.isnan(grouped[3]).all() and torch.isnan(grouped[4]).all()   # deferred: not written yet
+    defer.flush()
+    for a, b in zip(alone, grouped):
+        assert torch.equal(a, b)
+    X, W, Bi, Z, Rs, DY = (t.double() for t in (x, w, bias, z, res, dy))
+    pre = X @ W + Bi[:, None, :]
+    refs = [torch.nn.functional.gelu(pre), pre, (X @ W) * (Z > 0) + Rs, X.transpose(1, 2) @ DY, DY.sum(1)]
+    for o, ref in zip(grouped, refs):
+        assert rel(o.cpu(), ref) <= 1e-6
+
+
+def test_group_kernels_file_is_generated_from_mlp():
+    import pathlib
+    path = pathlib.Path(mlp.__file__).with_name("gemm_group.py")
+    assert path.read_text() == mlp.group_kernels_source(), \
+        "kernels/gemm_group.py is stale: regenerate it (command in its docstring)"
+
+
+# The launches of one training step's forward + backward (the optimizer adds one). A regression guard:
+# grouped GEMMs and one deferred reduction of the weight-gradient partials brought nanda from 31 to 19.
+MAX_LAUNCHES = {"nanda": 19, "pizza": 19, "power": 44}
+
+
+@pytest.mark.parametrize("name", sorted(MAX_LAUNCHES))
+def test_launches_per_step(name):
+    from grokfast.kernels.aot import preset_shapes
+    cfg, B = preset_shapes(name)
+    lay = ParamLayout(cfg)
+    meta = torch.device("meta")
+    flat = torch.empty((1, lay.numel), device=meta)
+    tokens = torch.empty((1, B, cfg.n_ctx), dtype=torch.int64, device=meta)
+    labels = torch.empty((1, B), dtype=torch.int64, device=meta)
+    with fb.record_launches() as rec:
+        ws = fb.Workspace(cfg, 1, B, meta, True)
+        xf = fb._forward(cfg, lay, flat, tokens, ws)
+        fb.cross_entropy(ws.logits, labels, ws.loss_ex, ws.correct_ex, ws.dlogits)
+        fb.mean_reduce(ws.loss_ex, ws.correct_ex, torch.empty((1,), device=meta), ws.correct)
+        fb._backward(cfg, lay, flat, tokens, ws, xf, torch.empty_like(flat))
+    assert len(rec) <= MAX_LAUNCHES[name], [k.__name__ for k, *_ in rec]
+
+
 @pytest.mark.parametrize("split_min_k", [16, 10**9])
 def test_token_scatter_sums_rows_by_position_and_token(monkeypatch, split_min_k):
     """out[m, t * V + v] = sum over examples b with tok[m, b, t] == v of G[m, b * T + t], per-model tokens.
@@ -365,10 +438,11 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_aot_specs_cover_every_kernel_with_full_signatures():
     cfg = ModelConfig.preset("power")
-    specs = fb.aot_specs(cfg, M=4, B=512)
+    specs = fb.aot_specs(cfg, M=1, B=4096)   # long enough that the token scatter splits too
     names = {s["fn"].__name__ for s in specs}
-    assert names == {"embed_table_kernel", "ln_fwd_kernel", "gemm_kernel", "attn_fwd_kernel", "ln_bwd_kernel",
-                     "split_sum_kernel", "cross_entropy_kernel", "mean_reduce_kernel",
+    assert names == {"embed_table_kernel", "ln_fwd_kernel", "gemm_kernel", "gemm2_kernel", "gemm3_kernel",
+                     "attn_fwd_kernel", "ln_bwd_kernel",
+                     "split_sum_kernel", "split_sum_many_kernel", "cross_entropy_kernel", "mean_reduce_kernel",
                      "attn_bwd_kernel", "token_scatter_kernel", "embed_bwd_kernel"}
     for s in specs:
         assert list(s["signature"]) == list(s["fn"].arg_names), s["name"]
@@ -379,5 +453,5 @@ def test_aot_specs_cover_every_kernel_with_full_signatures():
                 assert ty in ("*fp32", "*i64", "*i32", "i32", "i64", "fp32", "i1"), (s["name"], arg, ty)
         blocks = [v for k, v in s["constexprs"].items() if k.startswith("BLOCK_")]
         assert all(isinstance(b, int) and b & (b - 1) == 0 for b in blocks), s["name"]
-        if s["fn"].__name__ in ("gemm_kernel", "token_scatter_kernel"):   # tl.dot operands >= 16 on a GPU
+        if s["fn"].__name__ in ("gemm_kernel", "gemm2_kernel", "gemm3_kernel", "token_scatter_kernel"):   # tl.dot operands >= 16 on a GPU
             assert min(v for k, v in s["constexprs"].items() if k.startswith("BLOCK_")) >= 16
