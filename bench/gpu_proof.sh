@@ -9,6 +9,9 @@
 # Two calls cover everything (each stage has its own limit; a call may run 600 s):
 #   run(command="bash bench/gpu_proof.sh", timeout_s=600)                      # stages of call 1 (default)
 #   run(command="GPU_PROOF_STAGES='bench-compile bench-grok bench-scaling' bash bench/gpu_proof.sh", timeout_s=600)
+# and, to decide whether the tensor-core tf32x3 dots can become the default (they must meet the float32
+# bounds of `grokfast check`), a third:
+#   run(command="GPU_PROOF_STAGES='check-tf32x3 bench-tf32x3' bash bench/gpu_proof.sh", timeout_s=600)
 set -u
 OUT=${OUT:-$(mktemp -d)}
 R="$OUT/gpu_proof"
@@ -57,6 +60,9 @@ for s in $STAGES; do
             --backends reference-eager,fused-cudagraph --out "$R/bench-grok" ;;
         bench-scaling) stage bench-scaling 100 grokfast bench --no-progress --no-grok \
             --backends reference-eager,fused-cudagraph --out "$R/bench-scaling" ;;
+        check-tf32x3) stage check-tf32x3 150 grokfast check --precision tf32x3 ;;
+        bench-tf32x3) stage bench-tf32x3 150 env GROKFAST_DOT_PRECISION=tf32x3 grokfast bench --no-progress --no-scaling \
+            --grok-max-steps 50000 --backends fused,fused-cudagraph --out "$R/bench-tf32x3" ;;
         sweep) stage sweep 80 grokfast bench --sweep-throughput --no-progress --out "$R/sweep-throughput" ;;
         *) echo "unknown stage $s" >>"$R/summary.txt" ;;
     esac

@@ -604,7 +604,8 @@ def environment(device, telemetry: Telemetry, command: str) -> dict:
     env = {"date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
            "command": command, "python": platform.python_version(), "torch": torch.__version__,
            "platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-           "git": git_commit()}
+           "git": git_commit(),
+           "dot_precision": os.environ.get("GROKFAST_DOT_PRECISION", "ieee")}   # the fused kernels' float32 dots
     try:
         import triton
         env["triton"] = triton.__version__
@@ -1003,6 +1004,7 @@ def render_markdown(report: dict, figures: dict) -> str:
              f"driver {env.get('driver') or 'n/a'}; {env['platform']}; CPU: {env['cpu']} "
              f"({env['cpu_count']} cores, torch threads {env['torch_threads']})")
     L.append(f"- telemetry: {env['telemetry']}")
+    L.append(f"- fused kernels' float32 dots: {env.get('dot_precision', 'ieee')} (GROKFAST_DOT_PRECISION)")
     L.append(f"- timing: {report['timing_method']}; {report['plan']['warmup']} warm-up steps, "
              f"{report['plan']['timed']} timed steps per backend" + ("; --quick" if report["plan"]["quick"] else ""))
     L.append("")

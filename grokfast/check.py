@@ -91,9 +91,14 @@ def shapes_for(name: str, device: torch.device, quick: bool):
 
 
 def run_check(presets=PRESETS, quick: bool = False, device=None, seed: int = 0, filters=FILTERS,
-              log: Callable[[str], None] = lambda s: None) -> list[Row]:
+              log: Callable[[str], None] = lambda s: None, precision: str = "ieee") -> list[Row]:
     """Compare the fused kernels with the reference for each preset (and the optimizer steps for each
-    Grokfast filter in ``filters``); returns one Row per quantity."""
+    Grokfast filter in ``filters``); returns one Row per quantity. precision: the kernels' float32
+    dot mode (ieee | tf32x3 | tf32; the bounds are float32's whatever the mode, so the table shows
+    whether a faster mode meets them)."""
+    from .config import PRECISIONS
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     for kind in filters:
         if kind not in FILTERS:
             raise ConfigError(f"--grokfast must be among {', '.join(FILTERS)}, got {kind!r}")
@@ -122,7 +127,7 @@ def run_check(presets=PRESETS, quick: bool = False, device=None, seed: int = 0, 
         with torch.no_grad():
             logits64 = model64(tokens)
         loss64 = cross_entropy64(logits64, labels)
-        ev_loss, ev_correct = fb.eval_flat(cfg, flat, tokens, labels)
+        ev_loss, ev_correct = fb.eval_flat(cfg, flat, tokens, labels, precision=precision)
         rows.append(Row(name, "eval loss", _rel(ev_loss[0], loss64), BOUNDS["loss"], f"B={B}"))
         top2 = logits64.topk(2, dim=-1).values
         near_tie = ((top2[:, 0] - top2[:, 1]) <= 1e-5 * logits64.abs().amax(-1)).sum().item()
@@ -132,7 +137,7 @@ def run_check(presets=PRESETS, quick: bool = False, device=None, seed: int = 0, 
                         f"fused {int(ev_correct[0])} vs reference {ref_correct} of {B}; {near_tie} near-ties allowed"))
 
         # loss and gradients
-        loss, grad = fb.loss_and_grads_flat(cfg, flat, tokens, labels)
+        loss, grad = fb.loss_and_grads_flat(cfg, flat, tokens, labels, precision=precision)
         ref_loss, ref_grads = loss_and_grads_reference(model64, tokens, labels)
         rows.append(Row(name, "loss", _rel(loss[0], ref_loss), BOUNDS["loss"]))
         for n, g in lay.views(grad).items():
@@ -141,7 +146,7 @@ def run_check(presets=PRESETS, quick: bool = False, device=None, seed: int = 0, 
         # optimizer steps
         for kind in filters:
             tcfg = dataclasses.replace(pre_train, grokfast=kind, window=2 if quick else 5, batch_size=None,
-                                       backend="auto")
+                                       backend="auto", precision=precision)
             rows += _train_rows(name, cfg, tcfg, tokens, labels, seed, device, steps)
             log(f"{name}: {steps} optimizer steps with Grokfast {kind}: {rows[-1].status} "
                 f"({time.perf_counter() - t0:.1f} s)")

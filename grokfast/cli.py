@@ -43,6 +43,9 @@ def add_training_flags(g) -> None:
     g.add_argument("--alpha", type=float, help="Grokfast-EMA momentum (0.98)")
     g.add_argument("--lamb", type=float, help="Grokfast amplification (EMA 2.0, MA 5.0 in the paper)")
     g.add_argument("--window", type=int, help="Grokfast-MA window (100)")
+    g.add_argument("--precision", choices=["ieee", "tf32x3", "tf32"],
+                   help="the fused kernels' float32 products: ieee (default, exact float32), tf32x3 (three TF32 "
+                        "tensor-core products, near float32), tf32 (one, ~1e-3 relative)")
 
 
 def _add_train(sub):
@@ -86,7 +89,7 @@ def cmd_train(args) -> int:
 
     train_over = {k: getattr(args, k) for k in ("steps", "lr", "wd", "beta1", "beta2", "warmup", "batch_size",
                                                 "grokfast", "alpha", "lamb", "window", "seed", "eval_every",
-                                                "checkpoint_every", "measure_every", "backend", "stop_at_grok")
+                                                "checkpoint_every", "measure_every", "backend", "stop_at_grok", "precision")
                   if getattr(args, k) is not None}
     if args.full_batch:
         if args.batch_size is not None:

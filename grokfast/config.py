@@ -8,12 +8,18 @@ can be overridden; ``preset(name)`` returns fresh copies.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field, asdict, replace
 from typing import Optional
 
 
 class ConfigError(ValueError):
     """Bad user input: the message is one line that says what to change."""
+
+
+# How the fused kernels multiply float32 operands (kernels/_common.py): IEEE float32 (default), three
+# TF32 tensor-core products (tf32x3), or one (tf32). The reference backend always computes in float32/64.
+PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
 class _Dict:
@@ -142,6 +148,9 @@ class TrainConfig(_Dict):
     measure_every: int = 0          # record grokfast.measures.cheap_measures every k steps (0: never)
     stop_at_grok: bool = False
     backend: str = "auto"
+    # the fused kernels' float32 products: ieee | tf32x3 | tf32 (kernels/_common.py); the default is
+    # GROKFAST_DOT_PRECISION when set (so `grokfast bench` and sweeps can be switched), else ieee
+    precision: str = field(default_factory=lambda: os.environ.get("GROKFAST_DOT_PRECISION", "ieee"))
 
     def __post_init__(self):
         self.validate()
@@ -168,6 +177,8 @@ class TrainConfig(_Dict):
              f"--measure-every must be 0 or a multiple of --eval-every ({self.eval_every}), got {self.measure_every}")
         need(self.backend in ("auto", "fused", "reference"),
              f"--backend must be auto, fused or reference, got {self.backend!r}")
+        need(self.precision in PRECISIONS,
+             f"--precision (or GROKFAST_DOT_PRECISION) must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 

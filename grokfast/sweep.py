@@ -65,7 +65,7 @@ from .config import ConfigError, ModelConfig, TrainConfig, preset as get_preset
 TASK_AXES = ("op", "p", "frac", "data_seed", "layout")
 MODEL_AXES = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "act", "layernorm", "attn_alpha")
 TRAIN_AXES = ("seed", "lr", "wd", "beta1", "beta2", "warmup", "batch_size", "grokfast", "alpha", "lamb",
-              "window", "steps", "eval_every", "checkpoint_every", "backend")
+              "window", "steps", "eval_every", "checkpoint_every", "backend", "precision")
 AXES = TASK_AXES + MODEL_AXES + TRAIN_AXES
 INT_AXES = {"p", "data_seed", "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "seed", "warmup",
             "batch_size", "window", "steps", "eval_every", "checkpoint_every"}
@@ -490,12 +490,12 @@ class SequentialExecutor:
 
 def batch_key(r: RunSpec) -> tuple:
     """Runs with equal keys can train in one launch: one ModelConfig, equal split sizes, the shared
-    optimizer settings (beta1, beta2, eps, warm-up, filter kind and window) and the same evaluation and
-    checkpoint schedule. Seeds, data seeds, lr, wd, alpha, lamb and steps may differ."""
+    optimizer settings (beta1, beta2, eps, warm-up, filter kind and window), the same dot precision and
+    the same evaluation and checkpoint schedule. Seeds, data seeds, lr, wd, alpha, lamb and steps may differ."""
     t = r.train
     return (json.dumps(r.model.to_dict(), sort_keys=True), r.n_train, r.n_test, t.beta1, t.beta2, t.eps,
             t.warmup, t.grokfast, t.window, t.eval_every, t.checkpoint_every, getattr(t, "measure_every", None),
-            t.stop_at_grok)
+            t.stop_at_grok, t.precision)
 
 
 class BatchedExecutor:

@@ -15,8 +15,34 @@ import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Float32 dots at IEEE accuracy by default (on an NVIDIA GPU a float32 tl.dot is TF32 otherwise).
-DOT_PRECISION = "ieee"
+# How float32 tl.dot operands are multiplied on an NVIDIA GPU (the interpreter always uses float32):
+#   "ieee"    IEEE float32 products on the CUDA cores: exact to float32, the default;
+#   "tf32x3"  each operand split into a TF32 high part and a TF32 remainder, three tensor-core products
+#             (hi*hi + hi*lo + lo*hi): close to float32 accuracy at tensor-core speed (opt-in until a
+#             GPU session shows it meets the float32 bounds of `grokfast check`);
+#   "tf32"    one TF32 product (10-bit mantissa, ~1e-3 relative): fastest, opt-in only.
+# GROKFAST_DOT_PRECISION sets the process default; ``dot_precision(p)`` sets it for a block.
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+DOT_PRECISION = os.environ.get("GROKFAST_DOT_PRECISION", "ieee")
+if DOT_PRECISION not in PRECISIONS:
+    raise ValueError(f"GROKFAST_DOT_PRECISION must be one of {', '.join(PRECISIONS)}, got {DOT_PRECISION!r}")
+
+
+@contextlib.contextmanager
+def dot_precision(precision: str | None):
+    """Inside the block, the kernels' float32 dots use ``precision`` (one of PRECISIONS; None keeps
+    the current one). Read when a launch is prepared: a CUDA graph keeps what it captured."""
+    global DOT_PRECISION
+    if precision is None:
+        yield
+        return
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    prev, DOT_PRECISION = DOT_PRECISION, precision
+    try:
+        yield
+    finally:
+        DOT_PRECISION = prev
 
 _recorder: list | None = None
 

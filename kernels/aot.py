@@ -63,6 +63,7 @@ def collect_specs(presets=PRESETS, model_batch=MODEL_BATCH):
         skipped.append("forward/backward kernels: kernels/forward_backward.py does not exist yet")
         return specs, skipped
     from . import forward_backward as fb
+    from ._common import dot_precision
     for name in presets:
         cfg, B = preset_shapes(name)
         why = fb.supported(cfg)
@@ -72,6 +73,12 @@ def collect_specs(presets=PRESETS, model_batch=MODEL_BATCH):
         for M in model_batch:
             for spec in fb.aot_specs(cfg, M, B):
                 add(f"{name} M={M} B={B}", spec)
+        if name == presets[0]:
+            # the opt-in tensor-core precision changes only the dot: compile it at one shape to show it builds
+            with dot_precision("tf32x3"):
+                for spec in fb.aot_specs(cfg, 1, B):
+                    if "PRECISION" in str(spec["constexprs"]):
+                        add(f"{name} M=1 B={B} tf32x3", spec)
     return specs, skipped
 
 

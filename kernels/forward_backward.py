@@ -324,11 +324,17 @@ def check_token_range(cfg, tokens, labels) -> None:
                          f"got [{int(labels.min())}, {int(labels.max())}]")
 
 
-def loss_and_grads_flat(cfg, flat, tokens, labels, grad_out=None, loss_out=None):
+def loss_and_grads_flat(cfg, flat, tokens, labels, grad_out=None, loss_out=None, precision=None):
     """flat [M, N] float32 contiguous (ParamLayout(cfg)); tokens [B, n_ctx] int64 (shared by all M models) or
     [M, B, n_ctx]; labels [B] or [M, B] int64. Writes grad_out [M, N] float32 (every entry; the mean-loss gradient)
     and loss_out [M] float32 (mean cross-entropy per model); allocates them if None; returns (loss_out, grad_out).
-    No host synchronisation (capturable in a CUDA graph once buffers are allocated)."""
+    No host synchronisation (capturable in a CUDA graph once buffers are allocated). precision: the
+    float32 dot mode (_common.PRECISIONS; None: the current default, "ieee" unless changed)."""
+    with _common.dot_precision(precision):
+        return _loss_and_grads_flat(cfg, flat, tokens, labels, grad_out, loss_out)
+
+
+def _loss_and_grads_flat(cfg, flat, tokens, labels, grad_out, loss_out):
     _check_cfg(cfg)
     lay = ParamLayout(cfg)
     M = _check_flat(cfg, flat, lay)
@@ -346,11 +352,17 @@ def loss_and_grads_flat(cfg, flat, tokens, labels, grad_out=None, loss_out=None)
 EVAL_CHUNK_FLOATS = 1 << 26   # activations per evaluation chunk (256 MiB of float32)
 
 
-def eval_flat(cfg, flat, tokens, labels, loss_out=None, correct_out=None):
+def eval_flat(cfg, flat, tokens, labels, loss_out=None, correct_out=None, precision=None):
     """Mean loss [M] float32 and number of correct argmax predictions [M] int32 over a split, no host copy of logits.
 
     tokens/labels as in loss_and_grads_flat. Large splits run in chunks of examples (a Python loop
-    over chunks, no sync) so the activations stay under EVAL_CHUNK_FLOATS floats."""
+    over chunks, no sync) so the activations stay under EVAL_CHUNK_FLOATS floats. precision as in
+    loss_and_grads_flat."""
+    with _common.dot_precision(precision):
+        return _eval_flat(cfg, flat, tokens, labels, loss_out, correct_out)
+
+
+def _eval_flat(cfg, flat, tokens, labels, loss_out, correct_out):
     _check_cfg(cfg)
     lay = ParamLayout(cfg)
     M = _check_flat(cfg, flat, lay)

@@ -221,6 +221,28 @@ def test_grouped_launch_equals_separate_launches_and_float64(monkeypatch):
         assert rel(o.cpu(), ref) <= 1e-6
 
 
+def test_dot_precision_reaches_every_dot_and_is_validated():
+    """The float32 dot mode (ieee by default; tf32x3 / tf32 opt-in) is what every tl.dot of the step is
+    compiled with: the launches' PRECISION constexprs follow dot_precision / the precision argument."""
+    from grokfast.kernels import _common
+    cfg = ModelConfig.preset("power")
+
+    def modes(**kw):
+        specs = fb.aot_specs(cfg, M=1, B=4096)
+        return {v for sp in specs for k, v in sp["constexprs"].items() if k.startswith("PRECISION")}
+    assert modes() == {"ieee"}
+    with _common.dot_precision("tf32x3"):
+        assert modes() == {"tf32x3"}
+    assert modes() == {"ieee"}
+    with pytest.raises(ValueError, match="precision"):
+        with _common.dot_precision("fp16"):
+            pass
+    flat = torch.zeros(1, ParamLayout(tiny()).numel, device=DEVICE)
+    tokens = torch.zeros(4, 3, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="precision"):
+        fb.loss_and_grads_flat(tiny(), flat, tokens, tokens[:, 0].contiguous(), precision="half")
+
+
 def test_group_kernels_file_is_generated_from_mlp():
     import pathlib
     path = pathlib.Path(mlp.__file__).with_name("gemm_group.py")

@@ -179,6 +179,18 @@ def test_cli_bad_input_is_one_line_and_status_2(tmp_path, capsys, monkeypatch, a
     assert not (tmp_path / "x" / "checkpoints").exists()  # no work started
 
 
+def test_cli_precision_is_recorded_and_validated(tmp_path, monkeypatch):
+    """--precision (the fused kernels' float32 dot mode) lands in config.json; a bad value from the
+    environment default is one ConfigError naming both spellings."""
+    assert main(["train", *CLI_TINY, "--steps", "1", "--precision", "tf32x3", "--out", str(tmp_path / "p")]) == 0
+    assert json.loads((tmp_path / "p" / "config.json").read_text())["train"]["precision"] == "tf32x3"
+    monkeypatch.setenv("GROKFAST_DOT_PRECISION", "fp16")
+    with pytest.raises(ConfigError, match="GROKFAST_DOT_PRECISION"):
+        TrainConfig()
+    monkeypatch.setenv("GROKFAST_DOT_PRECISION", "tf32")
+    assert TrainConfig().precision == "tf32"
+
+
 def test_cli_argparse_errors_exit_2():
     r = subprocess.run([sys.executable, "-m", "grokfast", "train", "--grokfast", "sgd"], capture_output=True, text=True)
     assert r.returncode == 2 and "grokfast: error:" in r.stderr and len(r.stderr.strip().splitlines()) == 1
