@@ -890,6 +890,20 @@ def scaling_points(plan: Plan) -> list[tuple[str, object, Workload]]:
 # The report
 
 
+def fused_launches(wl: Workload) -> dict:
+    """The fused step's kernel launches for the workload, counted on meta tensors (no GPU needed):
+    {"forward_backward": {kernel: n}, "optimizer": 1, "total": n} or {"unavailable": reason}."""
+    try:
+        from grokfast.kernels import forward_backward as fb
+        why = fb.supported(wl.model)
+        if why:
+            return {"unavailable": why}
+        counts = fb.launches_per_step(wl.model, wl.M, wl.batch_size())
+    except Exception as e:  # no triton here: say so
+        return {"unavailable": f"{type(e).__name__}: {e}"}
+    return {"forward_backward": counts, "optimizer": 1, "total": sum(counts.values()) + 1}
+
+
 def run_report(plan: Plan, out_dir, command: str | None = None, progress: bool = True,
                log: Callable[[str], None] | None = None) -> dict:
     """Measure everything the plan asks for and write report.json (every raw figure), report.md and the
@@ -918,6 +932,7 @@ def run_report(plan: Plan, out_dir, command: str | None = None, progress: bool =
                                      skip_reason=plan.skipped.get(b), progress=progress))
     cost = step_cost(wl.model, wl.train, wl.task.train.tokens, wl.task.train.labels, wl.M)
     attach_ratios_and_floor(steps, cost, ceilings)
+    launches = fused_launches(wl)
 
     # Time to grok.
     grok_rows = []
@@ -963,7 +978,7 @@ def run_report(plan: Plan, out_dir, command: str | None = None, progress: bool =
               "timing_method": ("CUDA events around every step, recorded back to back" if device.type == "cuda"
                                 else "time.perf_counter around every step"),
               "workload": wl.describe(), "cost": cost, "ceilings": ceilings, "floors": floors(cost, ceilings),
-              "steps": steps, "grok": grok_rows, "scaling": scaling}
+              "steps": steps, "launches": launches, "grok": grok_rows, "scaling": scaling}
     write_report(report, out)
     return report
 
@@ -1033,6 +1048,13 @@ def render_markdown(report: dict, figures: dict) -> str:
         if r["backend"].startswith("fused") and r["status"] == "measured":
             L.append("")
             L.append(f"{r['backend']}: CUDA graph captured and replayed: {'yes' if r.get('cuda_graph_captured') else 'no'}.")
+    la = report.get("launches") or {}
+    L.append("")
+    if "total" in la:
+        L.append(f"Fused step: {la['total']} kernel launches (forward + backward "
+                 + ", ".join(f"{n} x{c}" for n, c in la["forward_backward"].items()) + "; optimizer 1), counted.")
+    elif la:
+        L.append(f"Fused step launches: not counted ({la.get('unavailable')}).")
     fused = next((r for r in report["steps"] if r["backend"] == "fused-cudagraph" and r["status"] == "measured"), None)
     if fused and fused.get("speedup_vs"):
         L.append("")

@@ -14,6 +14,9 @@ import torch
 import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if INTERPRET:   # make the opt-in TF32 precisions mean under the interpreter what they mean on a GPU
+    from .interpret_dot import install as _install_interpreted_tf32
+    _install_interpreted_tf32()
 
 # How float32 tl.dot operands are multiplied on an NVIDIA GPU (the interpreter always uses float32):
 #   "ieee"    IEEE float32 products on the CUDA cores: exact to float32, the default;

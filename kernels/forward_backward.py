@@ -395,6 +395,28 @@ def loss_and_grads(model, tokens, labels):
     return loss[0].double(), {name: views[name][0] for name in lay.shapes}
 
 
+def launches_per_step(cfg, M: int, B: int) -> dict[str, int]:
+    """{kernel name: launches} of one training step's forward + backward (loss_and_grads_flat) for M
+    models and B examples, counted without a GPU (the orchestration runs on ``meta`` tensors with
+    every launch recorded); the optimizer step adds one launch of grokfast_adamw_kernel."""
+    _check_cfg(cfg)
+    lay = ParamLayout(cfg)
+    dev = torch.device("meta")
+    flat = torch.empty((M, lay.numel), dtype=torch.float32, device=dev)
+    tokens = torch.empty((1, B, cfg.n_ctx), dtype=torch.int64, device=dev)
+    labels = torch.empty((1, B), dtype=torch.int64, device=dev)
+    counts: dict[str, int] = {}
+    with record_launches() as rec:
+        ws = Workspace(cfg, M, B, dev, True)
+        xf = _forward(cfg, lay, flat, tokens, ws)
+        cross_entropy(ws.logits, labels, ws.loss_ex, ws.correct_ex, ws.dlogits)
+        mean_reduce(ws.loss_ex, ws.correct_ex, torch.empty((M,), device=dev), ws.correct)
+        _backward(cfg, lay, flat, tokens, ws, xf, torch.empty_like(flat))
+    for kernel, *_ in rec:
+        counts[kernel.__name__] = counts.get(kernel.__name__, 0) + 1
+    return counts
+
+
 def aot_specs(cfg, M: int, B: int) -> list[dict]:
     """Every kernel this module launches for loss_and_grads_flat and eval_flat at M models and B
     examples, as {"name", "fn" (JITFunction), "signature" (arg -> triton type, "constexpr" for
