@@ -61,7 +61,7 @@ for s in $STAGES; do
         bench-scaling) stage bench-scaling 100 grokfast bench --no-progress --no-grok \
             --backends reference-eager,fused-cudagraph --out "$R/bench-scaling" ;;
         check-tf32x3) stage check-tf32x3 150 grokfast check --precision tf32x3 ;;
-        bench-tf32x3) stage bench-tf32x3 150 env GROKFAST_DOT_PRECISION=tf32x3 grokfast bench --no-progress --no-scaling \
+        bench-tf32x3) stage bench-tf32x3 150 grokfast bench --precision tf32x3 --no-progress --no-scaling \
             --grok-max-steps 50000 --backends fused,fused-cudagraph --out "$R/bench-tf32x3" ;;
         sweep) stage sweep 80 grokfast bench --sweep-throughput --no-progress --out "$R/sweep-throughput" ;;
         *) echo "unknown stage $s" >>"$R/summary.txt" ;;

@@ -1,6 +1,7 @@
 """`grokfast bench`: every backend side by side on the same work; writes a report (see grokfast.bench)."""
 from __future__ import annotations
 
+import os
 import shlex
 import time
 from pathlib import Path
@@ -35,6 +36,8 @@ def add_parser(sub):
     p.add_argument("--sweep-throughput", action="store_true",
                    help="only the sweep benchmark: runs per hour of M models per launch (M = 1, 8, 64, 256) "
                         "against M single runs (GPU)")
+    p.add_argument("--precision", choices=["ieee", "tf32x3", "tf32"],
+                   help="the fused kernels' float32 products (default: GROKFAST_DOT_PRECISION, else ieee)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -46,7 +49,7 @@ def command_line(args) -> str:
         if getattr(args, flag):
             parts.append("--" + flag.replace("_", "-"))
     for flag in ("out", "preset", "backends", "scaling_backends", "device", "timed_steps", "warmup_steps",
-                 "grok_max_steps"):
+                 "grok_max_steps", "precision"):
         v = getattr(args, flag)
         if v is not None:
             parts += ["--" + flag.replace("_", "-"), shlex.quote(str(v))]
@@ -54,6 +57,22 @@ def command_line(args) -> str:
 
 
 def cmd_bench(args) -> int:
+    precision = getattr(args, "precision", None)
+    if not precision:
+        return _cmd_bench(args)
+    # every TrainConfig built meanwhile takes it as its default precision (the report records it)
+    prev = os.environ.get("GROKFAST_DOT_PRECISION")
+    os.environ["GROKFAST_DOT_PRECISION"] = precision
+    try:
+        return _cmd_bench(args)
+    finally:
+        if prev is None:
+            os.environ.pop("GROKFAST_DOT_PRECISION", None)
+        else:
+            os.environ["GROKFAST_DOT_PRECISION"] = prev
+
+
+def _cmd_bench(args) -> int:
     from .bench import make_plan, run_report
 
     if getattr(args, "sweep_throughput", False):

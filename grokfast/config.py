@@ -22,6 +22,11 @@ class ConfigError(ValueError):
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
+def default_precision() -> str:
+    """GROKFAST_DOT_PRECISION when set (checked by TrainConfig.validate), else "ieee"."""
+    return os.environ.get("GROKFAST_DOT_PRECISION", "ieee")
+
+
 class _Dict:
     """to_dict / from_dict for the config dataclasses (config.json); unknown keys are an error."""
 
@@ -150,7 +155,7 @@ class TrainConfig(_Dict):
     backend: str = "auto"
     # the fused kernels' float32 products: ieee | tf32x3 | tf32 (kernels/_common.py); the default is
     # GROKFAST_DOT_PRECISION when set (so `grokfast bench` and sweeps can be switched), else ieee
-    precision: str = field(default_factory=lambda: os.environ.get("GROKFAST_DOT_PRECISION", "ieee"))
+    precision: str = field(default_factory=lambda: default_precision())
 
     def __post_init__(self):
         self.validate()
@@ -242,4 +247,6 @@ PRESETS = _presets()
 def preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return PRESETS[name]
+    pre = PRESETS[name]
+    # a preset does not choose the dot precision: take the default as it is now (GROKFAST_DOT_PRECISION)
+    return replace(pre, train=replace(pre.train, precision=default_precision()))

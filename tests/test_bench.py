@@ -4,6 +4,7 @@ independent computations. No time thresholds: benchmarks are never timed tests."
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import numpy as np
@@ -179,8 +180,11 @@ def test_bad_input_is_one_line_and_status_2(argv, needle, tmp_path, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU report is what CI checks")
 def test_quick_report_on_cpu(tmp_path, capsys):
     out = tmp_path / "report"
-    rc = main(["bench", "--quick", "--device", "cpu", "--out", str(out), "--no-progress", "--grok-max-steps", "20"])
+    before = os.environ.get("GROKFAST_DOT_PRECISION")
+    rc = main(["bench", "--quick", "--device", "cpu", "--out", str(out), "--no-progress", "--grok-max-steps", "20",
+               "--precision", "tf32x3"])
     assert rc == 0
+    assert os.environ.get("GROKFAST_DOT_PRECISION") == before      # the flag does not leak out of the command
     for f in ("report.json", "report.md", "step_time.png", "scaling_p.png", "scaling_frac.png",
               "scaling_d_model.png", "scaling_M.png"):
         assert (out / f).stat().st_size > 0, f
@@ -188,7 +192,10 @@ def test_quick_report_on_cpu(tmp_path, capsys):
     env = rep["environment"]
     for k in ("device", "date_utc", "python", "torch", "triton", "command", "git"):
         assert env.get(k) is not None, k
-    assert env["command"].startswith("grokfast bench --quick")
+    assert env["command"].startswith("grokfast bench --quick") and "--precision tf32x3" in env["command"]
+    assert env["dot_precision"] == "tf32x3"
+    la = rep["launches"]                      # counted without a GPU
+    assert la["total"] == sum(la["forward_backward"].values()) + 1 > 3
     assert env["telemetry"] == "no NVIDIA GPU: telemetry not available"
 
     def check_rows(rows, where):
@@ -223,7 +230,8 @@ def test_quick_report_on_cpu(tmp_path, capsys):
     assert env["device"] in md and env["date_utc"] in md
     for b in bench.BACKENDS:
         assert b in md
-    assert "not available: " in md
+    assert "not available: " in md and f"Fused step: {la['total']} kernel launches" in md
+    assert "float32 dots: tf32x3" in md
     printed = capsys.readouterr().out
     assert "reference-eager" in printed and "not available" in printed
 

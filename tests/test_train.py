@@ -188,7 +188,7 @@ def test_cli_precision_is_recorded_and_validated(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="GROKFAST_DOT_PRECISION"):
         TrainConfig()
     monkeypatch.setenv("GROKFAST_DOT_PRECISION", "tf32")
-    assert TrainConfig().precision == "tf32"
+    assert TrainConfig().precision == "tf32" and grokfast.preset("nanda").train.precision == "tf32"
 
 
 def test_cli_argparse_errors_exit_2():
