@@ -382,7 +382,8 @@ def step_cost(mcfg: ModelConfig, tcfg: TrainConfig, tokens: torch.Tensor, labels
         AdamW 12, Grokfast-EMA 4, Grokfast-MA 4 (a running window sum).
     Bytes are the fewest a step must move through memory (float32 state): parameters read and written,
     gradients written and read, AdamW m and v read and written, Grokfast state (EMA read and written;
-    MA a running sum read and written plus the oldest ring slot read and the newest written), and the
+    MA a running float64 window sum read and written plus the oldest ring slot read and the newest
+    written), and the
     batch's tokens and labels read once (shared by the M models). Activations are not counted: the
     per-example work fits on chip.
     """
@@ -440,7 +441,7 @@ def step_cost(mcfg: ModelConfig, tcfg: TrainConfig, tokens: torch.Tensor, labels
     if tcfg.grokfast == "ema":
         nbytes["Grokfast EMA (read + write)"] = 2 * f4
     elif tcfg.grokfast == "ma":
-        nbytes["Grokfast MA (sum read + write, ring slot read + write)"] = 4 * f4
+        nbytes["Grokfast MA (float64 window sum read + write, ring slot read + write)"] = 6 * f4
     nbytes["tokens and labels (read once)"] = tokens.numel() * tokens.element_size() + labels.numel() * labels.element_size()
     return {"flops": sum(flops.values()), "matmul_flops": matmul_flops, "flops_by_part": flops,
             "bytes": sum(nbytes.values()), "bytes_by_part": nbytes,
@@ -892,7 +893,7 @@ def scaling_points(plan: Plan) -> list[tuple[str, object, Workload]]:
 
 def fused_launches(wl: Workload) -> dict:
     """The fused step's kernel launches for the workload, counted on meta tensors (no GPU needed):
-    {"forward_backward": {kernel: n}, "optimizer": 1, "total": n} or {"unavailable": reason}."""
+    {"forward_backward": {kernel: n}, "optimizer": n, "total": n} or {"unavailable": reason}."""
     try:
         from grokfast.kernels import forward_backward as fb
         why = fb.supported(wl.model)
@@ -901,7 +902,9 @@ def fused_launches(wl: Workload) -> dict:
         counts = fb.launches_per_step(wl.model, wl.M, wl.batch_size())
     except Exception as e:  # no triton here: say so
         return {"unavailable": f"{type(e).__name__}: {e}"}
-    return {"forward_backward": counts, "optimizer": 1, "total": sum(counts.values()) + 1}
+    from grokfast.kernels import optimizer
+    return {"forward_backward": counts, "optimizer": optimizer.LAUNCHES,
+            "total": sum(counts.values()) + optimizer.LAUNCHES}
 
 
 def run_report(plan: Plan, out_dir, command: str | None = None, progress: bool = True,
@@ -1052,7 +1055,8 @@ def render_markdown(report: dict, figures: dict) -> str:
     L.append("")
     if "total" in la:
         L.append(f"Fused step: {la['total']} kernel launches (forward + backward "
-                 + ", ".join(f"{n} x{c}" for n, c in la["forward_backward"].items()) + "; optimizer 1), counted.")
+                 + ", ".join(f"{n} x{c}" for n, c in la["forward_backward"].items())
+                 + f"; optimizer {la['optimizer']}), counted.")
     elif la:
         L.append(f"Fused step launches: not counted ({la.get('unavailable')}).")
     fused = next((r for r in report["steps"] if r["backend"] == "fused-cudagraph" and r["status"] == "measured"), None)

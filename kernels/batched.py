@@ -15,9 +15,10 @@ test split and returns device tensors (no copy of logits to the host); the calle
 host only when it wants the numbers (the sweep: every eval_every steps).
 
 ``compact(keep)`` drops the models not in ``keep`` (e.g. those that have grokked): every per-model
-row (parameters, AdamW moments, filter state, hyperparameters, data) is gathered with index_select
-into buffers of M' rows, so later steps cost M' models, not M. ``ids`` maps the current rows to the
-caller's model numbers (0..M-1 at construction), so results stay attached to the original runs.
+row (parameters, AdamW moments, filter state with the MA window sum, hyperparameters, data) is
+gathered with index_select into buffers of M' rows, so later steps cost M' models, not M. ``ids``
+maps the current rows to the caller's model numbers (0..M-1 at construction), so results stay
+attached to the original runs.
 
 All M models share the optimizer's step counters (t, filter count c): they are always at the same
 step. Checkpoints are per model, with exactly the keys of the single-run steppers ("model.<name>",
@@ -38,7 +39,7 @@ from .layout import ParamLayout
 from .optimizer import FusedOptimizer
 from .stepper import WARMUP_STEPS, _graphs_wanted, _require
 
-SHARED_TRAIN_FIELDS = ("beta1", "beta2", "eps", "warmup", "grokfast", "window", "batch_size")
+SHARED_TRAIN_FIELDS = ("beta1", "beta2", "eps", "warmup", "grokfast", "window", "batch_size", "precision")
 
 
 def _config_error(msg: str):
@@ -132,7 +133,8 @@ class BatchedStepper:
 
     def _run(self):
         tok, lab = self.train_data
-        fb.loss_and_grads_flat(self.cfg, self.flat, tok, lab, grad_out=self.grad, loss_out=self.loss)
+        fb.loss_and_grads_flat(self.cfg, self.flat, tok, lab, grad_out=self.grad, loss_out=self.loss,
+                               precision=self.tcfgs[0].precision)
         self.opt.step(self.flat, self.grad)
         bad = ~torch.isfinite(self.loss) & (self.first_bad < 0)
         self.first_bad.copy_(torch.where(bad, self.opt.counters[0], self.first_bad))
@@ -174,7 +176,7 @@ class BatchedStepper:
         model on its own splits (eval_flat; accuracy = correct argmax / examples)."""
         out = []
         for tok, lab in (self.train_data, self.test_data):
-            loss, correct = fb.eval_flat(self.cfg, self.flat, tok, lab)
+            loss, correct = fb.eval_flat(self.cfg, self.flat, tok, lab, precision=self.tcfgs[0].precision)
             out += [loss, correct.double() / lab.shape[1]]
         return tuple(out)
 
@@ -194,7 +196,7 @@ class BatchedStepper:
         opt = self.opt
         self.tcfgs = [self.tcfgs[i] for i in keep]
         new = FusedOptimizer.from_configs(self.tcfgs, self.layout.numel, device=self.device)
-        for name in ("mom", "vel", "ema", "ring"):
+        for name in ("mom", "vel", "ema", "ring", "ma_sum"):
             old = getattr(opt, name)
             if old is not None:
                 setattr(new, name, old.index_select(0, idx).contiguous())
@@ -253,6 +255,8 @@ class BatchedStepper:
                 else:
                     o = lay.offsets[n]
                     buf[row, :, o:o + s[key][0].numel()].copy_(s[key].reshape(opt.window, -1))
+        if opt.ring is not None and count > 0:
+            opt.rebuild_ma_sum(row)   # derived from the ring, not a checkpoint key
         opt.counters.copy_(torch.tensor([t, count], dtype=torch.int64))
         self.steps_done = t
         self._graph, self._keep_ws, self._eager_steps = None, None, 0

@@ -20,7 +20,7 @@ How the work is laid out (DESIGN.md, "The fused training step"), T = n_ctx, V = 
 Launches: independent products share one launch (mlp.gemm_launch: {dX, dW, db} of each linear map)
 and the split-K sums of every weight gradient wait for one launch at the end (mlp.Deferred), so a
 step's forward + backward is 19 launches for the nanda and pizza presets and 44 for power (the
-optimizer adds one; tests/test_kernels_model.py::test_launches_per_step keeps these as ceilings).
+optimizer adds two; tests/test_kernels_model.py::test_launches_per_step keeps these as ceilings).
 One departure from DESIGN.md's sketch: there is no value-output table VO = x0 W_V W_O; attention
 sums V rows (d_head wide) and z W_O is one GEMM over the examples, because the backward would
 otherwise scatter n_heads x d_model wide gradients into the VO table (n_heads times more work).
@@ -398,7 +398,8 @@ def loss_and_grads(model, tokens, labels):
 def launches_per_step(cfg, M: int, B: int) -> dict[str, int]:
     """{kernel name: launches} of one training step's forward + backward (loss_and_grads_flat) for M
     models and B examples, counted without a GPU (the orchestration runs on ``meta`` tensors with
-    every launch recorded); the optimizer step adds one launch of grokfast_adamw_kernel."""
+    every launch recorded); the optimizer step adds optimizer.LAUNCHES (adamw_scalars_kernel, then
+    grokfast_adamw_kernel)."""
     _check_cfg(cfg)
     lay = ParamLayout(cfg)
     dev = torch.device("meta")

@@ -6,7 +6,8 @@ optimizer step t = 1, 2, ... and the filter's count c = raw gradients seen befor
     Grokfast EMA (alpha_m, lamb_m):  ema <- g if c == 0 else alpha_m * ema + (1 - alpha_m) * g
                                      g   <- g + lamb_m * ema
     Grokfast MA (window W, lamb_m):  ring[c mod W] <- g
-                                     g   <- g + lamb_m * (sum_{w=0}^{W-1} ring[w]) / W   once c + 1 >= W
+                                     g   <- g + lamb_m * S / W   once c + 1 >= W,
+                                     S = sum_{w=0}^{W-1} ring[w]  (the last W raw gradients)
     AdamW (lr_m, wd_m, beta1, beta2, eps), lr_t = lr_m * min(1, t / warmup) (lr_m when warmup = 0):
         theta <- theta * (1 - lr_t * wd_m)
         mom   <- beta1 * mom + (1 - beta1) * g
@@ -14,13 +15,43 @@ optimizer step t = 1, 2, ... and the filter's count c = raw gradients seen befor
         theta <- theta - (lr_t / (1 - beta1^t)) * mom / (sqrt(vel / (1 - beta2^t)) + eps)
 
 Everything the step depends on lives on the device: the per-model hyperparameters lr, wd, alpha,
-lamb are [M] float32 tensors (a sweep trains M models with different settings in one launch) and
-the counters (t, c) are an int64 tensor [2] that the kernel reads and a tiny in-place add advances
-after it, so a whole training step can be captured in a CUDA graph and replayed with no host sync.
-(The kernel cannot advance the counters itself: its programs run in any order and all read them.)
+lamb are [M] float32 tensors (a sweep trains M models with different settings in one launch), the
+betas a float64 tensor [2], and the counters (t, c) an int64 tensor [2], so a whole training step
+can be captured in a CUDA graph and replayed with no host sync. A step is two launches:
+  1. adamw_scalars_kernel, one program: reads the counters, writes this step's (t, c) and its
+     float32 scalars to a small workspace, then advances the counters (a barrier between the read
+     and the write; the element kernel cannot advance them: its programs run in any order).
+  2. grokfast_adamw_kernel, grid (M, cdiv(N, BLOCK)): the per-element formulas above.
 
-The MA mean is an exact sum over the W ring slots in the fixed order w = 0..W-1 (like the
-reference), so MA reads W + 4 floats per element per step once the window is full.
+Bias corrections. 1 - beta^t cancels in float32 for small t (1 - 0.98 loses 6 of 24 bits: the old
+float32 1 - exp2(t log2 beta) was off by 1e-6 at beta = 0.98 and 1e-5 at 0.999), so the scalar
+kernel forms beta1^t and beta2^t in float64 by exponentiation by squaring over the bits of t (a fixed
+48 iterations with tl.where, branch-free: assumes t < 2^48; beta = 0 gives 0^t = 0, so
+1 - beta^t = 1), then lr_t / (1 - beta1^t), 1 - beta2^t, 1 - lr_t * wd_m, beta and 1 - beta in
+float64 (lr_m, wd_m: the stored float32 values), each rounded once to float32: the step size is
+within 2^-24 relative of the exact one.
+
+Grokfast MA without reading the window. The kernel keeps S in ``ma_sum`` [M, N] float64 (derived
+state: rebuilt from the ring by ``rebuild_ma_sum``, never checkpointed). With slot = c mod W:
+  - c + 1 < W (window not full):  ring[slot] <- g only; S is neither read nor written.
+  - slot == W - 1 (once per cycle, including the first full step c = W - 1): S is recomputed
+    exactly as the fixed-order sum over w = 0..W-1 (ring[slot] replaced by g), like the reference.
+  - otherwise (c >= W):  S <- (S - ring[slot]) + g, ring[slot] the raw gradient leaving the window.
+The branch depends only on the device counter c, so every program takes the same path and the step
+stays capturable in a CUDA graph. S is float64, and the float32 mean S / W is rounded once from it.
+Float64 has 29 more mantissa bits than float32, so the running update is exact whenever one
+element's gradients in the window span less than 2^(28 - log2 W) in magnitude (~2^21 at W = 100);
+then the running S equals the fixed-order sum bit for bit and a run resumed from a checkpoint (S
+rebuilt from the ring) continues bit-identically, even mid-cycle. When it is not exact the two differ
+by ~2^-53 relative, which changes the float32 mean only if it falls that close to a float32 rounding
+boundary (~2^-29 odds per such element and step). (With a float32 S the running and rebuilt sums
+differ in most elements -- measured 2/3 after 11 steps at W = 7 -- and a resume is not bit-identical.)
+
+Memory traffic per element per step (bytes): AdamW reads g, theta, mom, vel and writes theta, mom,
+vel (7 float32: 28); EMA adds ema read + write (8). MA adds, on W - 1 of every W steps, ring[slot]
+read + write and S read + write (4 + 4 + 8 + 8 = 24), and on the recompute step the W ring slots read,
+ring[slot] and S written (4 W + 4 + 8): amortised 28 - 12 / W bytes per step (27.9 at W = 100)
+instead of the 4 (W + 1) of reading the whole window every step (404).
 """
 from __future__ import annotations
 
@@ -33,6 +64,62 @@ import triton.language as tl
 FILTERS = {"none": 0, "ema": 1, "ma": 2}
 BLOCK = 1024       # elements per program; N need not be a multiple (masked)
 NUM_WARPS = 4
+SCALARS = 5        # shared float32 scalars at the head of the scalar workspace (see adamw_scalars_kernel)
+BLOCK_M = 128      # models per iteration of the scalar kernel
+SCALAR_WARPS = 1   # the scalar kernel: one program, a few values per model
+LAUNCHES = 2       # kernel launches per FusedOptimizer.step: adamw_scalars_kernel, grokfast_adamw_kernel
+
+
+@triton.jit
+def adamw_scalars_kernel(
+    counter_ptr,    # [2] int64 (t - 1, c), advanced in place to (t, c + ADVANCE_C)
+    betas_ptr,      # [2] float64 (beta1, beta2)
+    lr_ptr,         # [M] float32 peak learning rate per model
+    wd_ptr,         # [M] float32 decoupled weight decay per model
+    scal_ptr,       # [SCALARS + 2 M] float32 out: beta1, 1 - beta1, beta2, 1 - beta2, 1 - beta2^t, then
+                    #   per model m at SCALARS + 2 m: lr_t / (1 - beta1^t), 1 - lr_t * wd_m
+    snap_ptr,       # [2] int64 out: (t, c) of this step
+    M,
+    warmup,         # linear warm-up steps (0: none)
+    ADVANCE_C: tl.constexpr,   # 1 when a filter counts raw gradients, else 0
+    SCALARS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """The step's scalars in float64, each rounded once to float32, and the counters advanced; grid (1,).
+
+    beta1^t and beta2^t by exponentiation by squaring over the bits of t: a fixed 48 iterations
+    (assumes t < 2^48), tl.where instead of branches. beta = 0 gives 0^t = 0 (t >= 1), so 1 - beta^t = 1."""
+    two = tl.arange(0, 2)
+    ctr = tl.load(counter_ptr + two)
+    tl.store(snap_ptr + two, ctr + tl.where(two == 0, 1, 0))
+    tl.debug_barrier()                                      # every thread has read the counters ...
+    tl.store(counter_ptr + two, ctr + tl.where(two == 0, 1, ADVANCE_C))   # ... before they advance
+    t = tl.sum(tl.where(two == 0, ctr, 0)) + 1               # this step, 1-based
+
+    betas = tl.load(betas_ptr + two)                         # (beta1, beta2), both at once
+    pows = tl.full([2], 1.0, tl.float64)                     # -> (beta1^t, beta2^t)
+    sq = betas                                               # beta^(2^i)
+    bits = t
+    for _ in range(0, 48):
+        pows = tl.where((bits & 1) != 0, pows * sq, pows)
+        sq = sq * sq
+        bits = bits >> 1
+    bc = 1.0 - pows                                          # (1 - beta1^t, 1 - beta2^t)
+    tl.store(scal_ptr + two * 2, betas.to(tl.float32))
+    tl.store(scal_ptr + two * 2 + 1, (1.0 - betas).to(tl.float32))
+    bc2 = tl.sum(tl.where(two == 1, bc, 0.0))                # exact: the other term is 0
+    bc1 = tl.sum(tl.where(two == 0, bc, 0.0))
+    tl.store(scal_ptr + 4, bc2.to(tl.float32))
+
+    t64 = t.to(tl.float64)
+    sched = tl.where(warmup > 0, tl.minimum(t64 / tl.maximum(warmup, 1).to(tl.float64), 1.0), 1.0)
+    for m0 in range(0, M, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        ok = m < M
+        lr_t = tl.load(lr_ptr + m, mask=ok, other=0.0).to(tl.float64) * sched
+        wd = tl.load(wd_ptr + m, mask=ok, other=0.0).to(tl.float64)
+        tl.store(scal_ptr + SCALARS + 2 * m, (lr_t / bc1).to(tl.float32), mask=ok)
+        tl.store(scal_ptr + SCALARS + 2 * m + 1, (1.0 - lr_t * wd).to(tl.float32), mask=ok)
 
 
 @triton.jit
@@ -41,18 +128,18 @@ def grokfast_adamw_kernel(
     grad_ptr,       # [M, N] float32 raw gradients (read only)
     mom_ptr,        # [M, N] float32 AdamW first moment m, updated in place
     vel_ptr,        # [M, N] float32 AdamW second moment v, updated in place
-    ema_ptr,        # [M, N] float32 Grokfast-EMA state (read only when FILTER == 1)
-    ring_ptr,       # [M, W, N] float32 raw-gradient ring (read only when FILTER == 2)
-    lr_ptr,         # [M] float32 peak learning rate per model
-    wd_ptr,         # [M] float32 decoupled weight decay per model
+    ema_ptr,        # [M, N] float32 Grokfast-EMA state (used only when FILTER == 1)
+    ring_ptr,       # [M, W, N] float32 raw-gradient ring (used only when FILTER == 2)
+    sum_ptr,        # [M, N] float64 MA window sum S (used only when FILTER == 2)
     alpha_ptr,      # [M] float32 EMA momentum per model
     lamb_ptr,       # [M] float32 Grokfast amplification per model
-    counter_ptr,    # [2] int64: optimizer steps done t-1, raw gradients seen by the filter c
+    scal_ptr,       # [SCALARS + 2 M] float32 from adamw_scalars_kernel
+    snap_ptr,       # [2] int64 (t, c) of this step, from adamw_scalars_kernel
     N,              # parameters per model
     window,         # W, the MA window (>= 1)
-    warmup,         # linear warm-up steps (0: none)
-    beta1, beta2, eps,
+    eps,
     FILTER: tl.constexpr,   # 0 none, 1 EMA, 2 MA
+    SCALARS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """One Grokfast + AdamW step for block ``pid(1)`` of model ``pid(0)``; grid (M, cdiv(N, BLOCK))."""
@@ -60,11 +147,7 @@ def grokfast_adamw_kernel(
     offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     row = model * N + offs
-
-    t = (tl.load(counter_ptr) + 1).to(tl.float32)      # this step, 1-based
-    count = tl.load(counter_ptr + 1)
-    lr = tl.load(lr_ptr + model)
-    wd = tl.load(wd_ptr + model)
+    count = tl.load(snap_ptr + 1)
 
     g = tl.load(grad_ptr + row, mask=mask, other=0.0)
     if FILTER == 1:
@@ -80,49 +163,68 @@ def grokfast_adamw_kernel(
         slot = count % window
         ring_row = model * window * N + offs
         if count + 1 >= window:
-            # The slot being replaced contributes g itself: no read-after-write of global memory.
-            acc = tl.zeros([BLOCK], dtype=tl.float32)
-            for w in range(0, window):
-                old = tl.load(ring_ptr + ring_row + w * N, mask=mask, other=0.0)
-                acc += tl.where(w == slot, g, old)
+            if slot == window - 1:
+                # Once per cycle: S exactly, the fixed-order sum over the ring with slot replaced by g
+                # (g itself, not a re-read: no read-after-write of global memory).
+                s = tl.zeros([BLOCK], dtype=tl.float64)
+                for w in range(0, window):
+                    old = tl.load(ring_ptr + ring_row + w * N, mask=mask, other=0.0)
+                    s += tl.where(w == slot, g, old).to(tl.float64)
+            else:
+                # The window moves by one: the raw gradient of c - W leaves, g enters.
+                old = tl.load(ring_ptr + ring_row + slot * N, mask=mask, other=0.0)
+                s = tl.load(sum_ptr + row, mask=mask, other=0.0)
+                s = (s - old.to(tl.float64)) + g.to(tl.float64)
+            tl.store(sum_ptr + row, s, mask=mask)
             tl.store(ring_ptr + ring_row + slot * N, g, mask=mask)
-            g = g + lamb * (acc / window)
+            g = g + lamb * (s / window).to(tl.float32)
         else:
             tl.store(ring_ptr + ring_row + slot * N, g, mask=mask)
 
-    sched = tl.where(warmup > 0, tl.minimum(t / tl.maximum(warmup, 1).to(tl.float32), 1.0), 1.0)
-    lr_t = lr * sched
-    # beta^t = 2^(t log2 beta); beta = 0 gives 2^-inf = 0, as the reference's 0 ** t.
-    bc1 = 1.0 - tl.exp2(t * tl.log2(beta1))
-    bc2 = 1.0 - tl.exp2(t * tl.log2(beta2))
+    b1 = tl.load(scal_ptr)
+    one_b1 = tl.load(scal_ptr + 1)
+    b2 = tl.load(scal_ptr + 2)
+    one_b2 = tl.load(scal_ptr + 3)
+    bc2 = tl.load(scal_ptr + 4)
+    step = tl.load(scal_ptr + SCALARS + 2 * model)          # lr_t / (1 - beta1^t)
+    decay = tl.load(scal_ptr + SCALARS + 2 * model + 1)     # 1 - lr_t * wd
 
     p = tl.load(param_ptr + row, mask=mask, other=0.0)
     mom = tl.load(mom_ptr + row, mask=mask, other=0.0)
     vel = tl.load(vel_ptr + row, mask=mask, other=0.0)
-    p = p * (1.0 - lr_t * wd)
-    mom = beta1 * mom + (1.0 - beta1) * g
-    vel = beta2 * vel + (1.0 - beta2) * (g * g)
+    p = p * decay
+    mom = b1 * mom + one_b1 * g
+    vel = b2 * vel + one_b2 * (g * g)
     denom = tl.sqrt(vel / bc2) + eps
-    p = p - (lr_t / bc1) * (mom / denom)
+    p = p - step * (mom / denom)
     tl.store(param_ptr + row, p, mask=mask)
     tl.store(mom_ptr + row, mom, mask=mask)
     tl.store(vel_ptr + row, vel, mask=mask)
 
 
 def aot_specs() -> list[dict]:
-    """The optimizer kernel's compile specs (one per filter) for grokfast.kernels.aot; its code does
-    not depend on M or N (both are runtime arguments)."""
+    """The optimizer's compile specs for grokfast.kernels.aot: the scalar kernel (with and without a
+    filter) and the element kernel (one per filter); their code does not depend on M or N (runtime
+    arguments)."""
     sig = {"param_ptr": "*fp32", "grad_ptr": "*fp32", "mom_ptr": "*fp32", "vel_ptr": "*fp32",
-           "ema_ptr": "*fp32", "ring_ptr": "*fp32", "lr_ptr": "*fp32", "wd_ptr": "*fp32",
-           "alpha_ptr": "*fp32", "lamb_ptr": "*fp32", "counter_ptr": "*i64", "N": "i32", "window": "i32",
-           "warmup": "i32", "beta1": "fp32", "beta2": "fp32", "eps": "fp32",
-           "FILTER": "constexpr", "BLOCK": "constexpr"}
-    # Torch allocations are 16-byte aligned; triton's launcher specialises on it, so compile it in too.
-    aligned = [i for i, k in enumerate(sig) if k.endswith("_ptr")]
+           "ema_ptr": "*fp32", "ring_ptr": "*fp32", "sum_ptr": "*fp64", "alpha_ptr": "*fp32",
+           "lamb_ptr": "*fp32", "scal_ptr": "*fp32", "snap_ptr": "*i64", "N": "i32", "window": "i32",
+           "eps": "fp32", "FILTER": "constexpr", "SCALARS": "constexpr", "BLOCK": "constexpr"}
+    scal_sig = {"counter_ptr": "*i64", "betas_ptr": "*fp64", "lr_ptr": "*fp32", "wd_ptr": "*fp32",
+                "scal_ptr": "*fp32", "snap_ptr": "*i64", "M": "i32", "warmup": "i32",
+                "ADVANCE_C": "constexpr", "SCALARS": "constexpr", "BLOCK_M": "constexpr"}
+
+    def aligned(signature):
+        # Torch allocations are 16-byte aligned; triton's launcher specialises on it, so compile it in too.
+        return {(i,): [["tt.divisibility", 16]] for i, k in enumerate(signature) if k.endswith("_ptr")}
     return [dict(name=f"grokfast_adamw[{kind}]", fn=grokfast_adamw_kernel, signature=sig,
-                 constexprs={"FILTER": code, "BLOCK": BLOCK},
-                 attrs={(i,): [["tt.divisibility", 16]] for i in aligned}, num_warps=NUM_WARPS)
-            for kind, code in FILTERS.items()]
+                 constexprs={"FILTER": code, "SCALARS": SCALARS, "BLOCK": BLOCK}, attrs=aligned(sig),
+                 num_warps=NUM_WARPS)
+            for kind, code in FILTERS.items()] + [
+            dict(name=f"adamw_scalars[advance_c={a}]", fn=adamw_scalars_kernel, signature=scal_sig,
+                 constexprs={"ADVANCE_C": a, "SCALARS": SCALARS, "BLOCK_M": BLOCK_M}, attrs=aligned(scal_sig),
+                 num_warps=SCALAR_WARPS)
+            for a in (0, 1)]
 
 
 def _per_model(name: str, value, M: int, device) -> torch.Tensor:
@@ -136,11 +238,13 @@ def _per_model(name: str, value, M: int, device) -> torch.Tensor:
 
 
 class FusedOptimizer:
-    """Grokfast filter + AdamW state for M models of N parameters each, stepped by one kernel launch.
+    """Grokfast filter + AdamW state for M models of N parameters each, stepped by two kernel launches.
 
     State (all on ``device``): ``mom``, ``vel`` [M, N] (AdamW m, v), ``ema`` [M, N] (EMA only),
-    ``ring`` [M, W, N] (MA only, slot c mod W holds the c-th raw gradient), ``counters`` [2] int64
-    (t - 1 steps done, c raw gradients seen; c stays 0 without a filter, as in the reference).
+    ``ring`` [M, W, N] (MA only, slot c mod W holds the c-th raw gradient), ``ma_sum`` [M, N] float64
+    (MA only: the window sum S, derived from the ring; call ``rebuild_ma_sum`` after writing the ring),
+    ``counters`` [2] int64 (t - 1 steps done, c raw gradients seen; c stays 0 without a filter, as in
+    the reference). ``betas`` [2] float64 (beta1, beta2) on the device.
     lr, wd, alpha, lamb: a float or a sequence of M (one per model). Assumes float32 contiguous
     [M, N] params and grads on the same device.
     """
@@ -155,9 +259,12 @@ class FusedOptimizer:
             raise ConfigError(f"window must be >= 1 and warmup >= 0, got {window}, {warmup}")
         if M < 1 or N < 1:
             raise ConfigError(f"need at least one model and one parameter, got M={M}, N={N}")
+        if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+            raise ConfigError(f"betas must lie in [0, 1), got ({beta1}, {beta2})")
         self.M, self.N, self.kind = M, N, grokfast
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
         self.warmup, self.window = int(warmup), int(window)
+        self.betas = torch.tensor([self.beta1, self.beta2], dtype=torch.float64, device=device)
         self.lr = _per_model("lr", lr, M, device)
         self.wd = _per_model("wd", wd, M, device)
         self.alpha = _per_model("alpha", alpha, M, device)
@@ -167,8 +274,12 @@ class FusedOptimizer:
         self.ema = torch.zeros((M, N), dtype=torch.float32, device=device) if grokfast == "ema" else None
         self.ring = (torch.zeros((M, window, N), dtype=torch.float32, device=device)
                      if grokfast == "ma" else None)
+        self.ma_sum = torch.zeros((M, N), dtype=torch.float64, device=device) if grokfast == "ma" else None
         self.counters = torch.zeros(2, dtype=torch.int64, device=device)
-        self._advance = torch.tensor([1, 0 if grokfast == "none" else 1], dtype=torch.int64, device=device)
+        # Written by the scalar kernel every step (workspace, not state): the step's float32 scalars
+        # and its (t, c).
+        self._scal = torch.zeros(SCALARS + 2 * M, dtype=torch.float32, device=device)
+        self._snap = torch.zeros(2, dtype=torch.int64, device=device)
 
     @classmethod
     def from_configs(cls, tcfgs: Sequence, N: int, device="cpu") -> "FusedOptimizer":
@@ -185,19 +296,43 @@ class FusedOptimizer:
                    beta2=first.beta2, eps=first.eps, warmup=first.warmup, grokfast=first.grokfast,
                    window=first.window, device=device)
 
+    @torch.no_grad()
+    def rebuild_ma_sum(self, rows=None) -> None:
+        """ma_sum[rows] <- sum_{w=0}^{W-1} ring[rows, w] in float64, added in the order w = 0..W-1 as the
+        kernel's once-per-cycle recomputation does (rows: an int, a sequence of ints, or None for all).
+        Call it after loading the ring (a checkpoint holds the ring, not the sum); a no-op without MA.
+        Before the window is full the kernel does not read the sum (it recomputes it at c = W - 1)."""
+        if self.ring is None:
+            return
+        if rows is None:
+            rows = slice(None)
+        elif isinstance(rows, int):
+            rows = slice(rows, rows + 1)
+        else:
+            rows = torch.as_tensor(list(rows), dtype=torch.int64, device=self.ring.device)
+        ring = self.ring[rows]
+        acc = torch.zeros(ring.shape[0], self.N, dtype=torch.float64, device=self.ring.device)
+        for w in range(self.window):
+            acc += ring[:, w]
+        self.ma_sum[rows] = acc
+
     def step(self, params: torch.Tensor, grads: torch.Tensor) -> None:
-        """params [M, N] <- one filtered AdamW step with raw gradients grads [M, N]. Two launches, no sync."""
+        """params [M, N] <- one filtered AdamW step with raw gradients grads [M, N]. Two launches (the
+        scalar kernel, which also advances the counters, then the element kernel), no sync."""
         if params.shape != (self.M, self.N) or grads.shape != (self.M, self.N):
             raise ValueError(f"expected params and grads [{self.M}, {self.N}], got {tuple(params.shape)}, "
                              f"{tuple(grads.shape)}")
         if not (params.is_contiguous() and grads.is_contiguous()):
             raise ValueError("params and grads must be contiguous")
         dummy = self.mom  # never read when the filter does not use it
+        adamw_scalars_kernel[(1,)](
+            self.counters, self.betas, self.lr, self.wd, self._scal, self._snap, self.M, self.warmup,
+            ADVANCE_C=0 if self.kind == "none" else 1, SCALARS=SCALARS, BLOCK_M=BLOCK_M,
+            num_warps=SCALAR_WARPS)
         grid = (self.M, triton.cdiv(self.N, BLOCK))
         grokfast_adamw_kernel[grid](
             params, grads, self.mom, self.vel,
             self.ema if self.ema is not None else dummy, self.ring if self.ring is not None else dummy,
-            self.lr, self.wd, self.alpha, self.lamb, self.counters,
-            self.N, self.window, self.warmup, self.beta1, self.beta2, self.eps,
-            FILTER=FILTERS[self.kind], BLOCK=BLOCK, num_warps=NUM_WARPS)
-        self.counters.add_(self._advance)
+            self.ma_sum if self.ma_sum is not None else self.betas, self.alpha, self.lamb, self._scal,
+            self._snap, self.N, self.window, self.eps,
+            FILTER=FILTERS[self.kind], SCALARS=SCALARS, BLOCK=BLOCK, num_warps=NUM_WARPS)

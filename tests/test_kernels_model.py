@@ -250,7 +250,7 @@ def test_group_kernels_file_is_generated_from_mlp():
         "kernels/gemm_group.py is stale: regenerate it (command in its docstring)"
 
 
-# The launches of one training step's forward + backward (the optimizer adds one). A regression guard:
+# The launches of one training step's forward + backward (the optimizer adds two). A regression guard:
 # grouped GEMMs and one deferred reduction of the weight-gradient partials brought nanda from 31 to 19.
 MAX_LAUNCHES = {"nanda": 19, "pizza": 19, "power": 44}
 

@@ -21,7 +21,7 @@ from grokfast.backends import interpreter_on
 from grokfast.config import TrainConfig
 from grokfast.optim import AdamW, GrokfastFilter
 
-from grokfast.kernels.optimizer import BLOCK, FusedOptimizer
+from grokfast.kernels.optimizer import BLOCK, SCALARS, FusedOptimizer
 
 N = BLOCK + 477          # two programs per model, the second one partial
 GUARD = 37
@@ -75,6 +75,7 @@ def test_matches_reference_formulas(kind, M):
     if kind == "ma":
         opt.ring, g = guarded((M, window, N), float("nan"))
         guards.append(g)
+        opt.ma_sum = torch.full((M, N), float("nan"), dtype=torch.float64, device=DEVICE)
     theta0 = theta.clone()
 
     refs = []
@@ -129,11 +130,157 @@ def test_bad_input_is_one_clear_error():
         FusedOptimizer(3, 10, lr=[1e-3, 2e-3], wd=1.0)
     with pytest.raises(ConfigError, match="grokfast"):
         FusedOptimizer(1, 10, lr=1e-3, wd=1.0, grokfast="sma")
+    with pytest.raises(ConfigError, match="betas"):
+        FusedOptimizer(1, 10, lr=1e-3, wd=1.0, beta2=1.0)
     with pytest.raises(ConfigError, match="share"):
         FusedOptimizer.from_configs([TrainConfig(), TrainConfig(window=5)], 10)
     opt = FusedOptimizer(1, 10, lr=1e-3, wd=1.0)
     with pytest.raises(ValueError, match=r"\[1, 10\]"):
         opt.step(torch.zeros(1, 11), torch.zeros(1, 11))
+
+
+@pytest.mark.parametrize("betas", [(0.9, 0.98), (0.0, 0.999)])
+def test_bias_corrections_are_exact_in_float64(betas):
+    """At t = 1, 2, 10, 1000 (warm-up 3, two models): the step size lr_t / (1 - beta1^t) and 1 - beta2^t
+    that the kernel uses are the float64 formula (with the float32 lr it stores) rounded once to
+    float32: <= 2^-24 relative. The update itself, from theta = 0, wd = 0, no filter, is
+    -step * mom / (sqrt(vel / (1 - beta2^t)) + eps) with mom, vel the kernel's own new moments: per
+    element <= 4e-7 relative (a chain of at most six float32 roundings of 2^-24 each, the square root
+    halving two of them; measured 2.0e-7), and the step size fitted by least squares over all elements
+    (the per-element roundings average out) <= 1e-7 (2^-24 from rounding the step size, 2^-25 from
+    rounding 1 - beta2^t under the square root; measured 5.3e-8). beta1 = 0 gives 1 - 0^t = 1.
+    The old float32 1 - exp2(t log2 beta) fails all three at t = 1: 1 - beta2^t off by 9.5e-7 (0.98)
+    and 1.3e-5 (0.999), the fitted step by 7e-7 and 6.4e-6."""
+    gen = torch.Generator().manual_seed(99)
+    M, warmup, b1, b2 = 2, 3, *betas
+    lrs = [1e-3, 3e-2]
+    opt = FusedOptimizer(M, N, lr=lrs, wd=0.0, beta1=b1, beta2=b2, eps=1e-8, warmup=warmup, device=DEVICE)
+    for t in (1, 2, 10, 1000):
+        theta, guard = guarded((M, N), 0.0)
+        mom0 = 0.1 * torch.randn(M, N, generator=gen)
+        vel0 = torch.empty(M, N).uniform_(0.5, 2.0, generator=gen)
+        g = torch.randn(M, N, generator=gen)
+        opt.mom, mom_guard = guarded((M, N), 0.0)
+        opt.vel, vel_guard = guarded((M, N), 0.0)
+        opt.mom.copy_(mom0)
+        opt.vel.copy_(vel0)
+        opt._scal.fill_(float("nan"))                       # the scalar kernel's outputs: poisoned
+        opt._snap.fill_(-1)
+        opt.counters.copy_(torch.tensor([t - 1, 0]))
+        opt.step(theta, g.to(DEVICE))
+        assert opt.counters.tolist() == [t, 0] and opt._snap.tolist() == [t, 0]
+        for gd in (guard, mom_guard, vel_guard):
+            assert torch.isnan(gd).all()
+        bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t                 # Python floats: float64
+        scal = opt._scal.double().cpu()
+        assert abs(scal[4].item() / bc2 - 1) <= 2 ** -24, (t, scal[4].item(), bc2)
+        assert scal[:4].tolist() == torch.tensor([b1, 1 - b1, b2, 1 - b2]).tolist()   # float32 roundings
+        mom_ref = b1 * mom0.double() + (1 - b1) * g.double()
+        vel_ref = b2 * vel0.double() + (1 - b2) * g.double() ** 2
+        assert rel(opt.mom, mom_ref) <= 3e-7 and rel(opt.vel, vel_ref) <= 3e-7, t
+        for m in range(M):
+            lr = torch.tensor(lrs[m], dtype=torch.float32).item()    # the stored hyperparameter is float32
+            step_ref = lr * min(1.0, t / warmup) / bc1
+            step_k = scal[SCALARS + 2 * m].item()
+            assert abs(step_k / step_ref - 1) <= 2 ** -24, (t, m, step_k, step_ref)
+            assert scal[SCALARS + 2 * m + 1].item() == 1.0                            # wd = 0: no decay
+            r = opt.mom[m].double().cpu() / ((opt.vel[m].double().cpu() / bc2).sqrt() + 1e-8)
+            new = theta[m].double().cpu()
+            assert ((new + step_ref * r).abs() <= 4e-7 * (step_ref * r).abs()).all(), (t, m)
+            fitted = -(new * r).sum() / (r * r).sum()
+            assert abs(fitted.item() / step_ref - 1) <= 1e-7, (t, m, fitted.item() / step_ref - 1)
+
+
+def test_a_step_is_two_launches(monkeypatch):
+    """FusedOptimizer.step launches exactly LAUNCHES Triton kernels, the scalar kernel first; it advances
+    the counters (t always, c with a filter), with no host-side add."""
+    from grokfast.kernels import optimizer as O
+    calls = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            calls.append(self.kernel.fn.__name__)
+            return self.kernel[grid]
+    for name in ("adamw_scalars_kernel", "grokfast_adamw_kernel"):
+        monkeypatch.setattr(O, name, Spy(getattr(O, name)))
+    for kind, advance in (("ema", 1), ("none", 0)):
+        calls.clear()
+        opt = FusedOptimizer(1, 10, lr=1e-3, wd=1.0, grokfast=kind, device=DEVICE)
+        opt.step(torch.zeros(1, 10, device=DEVICE), torch.ones(1, 10, device=DEVICE))
+        assert calls == ["adamw_scalars_kernel", "grokfast_adamw_kernel"] and len(calls) == O.LAUNCHES
+        assert opt.counters.tolist() == [1, advance]
+
+
+def _snapshot(opt: FusedOptimizer) -> FusedOptimizer:
+    """A new optimizer with opt's checkpointed state (what the steppers save: moments, ring, counters),
+    its MA sum poisoned and then rebuilt from the ring, as the steppers' load_state_dict does."""
+    new = FusedOptimizer(opt.M, opt.N, lr=opt.lr, wd=opt.wd, alpha=opt.alpha, lamb=opt.lamb, beta1=opt.beta1,
+                         beta2=opt.beta2, eps=opt.eps, warmup=opt.warmup, grokfast=opt.kind, window=opt.window,
+                         device=DEVICE)
+    for name in ("mom", "vel", "ring", "counters"):
+        getattr(new, name).copy_(getattr(opt, name))
+    new.ma_sum.fill_(float("nan"))
+    new.rebuild_ma_sum()
+    return new
+
+
+@pytest.mark.parametrize("window", [7, 1])
+def test_ma_running_window_sum(window):
+    """Grokfast MA with the running window sum over 25 steps (3.5 windows of 7), two models, against
+    GrokfastFilter + AdamW in float64 on the same float32 gradients. The ring and the sum start as NaN
+    (the kernel writes them before it reads them). Bounds: the ring equals the reference's last W
+    gradients exactly; the window sum S (float64 sums of float32 values) <= 1e-12 relative to its max
+    (float64 roundings at most; measured 0: exact at these gradients; a float32 S measures 2e-8);
+    parameters <= 1e-6 after the first full window and <= 5e-6 after 25 steps, AdamW moments <= 5e-6
+    (float32 storage of theta, m, v as in test_matches_reference_formulas; measured 1.6e-7, 4.9e-7 and
+    3.1e-7). A resume from the checkpointed state after 11 steps (mid-cycle: the next slot is 4 of 7)
+    with S rebuilt from the ring continues bit-identically for 6 more steps (with a float32 S the
+    rebuilt sum differs from the running one in 2/3 of the elements, and so do some parameters)."""
+    gen = torch.Generator().manual_seed(4321 + window)
+    M, steps = 2, 25
+    hp = dict(lr=[3e-3, 1e-2], wd=[0.5, 0.0], lamb=[2.0, 5.0])
+    opt = FusedOptimizer(M, N, **hp, beta1=0.9, beta2=0.98, warmup=4, grokfast="ma", window=window,
+                         device=DEVICE)
+    opt.ring, ring_guard = guarded((M, window, N), float("nan"))
+    opt.ma_sum = torch.full((M, N), float("nan"), dtype=torch.float64, device=DEVICE)
+    theta0 = torch.randn(M, N, generator=gen)
+    theta, guard = guarded((M, N), 0.0)
+    theta.copy_(theta0)
+    refs = []
+    for m in range(M):
+        cfg = TrainConfig(lr=hp["lr"][m], wd=hp["wd"][m], lamb=hp["lamb"][m], beta1=0.9, beta2=0.98, warmup=4,
+                          grokfast="ma", window=window)
+        p = {"x": theta0[m].double().clone()}
+        refs.append((p, AdamW(p, cfg), GrokfastFilter.from_config(cfg)))
+    resumed = None
+    for step, g in enumerate(gradients(steps, M, gen), start=1):
+        gd = g.to(DEVICE)
+        opt.step(theta, gd)
+        if resumed is not None:
+            resumed[0].step(resumed[1], gd)
+            assert torch.equal(resumed[1], theta), step
+            assert torch.equal(resumed[0].ma_sum, opt.ma_sum), step
+        if step == 11:
+            resumed = (_snapshot(opt), theta.clone())
+            assert torch.equal(resumed[0].ma_sum, opt.ma_sum)      # the rebuilt sum is the running one
+        elif step == 17:
+            resumed = None
+        for m, (p, adam, filt) in enumerate(refs):
+            adam.step(filt.apply({"x": g[m].double()}))
+            if step >= window:
+                assert torch.equal(opt.ring[m].double().cpu(), filt.ring["x"]), (step, m)
+                assert rel(opt.ma_sum[m], filt.ring["x"].sum(0)) <= 1e-12, (step, m)
+            if step == window:
+                assert rel(theta[m], p["x"]) <= 1e-6, (step, m)
+            if step == steps:
+                assert rel(theta[m], p["x"]) <= 5e-6, (step, m)
+                assert rel(opt.mom[m], adam.m["x"]) <= 5e-6 and rel(opt.vel[m], adam.v["x"]) <= 5e-6, m
+    assert opt.counters.tolist() == [steps, steps]
+    assert torch.isnan(guard).all() and torch.isnan(ring_guard).all()
+    assert (theta.cpu() - theta0).abs().max() > 1e-3
 
 
 # ---- FusedStepper: the fused backend in the trainer ---------------------------------------------
@@ -217,24 +364,26 @@ def test_trainer_fused_matches_reference_and_is_deterministic(fb, kind):
 
 @pytest.mark.parametrize("kind", ["none", "ema", "ma"])
 def test_state_dict_keys_and_resume(fb, kind):
-    """Same keys and shapes as the reference stepper; a reload continues the run bit for bit; the
-    model's parameters are live views of the flat buffer."""
+    """Same keys and shapes as the reference stepper; a reload continues the run bit for bit (for MA
+    mid-cycle after the first window: saved at c = 4 with W = 3, so the next step moves the window sum
+    rebuilt from the ring); the model's parameters are live views of the flat buffer."""
     task, cfg = tiny()
     _fused_supported(cfg)
-    tcfg = grokfast.TrainConfig(lr=1e-2, warmup=0, grokfast=kind, window=2)
+    pre = 4 if kind == "ma" else 2
+    tcfg = grokfast.TrainConfig(lr=1e-2, warmup=0, grokfast=kind, window=3)
     tok, lab = task.train.tokens, task.train.labels
     tok_d, lab_d = tok.to(DEVICE), lab.to(DEVICE)
     ref = ReferenceStepper(Transformer(cfg, seed=1), tcfg)          # the reference on the CPU
     model = Transformer(cfg, seed=1, device=DEVICE)
     fused = stepper_mod.FusedStepper(model, tcfg)
     for st, (t, l) in ((ref, (tok, lab)), (fused, (tok_d, lab_d))):
-        st.step(t, l)
-        st.step(t, l)
+        for _ in range(pre):
+            st.step(t, l)
     rs, fs = ref.state_dict(), fused.state_dict()
     assert sorted(rs) == sorted(fs)
     for k in rs:
         assert rs[k].shape == fs[k].shape and rs[k].dtype == fs[k].dtype, k
-    assert int(fs["opt.t"]) == 2 and int(fs["filter.count"]) == int(rs["filter.count"])
+    assert int(fs["opt.t"]) == pre and int(fs["filter.count"]) == int(rs["filter.count"])
     # live views: the trainer's evaluate() reads the weights the kernels write
     assert model.embed.W_E.data_ptr() == fused.flat.data_ptr()
     saved = {k: v.clone() for k, v in fs.items()}
