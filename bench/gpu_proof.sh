@@ -11,7 +11,8 @@
 #   run(command="GPU_PROOF_STAGES='bench-compile bench-grok bench-scaling' bash bench/gpu_proof.sh", timeout_s=600)
 # and, to decide whether the tensor-core tf32x3 dots can become the default (they must meet the float32
 # bounds of `grokfast check`), a third:
-#   run(command="GPU_PROOF_STAGES='check-tf32x3 bench-tf32x3' bash bench/gpu_proof.sh", timeout_s=600)
+#   run(command="GPU_PROOF_STAGES='check-tf32x3 bench-tf32x3 bench-ungrouped' bash bench/gpu_proof.sh", timeout_s=600)
+# (bench-ungrouped: the step with every product in its own launch, GROKFAST_GEMM_GROUP=1, against bench-step)
 set -u
 OUT=${OUT:-$(mktemp -d)}
 R="$OUT/gpu_proof"
@@ -63,6 +64,8 @@ for s in $STAGES; do
         check-tf32x3) stage check-tf32x3 150 grokfast check --precision tf32x3 ;;
         bench-tf32x3) stage bench-tf32x3 150 grokfast bench --precision tf32x3 --no-progress --no-scaling \
             --grok-max-steps 50000 --backends fused,fused-cudagraph --out "$R/bench-tf32x3" ;;
+        bench-ungrouped) stage bench-ungrouped 90 env GROKFAST_GEMM_GROUP=1 grokfast bench --no-progress --no-grok \
+            --no-scaling --backends reference-eager,fused,fused-cudagraph --out "$R/bench-ungrouped" ;;
         sweep) stage sweep 80 grokfast bench --sweep-throughput --no-progress --out "$R/sweep-throughput" ;;
         *) echo "unknown stage $s" >>"$R/summary.txt" ;;
     esac

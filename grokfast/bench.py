@@ -606,7 +606,8 @@ def environment(device, telemetry: Telemetry, command: str) -> dict:
            "command": command, "python": platform.python_version(), "torch": torch.__version__,
            "platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "git": git_commit(),
-           "dot_precision": os.environ.get("GROKFAST_DOT_PRECISION", "ieee")}   # the fused kernels' float32 dots
+           "dot_precision": os.environ.get("GROKFAST_DOT_PRECISION", "ieee"),   # the fused kernels' float32 dots
+           "gemm_group": os.environ.get("GROKFAST_GEMM_GROUP", "3")}            # products per grouped launch
     try:
         import triton
         env["triton"] = triton.__version__
@@ -1022,7 +1023,8 @@ def render_markdown(report: dict, figures: dict) -> str:
              f"driver {env.get('driver') or 'n/a'}; {env['platform']}; CPU: {env['cpu']} "
              f"({env['cpu_count']} cores, torch threads {env['torch_threads']})")
     L.append(f"- telemetry: {env['telemetry']}")
-    L.append(f"- fused kernels' float32 dots: {env.get('dot_precision', 'ieee')} (GROKFAST_DOT_PRECISION)")
+    L.append(f"- fused kernels' float32 dots: {env.get('dot_precision', 'ieee')} (GROKFAST_DOT_PRECISION); "
+             f"up to {env.get('gemm_group', '3')} independent products per launch (GROKFAST_GEMM_GROUP)")
     L.append(f"- timing: {report['timing_method']}; {report['plan']['warmup']} warm-up steps, "
              f"{report['plan']['timed']} timed steps per backend" + ("; --quick" if report["plan"]["quick"] else ""))
     L.append("")

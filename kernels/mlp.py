@@ -35,6 +35,8 @@ dimension >= 16 (masks pad small operands), float32 accumulators, dots at
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -404,7 +406,11 @@ def gemm_plan(a, b, out, bias=None, res=None, act=None, pre_out=None, dact=None,
     return GemmPlan(args, cx, tiles * M * J * S, ws, C, defer)
 
 
-MAX_GROUP = 3   # problems per grouped launch (gemm_group.py has a kernel for each count up to this)
+# Problems per grouped launch (gemm_group.py has a kernel for each count up to 3). GROKFAST_GEMM_GROUP=1
+# launches every problem alone (for benchmarking the grouping: grouped kernels hold more registers).
+MAX_GROUP = int(os.environ.get("GROKFAST_GEMM_GROUP", "3"))
+if MAX_GROUP not in (1, 2, 3):
+    raise ValueError(f"GROKFAST_GEMM_GROUP must be 1, 2 or 3, got {MAX_GROUP}")
 
 
 def gemm_launch(*plans: GemmPlan) -> None:
@@ -449,7 +455,7 @@ def gemm(a, b, out, bias=None, res=None, act=None, pre_out=None, dact=None, z=No
     return out
 
 
-def group_kernels_source(max_group: int = MAX_GROUP) -> str:
+def group_kernels_source(max_group: int = 3) -> str:
     """The text of kernels/gemm_group.py: for n = 2..max_group, gemm{n}_kernel runs n GEMM problems
     in one launch (the arguments of each suffixed with its index; NP0 < NP1 < ... the first program
     of each next problem). Generated because a Triton kernel's parameters must be spelled out;

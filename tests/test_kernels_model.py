@@ -243,6 +243,22 @@ def test_dot_precision_reaches_every_dot_and_is_validated():
         fb.loss_and_grads_flat(tiny(), flat, tokens, tokens[:, 0].contiguous(), precision="half")
 
 
+def test_ungrouped_launches_give_the_same_step(monkeypatch):
+    """mlp.MAX_GROUP = 1 (GROKFAST_GEMM_GROUP=1) launches every product alone: the same loss and gradient
+    bits as the grouped step, with more launches."""
+    monkeypatch.setattr(mlp, "SPLIT_MIN_K", 16)
+    cfg = tiny(n_layers=2, layernorm=True, attn_bias=True, unembed_bias=True)
+    model = make_model(cfg, seed=5)
+    lay, flat = pack([model], cfg)
+    tokens, labels = random_data(cfg, 40, 1, False, seed=5)
+    grouped = fused(cfg, flat, tokens, labels)
+    n_grouped = sum(fb.launches_per_step(cfg, 1, 40).values())
+    monkeypatch.setattr(mlp, "MAX_GROUP", 1)
+    alone = fused(cfg, flat, tokens, labels)
+    assert torch.equal(grouped[0], alone[0]) and torch.equal(grouped[1], alone[1])
+    assert sum(fb.launches_per_step(cfg, 1, 40).values()) > n_grouped
+
+
 def test_group_kernels_file_is_generated_from_mlp():
     import pathlib
     path = pathlib.Path(mlp.__file__).with_name("gemm_group.py")
