@@ -1,5 +1,5 @@
 """TF32 and 3xTF32 dots under the Triton interpreter, so that the opt-in precisions mean on a CPU what
-they mean on a GPU.
+they mean on a GPU (and one compatibility fix for older interpreters, ``_install_index_fix``).
 
 Triton's interpreter (TRITON_INTERPRET=1) multiplies every float32 ``tl.dot`` in float32 whatever its
 ``input_precision``, so without this module ``--precision tf32`` would look exact on a CPU. ``install()``
@@ -54,12 +54,36 @@ def _mode(input_precision) -> str:
     return {"tf32": "tf32", "tf32x3": "tf32x3"}.get(name, "ieee")
 
 
+def _install_index_fix(interpreter) -> None:
+    """Triton 3.6's interpreter converts a tensor used as a Python index (a ``range`` bound computed from
+    ``tl.program_id``) with ``int(data)`` on a one-element 1-D array, which NumPy >= 2.4 refuses ("only
+    0-dimensional arrays can be converted to Python scalars"); later Tritons squeeze first. Patch the
+    same conversion in, so the kernels run under the interpreter of either version."""
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "_grokfast_index_fix", False):
+        return
+
+    def _patch_lang_tensor(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0])
+                       if np.asarray(self.handle.data).size == 1 else int(self.handle.data))
+
+    _patch_lang_tensor._grokfast_index_fix = True
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+
+
 def install() -> bool:
-    """Wrap the interpreter's dot (once). Returns False when this Triton has no interpreter dot to wrap
-    (then the precisions stay exact under the interpreter, as before)."""
+    """Wrap the interpreter's dot (once), and make its tensor-to-index conversion work with NumPy >= 2.4
+    on older Tritons. Returns False when this Triton has no interpreter dot to wrap (then the precisions
+    stay exact under the interpreter, as before)."""
     global _installed
     if _installed:
         return True
+    try:
+        from triton.runtime import interpreter as _interp
+        _install_index_fix(_interp)
+    except ImportError:
+        pass
     try:
         from triton.runtime import interpreter
         builder = interpreter.InterpreterBuilder

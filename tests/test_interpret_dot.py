@@ -72,3 +72,28 @@ def test_fused_gradients_at_each_precision(precision, ok):
     worst = max(((v[0].double() - ref[n]).norm() / ref[n].norm()).item() for n, v in lay.views(grad).items())
     assert (worst <= 1e-5) == ok, worst
     assert _common.DOT_PRECISION == "ieee"     # the precision applied to that call only
+
+
+def test_index_fix_for_older_interpreters():
+    """Triton 3.6's interpreter turns a tensor into a Python index with int() of a one-element 1-D array,
+    which NumPy >= 2.4 refuses; the installed patch converts through the single element instead."""
+    import types
+
+    class Scope:
+        def set_attr(self, obj, name, value):
+            setattr(obj, name, value)
+
+    class Tensor:
+        def __init__(self, data):
+            self.handle = types.SimpleNamespace(data=data)
+
+    def old_patch(tensor, scope):                   # what Triton 3.6 installs
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+    fake = types.SimpleNamespace(_patch_lang_tensor=old_patch)
+    interpret_dot._install_index_fix(fake)
+    fake._patch_lang_tensor(Tensor, Scope())
+    assert list(range(Tensor(np.array([2], dtype=np.int32)), 5)) == [2, 3, 4]
+    assert Tensor(np.array(7)).__index__() == 7
+    interpret_dot._install_index_fix(fake)          # idempotent: not wrapped twice
+    assert fake._patch_lang_tensor._grokfast_index_fix
