@@ -6,6 +6,34 @@
     run = grokfast.train(task, cfg, steps=3000, lr=3e-3, grokfast="ema", out="runs/p31")
     print(run.summary["steps_to_grok"])
 """
+import importlib.abc as _abc
+import importlib.util as _util
+import os as _os
+import sys as _sys
+
+
+class _KernelsBesideThePackage(_abc.MetaPathFinder):
+    """Finds ``grokfast.kernels`` in the checkout's ``kernels/`` folder when nothing else does.
+
+    setup.py maps kernels/ to grokfast.kernels (package_dir). A wheel and a modern editable install
+    (setuptools >= 64) honour the mapping; a legacy one (``pip install --no-build-isolation -e .`` with an
+    older setuptools runs ``setup.py develop``) only puts the checkout on sys.path, where grokfast/ has no
+    kernels/ inside. This finder is the last on sys.meta_path, so it acts only then."""
+
+    ROOT = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+
+    def find_spec(self, name, path=None, target=None):
+        if name != __name__ + ".kernels":
+            return None
+        init = _os.path.join(self.ROOT, "kernels", "__init__.py")
+        if not _os.path.isfile(init):
+            return None
+        return _util.spec_from_file_location(name, init, submodule_search_locations=[_os.path.dirname(init)])
+
+
+if not any(isinstance(f, _KernelsBesideThePackage) for f in _sys.meta_path):
+    _sys.meta_path.append(_KernelsBesideThePackage())
+
 from .config import ConfigError, ModelConfig, TrainConfig, TaskSpec, Preset, PRESETS, preset
 from .data import Task, Operation, PAPER_OPS
 from .model import Transformer, cross_entropy64
