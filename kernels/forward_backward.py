@@ -395,25 +395,33 @@ def loss_and_grads(model, tokens, labels):
     return loss[0].double(), {name: views[name][0] for name in lay.shapes}
 
 
-def launches_per_step(cfg, M: int, B: int) -> dict[str, int]:
-    """{kernel name: launches} of one training step's forward + backward (loss_and_grads_flat) for M
-    models and B examples, counted without a GPU (the orchestration runs on ``meta`` tensors with
-    every launch recorded); the optimizer step adds optimizer.LAUNCHES (adamw_scalars_kernel, then
-    grokfast_adamw_kernel)."""
+def _recorded_step(cfg, M: int, B: int, eval_variant: bool = False) -> list:
+    """The launches of one loss_and_grads_flat at M models and B examples, recorded instead of run
+    (the orchestration runs on ``meta`` tensors; no GPU needed): [(kernel, grid, args, constexprs,
+    num_warps)]. eval_variant adds eval_flat's cross-entropy launch (no gradient)."""
     _check_cfg(cfg)
     lay = ParamLayout(cfg)
     dev = torch.device("meta")
     flat = torch.empty((M, lay.numel), dtype=torch.float32, device=dev)
     tokens = torch.empty((1, B, cfg.n_ctx), dtype=torch.int64, device=dev)
     labels = torch.empty((1, B), dtype=torch.int64, device=dev)
-    counts: dict[str, int] = {}
     with record_launches() as rec:
         ws = Workspace(cfg, M, B, dev, True)
         xf = _forward(cfg, lay, flat, tokens, ws)
         cross_entropy(ws.logits, labels, ws.loss_ex, ws.correct_ex, ws.dlogits)
         mean_reduce(ws.loss_ex, ws.correct_ex, torch.empty((M,), device=dev), ws.correct)
         _backward(cfg, lay, flat, tokens, ws, xf, torch.empty_like(flat))
-    for kernel, *_ in rec:
+        if eval_variant:
+            cross_entropy(ws.logits, labels, ws.loss_ex, ws.correct_ex)
+    return rec
+
+
+def launches_per_step(cfg, M: int, B: int) -> dict[str, int]:
+    """{kernel name: launches} of one training step's forward + backward (loss_and_grads_flat) for M
+    models and B examples, counted without a GPU; the optimizer step adds optimizer.LAUNCHES
+    (adamw_scalars_kernel, then grokfast_adamw_kernel)."""
+    counts: dict[str, int] = {}
+    for kernel, *_ in _recorded_step(cfg, M, B):
         counts[kernel.__name__] = counts.get(kernel.__name__, 0) + 1
     return counts
 
@@ -423,22 +431,7 @@ def aot_specs(cfg, M: int, B: int) -> list[dict]:
     examples, as {"name", "fn" (JITFunction), "signature" (arg -> triton type, "constexpr" for
     constexpr args, in declaration order), "constexprs", "num_warps"}: what triton.compile needs
     (with GPUTarget) to build each one ahead of time. Distinct (kernel, constexprs) pairs only."""
-    _check_cfg(cfg)
-    lay = ParamLayout(cfg)
-    dev = torch.device("meta")
-    flat = torch.empty((M, lay.numel), dtype=torch.float32, device=dev)
-    tokens = torch.empty((B, cfg.n_ctx), dtype=torch.int64, device=dev)
-    labels = torch.empty((B,), dtype=torch.int64, device=dev)
-    with record_launches() as rec:
-        ws = Workspace(cfg, M, B, dev, True)
-        tk, lb = tokens.unsqueeze(0), labels.unsqueeze(0)
-        grad = torch.empty_like(flat)
-        loss = torch.empty((M,), dtype=torch.float32, device=dev)
-        xf = _forward(cfg, lay, flat, tk, ws)
-        cross_entropy(ws.logits, lb, ws.loss_ex, ws.correct_ex, ws.dlogits)
-        mean_reduce(ws.loss_ex, ws.correct_ex, loss, ws.correct)
-        _backward(cfg, lay, flat, tk, ws, xf, grad)
-        cross_entropy(ws.logits, lb, ws.loss_ex, ws.correct_ex)          # the eval variant
+    rec = _recorded_step(cfg, M, B, eval_variant=True)
     specs, seen = [], set()
     for kernel, grid, args, cx, num_warps in rec:
         sig = signature_of(kernel, args, cx)
