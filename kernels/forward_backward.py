@@ -12,14 +12,16 @@ How the work is laid out (DESIGN.md, "The fused training step"), T = n_ctx, V = 
                      last position only (1 layer)
             layer 1: LN1 and Q/K/V per example and position, attention of the last position,
                      its MLP at the last position
-            LN_final, logits = x W_U + b_U, per-example loss and dlogits (accurate on confident data)
+            LN_final, then logits = x W_U + b_U fused with the loss: per-example loss and dlogits
+            (accurate on confident data) from logits that never reach memory
   backward  mirrors it: GEMMs for every weight gradient (a fixed-order sum over examples), the
             attention backward per example into G = [dq | dk | dv | dresid] rows, G summed into the
             (position, token) tables by a one-hot GEMM for layer 0, then the table gradients flow to
             W_Q, W_K, W_V (table-sized products), LN1, and dW_E, dW_pos.
-Launches: independent products share one launch (mlp.gemm_launch: {dX, dW, db} of each linear map)
-and the split-K sums of every weight gradient wait for one launch at the end (mlp.Deferred), so a
-step's forward + backward is 19 launches for the nanda and pizza presets and 44 for power (the
+Launches: independent products share one launch (mlp.gemm_launch: {dX, dW, db} of each linear map),
+the split-K sums of every weight gradient wait for one launch at the end (mlp.Deferred), and the
+unembedding is fused with the loss (unembed_loss.unembed_cross_entropy), so a
+step's forward + backward is 18 launches for the nanda and pizza presets and 42 for power (the
 optimizer adds two; tests/test_kernels_model.py::test_launches_per_step keeps these as ceilings).
 One departure from DESIGN.md's sketch: there is no value-output table VO = x0 W_V W_O; attention
 sums V rows (d_head wide) and z W_O is one GEMM over the examples, because the backward would
@@ -44,7 +46,7 @@ from .embed_attn import attn_backward, attn_forward, embed_backward, embed_table
 from .layernorm import layernorm_backward, layernorm_forward
 from .layout import ParamLayout
 from .mlp import Deferred, colsum_plan, gemm, gemm_launch, gemm_plan, mlp_backward, mlp_forward
-from .unembed_loss import cross_entropy, mean_reduce
+from .unembed_loss import mean_reduce, unembed_cross_entropy
 
 try:  # ConfigError lives with the configs; the kernels must not need the rest of grokfast
     from grokfast.config import ConfigError
@@ -119,7 +121,6 @@ class Workspace:
             self.layers.append(a)
         if LN:
             self.xf, self.muf, self.rsf = e(M, B, D), e(M, B), e(M, B)
-        self.logits = e(M, B, P)
         self.loss_ex, self.correct_ex = e(M, B), e(M, B, dtype=torch.int32)
         self.correct = e(M, dtype=torch.int32)
         if grads:
@@ -199,9 +200,15 @@ def _forward(cfg, lay, flat, tokens, ws: Workspace):
         x_in = a.out
     if LN:
         layernorm_forward(x_in, p["ln_final.w"], p["ln_final.b"], ws.xf, ws.muf, ws.rsf, cfg.ln_eps)
-    xf = ws.xf if LN else x_in
-    gemm(xf, p["unembed.W_U"], ws.logits, bias=p["unembed.b_U"] if cfg.unembed_bias else None)
-    return xf
+    return ws.xf if LN else x_in        # the unembedding runs fused with the loss (_loss_head)
+
+
+def _loss_head(cfg, lay, flat, xf, labels, loss_ex, correct_ex, dlogits=None):
+    """Per-example loss and correct flags (and dlogits) of logits = xf W_U (+ b_U), in one launch: the
+    logits never reach memory (unembed_loss.unembed_cross_entropy)."""
+    p = lay.views(flat)
+    unembed_cross_entropy(xf, p["unembed.W_U"], p["unembed.b_U"] if cfg.unembed_bias else None, labels,
+                          loss_ex, correct_ex, dlogits)
 
 
 def _backward(cfg, lay, flat, tokens, ws: Workspace, xf, grad_out):
@@ -343,7 +350,7 @@ def _loss_and_grads_flat(cfg, flat, tokens, labels, grad_out, loss_out):
     loss_out = _out("loss_out", loss_out, (M,), torch.float32, flat.device)
     ws = _workspace(cfg, M, B, flat.device, True)
     xf = _forward(cfg, lay, flat, tokens, ws)
-    cross_entropy(ws.logits, labels, ws.loss_ex, ws.correct_ex, ws.dlogits)
+    _loss_head(cfg, lay, flat, xf, labels, ws.loss_ex, ws.correct_ex, ws.dlogits)
     mean_reduce(ws.loss_ex, ws.correct_ex, loss_out, ws.correct)
     _backward(cfg, lay, flat, tokens, ws, xf, grad_out)
     return loss_out, grad_out
@@ -378,8 +385,8 @@ def _eval_flat(cfg, flat, tokens, labels, loss_out, correct_out):
         tk = tokens[:, c0:c1] if tokens.shape[0] == 1 else tokens[:, c0:c1].contiguous()
         lb = labels[:, c0:c1] if labels.shape[0] == 1 else labels[:, c0:c1].contiguous()
         ws = _workspace(cfg, M, c1 - c0, flat.device, False)
-        _forward(cfg, lay, flat, tk, ws)
-        cross_entropy(ws.logits, lb, loss_ex[:, c0:c1], correct_ex[:, c0:c1])
+        xf = _forward(cfg, lay, flat, tk, ws)
+        _loss_head(cfg, lay, flat, xf, lb, loss_ex[:, c0:c1], correct_ex[:, c0:c1])
     mean_reduce(loss_ex, correct_ex, loss_out, correct_out)
     return loss_out, correct_out
 
@@ -398,7 +405,7 @@ def loss_and_grads(model, tokens, labels):
 def _recorded_step(cfg, M: int, B: int, eval_variant: bool = False) -> list:
     """The launches of one loss_and_grads_flat at M models and B examples, recorded instead of run
     (the orchestration runs on ``meta`` tensors; no GPU needed): [(kernel, grid, args, constexprs,
-    num_warps)]. eval_variant adds eval_flat's cross-entropy launch (no gradient)."""
+    num_warps)]. eval_variant adds eval_flat's loss launch (no gradient)."""
     _check_cfg(cfg)
     lay = ParamLayout(cfg)
     dev = torch.device("meta")
@@ -408,11 +415,11 @@ def _recorded_step(cfg, M: int, B: int, eval_variant: bool = False) -> list:
     with record_launches() as rec:
         ws = Workspace(cfg, M, B, dev, True)
         xf = _forward(cfg, lay, flat, tokens, ws)
-        cross_entropy(ws.logits, labels, ws.loss_ex, ws.correct_ex, ws.dlogits)
+        _loss_head(cfg, lay, flat, xf, labels, ws.loss_ex, ws.correct_ex, ws.dlogits)
         mean_reduce(ws.loss_ex, ws.correct_ex, torch.empty((M,), device=dev), ws.correct)
         _backward(cfg, lay, flat, tokens, ws, xf, torch.empty_like(flat))
         if eval_variant:
-            cross_entropy(ws.logits, labels, ws.loss_ex, ws.correct_ex)
+            _loss_head(cfg, lay, flat, xf, labels, ws.loss_ex, ws.correct_ex)
     return rec
 
 

@@ -1,6 +1,8 @@
 """Unembedding, cross-entropy that stays accurate on confident data, its gradient, and evaluation.
 
-logits = x W_U (+ b_U) is a GEMM (kernels.mlp.gemm). Per example, with l the logits row (P =
+In the training step and evaluation, ``unembed_cross_entropy`` forms logits = x W_U (+ b_U) for a block
+of examples and every class on chip and goes straight on to the loss (one launch; the logits never
+reach memory); ``cross_entropy`` does the same from logits in memory. Per example, with l the logits row (P =
 d_vocab_out classes), y the label, m = max_j l_j, j* = argmax_j l_j (first on ties),
 e_j = exp(l_j - m) (so e_{j*} = 1) and r = sum_{j != j*} e_j:
 
@@ -25,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import check, launch, pow2
 
 
@@ -35,6 +38,27 @@ def _log1p(r):
     w2 = w * w
     series = 2.0 * w * (1.0 + w2 * (1.0 / 3.0 + w2 * (1.0 / 5.0 + w2 * (1.0 / 7.0 + w2 * (1.0 / 9.0)))))
     return tl.where(r < 0.0625, series, tl.log(1.0 + r))
+
+
+@triton.jit
+def _ce_rows(l, y, bs, js, bmask, jmask, m, LOSS, CORRECT, DLOG, P, inv_B, sloss_m, sd_m, GRAD: tl.constexpr):
+    """Loss, correct flag and (GRAD) dlogits of a [BLOCK_B, BLOCK_P] tile of logits l (rows bs, classes js;
+    entries outside jmask are -inf, rows outside bmask finite and ignored), labels y: the module docstring."""
+    mask = bmask[:, None] & jmask[None, :]
+    mx = tl.max(l, axis=1)
+    jstar = tl.argmax(l, axis=1)
+    e = tl.where(mask, tl.exp(l - mx[:, None]), 0.0)
+    is_y = js[None, :] == y[:, None]
+    r = tl.sum(tl.where(js[None, :] == jstar[:, None], 0.0, e), axis=1)
+    l_y = tl.sum(tl.where(is_y & mask, l, 0.0), axis=1)
+    loss = _log1p(r) + (mx - l_y)
+    tl.store(LOSS + m * sloss_m + bs, loss, mask=bmask)
+    tl.store(CORRECT + m * sloss_m + bs, (jstar == y).to(tl.int32), mask=bmask)
+    if GRAD:
+        s = 1.0 + r
+        r_y = tl.sum(tl.where(is_y, 0.0, e), axis=1)
+        g = tl.where(is_y, -r_y[:, None], e) * (inv_B / s)[:, None]
+        tl.store(DLOG + m * sd_m + bs[:, None] * P + js[None, :], g, mask=mask)
 
 
 @triton.jit
@@ -52,20 +76,36 @@ def cross_entropy_kernel(LOGITS, LAB, LOSS, CORRECT, DLOG, B, P, inv_B,
     l = tl.load(LOGITS + m * sl_m + bs[:, None] * P + js[None, :], mask=mask, other=float("-inf"))
     l = tl.where(bmask[:, None], l, 0.0)  # padded examples: finite, ignored
     y = tl.load(LAB + m * slab_m + bs, mask=bmask, other=0)
-    mx = tl.max(l, axis=1)
-    jstar = tl.argmax(l, axis=1)
-    e = tl.where(mask, tl.exp(l - mx[:, None]), 0.0)
-    is_y = js[None, :] == y[:, None]
-    r = tl.sum(tl.where(js[None, :] == jstar[:, None], 0.0, e), axis=1)
-    l_y = tl.sum(tl.where(is_y & mask, l, 0.0), axis=1)
-    loss = _log1p(r) + (mx - l_y)
-    tl.store(LOSS + m * sloss_m + bs, loss, mask=bmask)
-    tl.store(CORRECT + m * sloss_m + bs, (jstar == y).to(tl.int32), mask=bmask)
-    if GRAD:
-        s = 1.0 + r
-        r_y = tl.sum(tl.where(is_y, 0.0, e), axis=1)
-        g = tl.where(is_y, -r_y[:, None], e) * (inv_B / s)[:, None]
-        tl.store(DLOG + m * sd_m + bs[:, None] * P + js[None, :], g, mask=mask)
+    _ce_rows(l, y, bs, js, bmask, jmask, m, LOSS, CORRECT, DLOG, P, inv_B, sloss_m, sd_m, GRAD)
+
+
+@triton.jit
+def unembed_ce_kernel(X, WU, BU, LAB, LOSS, CORRECT, DLOG, B, P, D, inv_B,
+                      sx_m, sx_r, sw_m, sbu_m, slab_m, sloss_m, sd_m,
+                      HAS_BIAS: tl.constexpr, GRAD: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The unembedding and the loss in one pass: logits = x W_U (+ b_U) for BLOCK_B rows and every class,
+    kept on chip, then _ce_rows; grid (cdiv(B, BLOCK_B), M). X [M, B, D] rows with unit stride along D;
+    WU [M, D, P] contiguous per model; BU [M, P]; LAB, LOSS, CORRECT, DLOG as cross_entropy_kernel."""
+    m = tl.program_id(1).to(tl.int64)
+    bs = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    js = tl.arange(0, BLOCK_P)
+    ks = tl.arange(0, BLOCK_K)
+    bmask = bs < B
+    jmask = js < P
+    acc = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + ks
+        kmask = kk < D
+        a = tl.load(X + m * sx_m + bs[:, None] * sx_r + kk[None, :], mask=bmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(WU + m * sw_m + kk[:, None] * P + js[None, :], mask=kmask[:, None] & jmask[None, :], other=0.0)
+        acc += tl.dot(a, w, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(BU + m * sbu_m + js, mask=jmask, other=0.0)[None, :]
+    l = tl.where(jmask[None, :], acc, float("-inf"))
+    l = tl.where(bmask[:, None], l, 0.0)  # padded examples: finite, ignored
+    y = tl.load(LAB + m * slab_m + bs, mask=bmask, other=0)
+    _ce_rows(l, y, bs, js, bmask, jmask, m, LOSS, CORRECT, DLOG, P, inv_B, sloss_m, sd_m, GRAD)
 
 
 @triton.jit
@@ -110,6 +150,47 @@ def cross_entropy(logits, labels, loss_ex, correct_ex, dlogits=None, n_mean=None
                 sl_m=logits.stride(0), slab_m=labels.stride(0) if labels.shape[0] > 1 else 0,
                 sloss_m=loss_ex.stride(0), sd_m=dlogits.stride(0) if dlogits is not None else 0),
            dict(GRAD=dlogits is not None, BLOCK_B=BB, BLOCK_P=BP), num_warps=8)   # 4 warps spill
+
+
+def unembed_cross_entropy(x, W_U, b_U, labels, loss_ex, correct_ex, dlogits=None, n_mean=None, precision=None):
+    """cross_entropy of logits = x W_U (+ b_U) without the logits ever reaching memory (one launch).
+
+    x [M, B, D] float32 with unit stride along D; W_U [M, D, P] (each model's matrix contiguous); b_U [M, P]
+    or None; labels [1 or M, B] int64; loss_ex, correct_ex, dlogits, n_mean as cross_entropy. precision:
+    the dot mode (_common.PRECISIONS; None: the current default)."""
+    check("x", x, torch.float32, dims=3)
+    M, B, D = x.shape
+    check("W_U", W_U, torch.float32, dims=3, shape=(M, D, None), device=x.device)
+    P = W_U.shape[2]
+    if W_U.stride(1) != P or W_U.stride(2) != 1 or x.stride(2) != 1:
+        raise ValueError("unembed_cross_entropy: W_U must be contiguous per model and x rows unit-stride along D")
+    if b_U is not None:
+        check("b_U", b_U, torch.float32, shape=(M, P), device=x.device)
+        if b_U.stride(1) != 1:
+            raise ValueError("unembed_cross_entropy: b_U must be contiguous along the classes")
+    check("labels", labels, torch.int64, dims=2, device=x.device)
+    if labels.shape[0] not in (1, M) or labels.shape[1] != B or not labels.is_contiguous():
+        raise ValueError(f"labels must be a contiguous int64 [1 or {M}, {B}] tensor, got {list(labels.shape)}")
+    check("loss_ex", loss_ex, torch.float32, shape=(M, B))
+    check("correct_ex", correct_ex, torch.int32, shape=(M, B))
+    if dlogits is not None:
+        check("dlogits", dlogits, torch.float32, shape=(M, B, P))
+        if not dlogits.is_contiguous():
+            raise ValueError("unembed_cross_entropy: dlogits must be contiguous")
+    if P > 512:
+        raise ValueError(f"unembed_cross_entropy handles at most 512 classes, got {P}")
+    if loss_ex.stride() != correct_ex.stride() or loss_ex.stride(1) != 1:
+        raise ValueError("unembed_cross_entropy: loss_ex and correct_ex must share a layout with examples contiguous")
+    BP = pow2(P, 16)
+    BB = max(16, min(32, 4096 // BP))
+    launch(unembed_ce_kernel, (triton.cdiv(B, BB), M),
+           dict(X=x, WU=W_U, BU=b_U if b_U is not None else W_U, LAB=labels, LOSS=loss_ex, CORRECT=correct_ex,
+                DLOG=dlogits if dlogits is not None else x, B=B, P=P, D=D, inv_B=1.0 / float(n_mean or B),
+                sx_m=x.stride(0), sx_r=x.stride(1), sw_m=W_U.stride(0), sbu_m=b_U.stride(0) if b_U is not None else 0,
+                slab_m=labels.stride(0) if labels.shape[0] > 1 else 0, sloss_m=loss_ex.stride(0),
+                sd_m=dlogits.stride(0) if dlogits is not None else 0),
+           dict(HAS_BIAS=b_U is not None, GRAD=dlogits is not None, PRECISION=precision or _common.DOT_PRECISION,
+                BLOCK_B=BB, BLOCK_P=BP, BLOCK_K=16), num_warps=8)
 
 
 def mean_reduce(loss_ex, correct_ex, loss_out, correct_out):
