@@ -155,7 +155,7 @@ class TrainConfig(_Dict):
     backend: str = "auto"
     # the fused kernels' float32 products: ieee | tf32x3 | tf32 (kernels/_common.py); the default is
     # GROKFAST_DOT_PRECISION when set (so `grokfast bench` and sweeps can be switched), else ieee
-    precision: str = field(default_factory=lambda: default_precision())
+    precision: str = field(default_factory=default_precision)
 
     def __post_init__(self):
         self.validate()

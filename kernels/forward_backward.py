@@ -331,28 +331,30 @@ def check_token_range(cfg, tokens, labels) -> None:
                          f"got [{int(labels.min())}, {int(labels.max())}]")
 
 
+def _prepare(cfg, flat, tokens, labels):
+    """The checks both entry points make: (layout, M, tokens [1 or M, B, T], labels [1 or M, B], B)."""
+    _check_cfg(cfg)
+    lay = ParamLayout(cfg)
+    M = _check_flat(cfg, flat, lay)
+    tokens, labels, B = _norm_data(cfg, M, tokens, labels, flat.device)
+    return lay, M, tokens, labels, B
+
+
 def loss_and_grads_flat(cfg, flat, tokens, labels, grad_out=None, loss_out=None, precision=None):
     """flat [M, N] float32 contiguous (ParamLayout(cfg)); tokens [B, n_ctx] int64 (shared by all M models) or
     [M, B, n_ctx]; labels [B] or [M, B] int64. Writes grad_out [M, N] float32 (every entry; the mean-loss gradient)
     and loss_out [M] float32 (mean cross-entropy per model); allocates them if None; returns (loss_out, grad_out).
     No host synchronisation (capturable in a CUDA graph once buffers are allocated). precision: the
     float32 dot mode (_common.PRECISIONS; None: the current default, "ieee" unless changed)."""
-    with _common.dot_precision(precision):
-        return _loss_and_grads_flat(cfg, flat, tokens, labels, grad_out, loss_out)
-
-
-def _loss_and_grads_flat(cfg, flat, tokens, labels, grad_out, loss_out):
-    _check_cfg(cfg)
-    lay = ParamLayout(cfg)
-    M = _check_flat(cfg, flat, lay)
-    tokens, labels, B = _norm_data(cfg, M, tokens, labels, flat.device)
+    lay, M, tokens, labels, B = _prepare(cfg, flat, tokens, labels)
     grad_out = _out("grad_out", grad_out, (M, lay.numel), torch.float32, flat.device)
     loss_out = _out("loss_out", loss_out, (M,), torch.float32, flat.device)
-    ws = _workspace(cfg, M, B, flat.device, True)
-    xf = _forward(cfg, lay, flat, tokens, ws)
-    _loss_head(cfg, lay, flat, xf, labels, ws.loss_ex, ws.correct_ex, ws.dlogits)
-    mean_reduce(ws.loss_ex, ws.correct_ex, loss_out, ws.correct)
-    _backward(cfg, lay, flat, tokens, ws, xf, grad_out)
+    with _common.dot_precision(precision):
+        ws = _workspace(cfg, M, B, flat.device, True)
+        xf = _forward(cfg, lay, flat, tokens, ws)
+        _loss_head(cfg, lay, flat, xf, labels, ws.loss_ex, ws.correct_ex, ws.dlogits)
+        mean_reduce(ws.loss_ex, ws.correct_ex, loss_out, ws.correct)
+        _backward(cfg, lay, flat, tokens, ws, xf, grad_out)
     return loss_out, grad_out
 
 
@@ -365,28 +367,21 @@ def eval_flat(cfg, flat, tokens, labels, loss_out=None, correct_out=None, precis
     tokens/labels as in loss_and_grads_flat. Large splits run in chunks of examples (a Python loop
     over chunks, no sync) so the activations stay under EVAL_CHUNK_FLOATS floats. precision as in
     loss_and_grads_flat."""
-    with _common.dot_precision(precision):
-        return _eval_flat(cfg, flat, tokens, labels, loss_out, correct_out)
-
-
-def _eval_flat(cfg, flat, tokens, labels, loss_out, correct_out):
-    _check_cfg(cfg)
-    lay = ParamLayout(cfg)
-    M = _check_flat(cfg, flat, lay)
-    tokens, labels, B = _norm_data(cfg, M, tokens, labels, flat.device)
+    lay, M, tokens, labels, B = _prepare(cfg, flat, tokens, labels)
     loss_out = _out("loss_out", loss_out, (M,), torch.float32, flat.device)
     correct_out = _out("correct_out", correct_out, (M,), torch.int32, flat.device)
     chunk = max(64, EVAL_CHUNK_FLOATS // (M * Workspace.floats_per_example(cfg, False)))
     chunk = min(B, chunk)
     loss_ex = torch.empty((M, B), dtype=torch.float32, device=flat.device)
     correct_ex = torch.empty((M, B), dtype=torch.int32, device=flat.device)
-    for c0 in range(0, B, chunk):
-        c1 = min(B, c0 + chunk)
-        tk = tokens[:, c0:c1] if tokens.shape[0] == 1 else tokens[:, c0:c1].contiguous()
-        lb = labels[:, c0:c1] if labels.shape[0] == 1 else labels[:, c0:c1].contiguous()
-        ws = _workspace(cfg, M, c1 - c0, flat.device, False)
-        xf = _forward(cfg, lay, flat, tk, ws)
-        _loss_head(cfg, lay, flat, xf, lb, loss_ex[:, c0:c1], correct_ex[:, c0:c1])
+    with _common.dot_precision(precision):
+        for c0 in range(0, B, chunk):
+            c1 = min(B, c0 + chunk)
+            tk = tokens[:, c0:c1] if tokens.shape[0] == 1 else tokens[:, c0:c1].contiguous()
+            lb = labels[:, c0:c1] if labels.shape[0] == 1 else labels[:, c0:c1].contiguous()
+            ws = _workspace(cfg, M, c1 - c0, flat.device, False)
+            xf = _forward(cfg, lay, flat, tk, ws)
+            _loss_head(cfg, lay, flat, xf, lb, loss_ex[:, c0:c1], correct_ex[:, c0:c1])
     mean_reduce(loss_ex, correct_ex, loss_out, correct_out)
     return loss_out, correct_out
 

@@ -118,7 +118,7 @@ class FusedStepper:
     def _run(self, tokens, labels):
         tokens, labels = self._contiguous(tokens, labels)
         _fb().loss_and_grads_flat(self.cfg, self.flat, tokens, labels, grad_out=self.grad, loss_out=self.loss,
-                                  precision=getattr(self.tcfg, "precision", None))
+                                  precision=self.tcfg.precision)
         self.opt.step(self.flat, self.grad)
 
     def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -156,7 +156,7 @@ class FusedStepper:
         try:
             with torch.cuda.graph(graph):   # records, does not run: the replay below does this step
                 _fb().loss_and_grads_flat(self.cfg, self.flat, static[0], static[1], grad_out=self.grad,
-                                          loss_out=self.loss, precision=getattr(self.tcfg, "precision", None))
+                                          loss_out=self.loss, precision=self.tcfg.precision)
                 self.opt.step(self.flat, self.grad)
         except Exception as e:  # e.g. a host sync inside a kernel launcher: train eagerly instead
             warnings.warn(f"CUDA graph capture of the fused step failed ({type(e).__name__}: {e}); "

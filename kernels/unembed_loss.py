@@ -123,13 +123,11 @@ def mean_reduce_kernel(LOSS, CORRECT, LOSS_OUT, CORRECT_OUT, B, sloss_m, BLOCK: 
     tl.store(CORRECT_OUT + m, tl.sum(cnt, axis=0))
 
 
-def cross_entropy(logits, labels, loss_ex, correct_ex, dlogits=None, n_mean=None):
-    """Per-example loss [M, B] and correct flags [M, B] int32 from logits [M, B, P]; with dlogits
-    [M, B, P], also the gradient of the mean loss over n_mean examples (default B). logits and dlogits
-    contiguous; loss_ex and correct_ex may be column slices of wider [M, B_total] buffers."""
-    M, B, P = logits.shape
-    check("logits", logits, torch.float32, dims=3)
-    check("labels", labels, torch.int64, dims=2, device=logits.device)
+def _check_loss_args(who, M, B, P, labels, loss_ex, correct_ex, dlogits, device):
+    """The checks cross_entropy and unembed_cross_entropy share: labels [1 or M, B] int64 contiguous on
+    device; loss_ex [M, B] float32 and correct_ex [M, B] int32 in one layout with examples contiguous;
+    dlogits [M, B, P] float32 when given; P <= 512 classes. One-line ValueError otherwise."""
+    check("labels", labels, torch.int64, dims=2, device=device)
     if labels.shape[0] not in (1, M) or labels.shape[1] != B or not labels.is_contiguous():
         raise ValueError(f"labels must be a contiguous int64 [1 or {M}, {B}] tensor, got {list(labels.shape)}")
     check("loss_ex", loss_ex, torch.float32, shape=(M, B))
@@ -137,11 +135,20 @@ def cross_entropy(logits, labels, loss_ex, correct_ex, dlogits=None, n_mean=None
     if dlogits is not None:
         check("dlogits", dlogits, torch.float32, shape=(M, B, P))
     if P > 512:
-        raise ValueError(f"cross_entropy handles at most 512 classes, got {P}")
+        raise ValueError(f"{who} handles at most 512 classes, got {P}")
+    if loss_ex.stride() != correct_ex.stride() or loss_ex.stride(1) != 1:
+        raise ValueError(f"{who}: loss_ex and correct_ex must share a layout with examples contiguous")
+
+
+def cross_entropy(logits, labels, loss_ex, correct_ex, dlogits=None, n_mean=None):
+    """Per-example loss [M, B] and correct flags [M, B] int32 from logits [M, B, P]; with dlogits
+    [M, B, P], also the gradient of the mean loss over n_mean examples (default B). logits and dlogits
+    contiguous; loss_ex and correct_ex may be column slices of wider [M, B_total] buffers."""
+    check("logits", logits, torch.float32, dims=3)
+    M, B, P = logits.shape
+    _check_loss_args("cross_entropy", M, B, P, labels, loss_ex, correct_ex, dlogits, logits.device)
     if not all(t.is_contiguous() for t in (logits,) + ((dlogits,) if dlogits is not None else ())):
         raise ValueError("cross_entropy: logits and dlogits must be contiguous")
-    if loss_ex.stride() != correct_ex.stride() or loss_ex.stride(1) != 1:
-        raise ValueError("cross_entropy: loss_ex and correct_ex must share a layout with examples contiguous")
     BP = pow2(P, 16)
     BB = max(1, min(32, 4096 // BP))
     launch(cross_entropy_kernel, (triton.cdiv(B, BB), M),
@@ -168,19 +175,9 @@ def unembed_cross_entropy(x, W_U, b_U, labels, loss_ex, correct_ex, dlogits=None
         check("b_U", b_U, torch.float32, shape=(M, P), device=x.device)
         if b_U.stride(1) != 1:
             raise ValueError("unembed_cross_entropy: b_U must be contiguous along the classes")
-    check("labels", labels, torch.int64, dims=2, device=x.device)
-    if labels.shape[0] not in (1, M) or labels.shape[1] != B or not labels.is_contiguous():
-        raise ValueError(f"labels must be a contiguous int64 [1 or {M}, {B}] tensor, got {list(labels.shape)}")
-    check("loss_ex", loss_ex, torch.float32, shape=(M, B))
-    check("correct_ex", correct_ex, torch.int32, shape=(M, B))
-    if dlogits is not None:
-        check("dlogits", dlogits, torch.float32, shape=(M, B, P))
-        if not dlogits.is_contiguous():
-            raise ValueError("unembed_cross_entropy: dlogits must be contiguous")
-    if P > 512:
-        raise ValueError(f"unembed_cross_entropy handles at most 512 classes, got {P}")
-    if loss_ex.stride() != correct_ex.stride() or loss_ex.stride(1) != 1:
-        raise ValueError("unembed_cross_entropy: loss_ex and correct_ex must share a layout with examples contiguous")
+    _check_loss_args("unembed_cross_entropy", M, B, P, labels, loss_ex, correct_ex, dlogits, x.device)
+    if dlogits is not None and not dlogits.is_contiguous():
+        raise ValueError("unembed_cross_entropy: dlogits must be contiguous")
     BP = pow2(P, 16)
     BB = max(16, min(32, 4096 // BP))
     launch(unembed_ce_kernel, (triton.cdiv(B, BB), M),
