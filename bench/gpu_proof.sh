@@ -1,76 +1,71 @@
 #!/usr/bin/env bash
-# GPU proof in two calls of the device tool: install, the kernel tests (under the device Triton's
-# interpreter), `grokfast check` at the presets' shapes, determinism, a full nanda run on the fused backend
-# with Grokfast-EMA, the benchmark report in parts, and the sweep throughput. Every stage has its own time
-# limit and the script goes on after a failure, so a call returns everything that could be measured.
-# Output: $OUT/gpu_proof.tar.gz (all logs and reports) and $OUT/summary.txt; unpack under
-# bench/results/<date>-<device>/ and commit.
+# The GPU proof in ONE call of the device tool, under 8 minutes on an H100 or H200:
 #
-# Two calls cover everything (each stage has its own limit; a call may run 600 s):
-#   run(command="bash bench/gpu_proof.sh", timeout_s=600)                      # stages of call 1 (default)
-#   run(command="GPU_PROOF_STAGES='bench-compile bench-grok bench-scaling' bash bench/gpu_proof.sh", timeout_s=600)
-# and, to decide whether the tensor-core tf32x3 dots can become the default (they must meet the float32
-# bounds of `grokfast check`), a third:
-#   run(command="GPU_PROOF_STAGES='check-tf32x3 bench-tf32x3 bench-ungrouped' bash bench/gpu_proof.sh", timeout_s=600)
-# (bench-ungrouped: the step with every product in its own launch, GROKFAST_GEMM_GROUP=1, against bench-step)
+#   run(command="bash bench/gpu_proof.sh", timeout_s=540)
+#
+# Stages in priority order, each with its own time limit, each writing its result into $OUT as soon as it
+# finishes (at most 8 files), so a run cut off early still returns the first results:
+#   1 graph.txt     the step captured as a CUDA graph at the nanda shapes; replay bit-identical to eager
+#                   after 200 steps; no descriptor table built after the warm-up      (bench/graph_proof.py)
+#   2 check.txt     grokfast check at the presets' real shapes (ieee), then nanda at tf32x3 (EMA), then the
+#                   kernel-path tests on the GPU (LayerNorm at 16384 rows against float64, the split step,
+#                   the captured step replaying the eager bits)   (tests/test_kernels_paths.py)
+#   3 bench.md      us/step of reference eager, fused eager and fused CUDA graph, side by side, with the
+#     bench.json    floor (grokfast bench); then torch.compile max-autotune (appended to bench.md,
+#     bench-compile.json)
+#   4 profile.txt   the graph-replayed step kernel by kernel (bench/profile_step.py)
+#   5 train.txt     a fused nanda run with Grokfast-EMA until 99% test accuracy: its steps and seconds
+# plus summary.txt (device, versions, each stage's exit status and seconds). Commit them under
+# bench/results/<date>-<device>/ and update README's status table. GPU_PROOF_STAGES picks stages.
 set -u
 OUT=${OUT:-$(mktemp -d)}
-R="$OUT/gpu_proof"
-mkdir -p "$R"
+mkdir -p "$OUT"
+TMP=$(mktemp -d)
 export PYTHONUNBUFFERED=1
-STAGES=${GPU_PROOF_STAGES:-"tests check determinism train bench-step sweep"}
+STAGES=${GPU_PROOF_STAGES:-"graph check bench profile train compile"}
+S="$OUT/summary.txt"
 
-stage() {  # stage NAME SECONDS COMMAND...: run with a limit, log to $R/NAME.log, note the outcome
-    local name=$1 limit=$2; shift 2
+stage() {  # stage NAME FILE SECONDS COMMAND...: run with a limit, append its output to $OUT/FILE, note the outcome
+    local name=$1 file=$2 limit=$3; shift 3
     local t0=$(date +%s)
-    timeout "$limit" "$@" >"$R/$name.log" 2>&1
+    echo "### $name: $*" >>"$OUT/$file"
+    timeout "$limit" "$@" >>"$OUT/$file" 2>&1
     local rc=$?
-    echo "$name: rc=$rc in $(( $(date +%s) - t0 )) s (limit $limit s): $*" | tee -a "$R/summary.txt"
+    echo "$name: rc=$rc in $(( $(date +%s) - t0 )) s (limit $limit s) -> $file" >>"$S"
 }
 
 {
     date -u +"date: %Y-%m-%dT%H:%M:%SZ"
     echo "commit: $(git rev-parse HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | wc -l) uncommitted files"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1
-    python - <<'EOF'
-import platform, torch
-print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
-try:
-    import triton; print("triton", triton.__version__)
-except Exception as e:
-    print("triton missing:", e)
-EOF
-} >"$R/summary.txt" 2>&1
-
-pip install -q --no-deps --no-build-isolation -e . >"$R/install.log" 2>&1 || echo "install failed (see install.log)" >>"$R/summary.txt"
+    python -c "import platform, torch, triton; print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" 2>&1
+} >"$S"
+pip install -q --no-deps --no-build-isolation -e . >"$TMP/install.log" 2>&1 || { echo "install failed:"; tail -5 "$TMP/install.log"; } >>"$S"
 
 for s in $STAGES; do
     case $s in
-        # the kernel tests build CPU tensors: on the device's Triton they run under its interpreter (this
-        # checks the kernels against that Triton version); the GPU itself is checked by `grokfast check`
-        tests) stage tests 120 env TRITON_INTERPRET=1 python -m pytest -q -x tests/test_kernels_model.py tests/test_kernels_optimizer.py ;;
-        check) stage check 110 grokfast check ;;
-        determinism) stage determinism 45 python bench/determinism.py ;;
-        train) stage train 75 grokfast train --preset nanda --backend fused --grokfast ema --no-progress --out "$R/nanda-ema-fused" ;;
-        bench-step) stage bench-step 90 grokfast bench --no-progress --no-grok --no-scaling \
-            --backends reference-eager,fused,fused-cudagraph --out "$R/bench-step" ;;
-        bench-compile) stage bench-compile 280 grokfast bench --no-progress --no-grok --no-scaling \
-            --backends reference-eager,reference-compile-max-autotune,reference-compile-reduce-overhead,fused-cudagraph \
-            --out "$R/bench-compile" ;;
-        bench-grok) stage bench-grok 200 grokfast bench --no-progress --no-scaling --grok-max-steps 50000 \
-            --backends reference-eager,fused-cudagraph --out "$R/bench-grok" ;;
-        bench-scaling) stage bench-scaling 100 grokfast bench --no-progress --no-grok \
-            --backends reference-eager,fused-cudagraph --out "$R/bench-scaling" ;;
-        check-tf32x3) stage check-tf32x3 150 grokfast check --precision tf32x3 ;;
-        bench-tf32x3) stage bench-tf32x3 150 grokfast bench --precision tf32x3 --no-progress --no-scaling \
-            --grok-max-steps 50000 --backends fused,fused-cudagraph --out "$R/bench-tf32x3" ;;
-        bench-ungrouped) stage bench-ungrouped 90 env GROKFAST_GEMM_GROUP=1 grokfast bench --no-progress --no-grok \
-            --no-scaling --backends reference-eager,fused,fused-cudagraph --out "$R/bench-ungrouped" ;;
-        sweep) stage sweep 80 grokfast bench --sweep-throughput --no-progress --out "$R/sweep-throughput" ;;
-        *) echo "unknown stage $s" >>"$R/summary.txt" ;;
+        graph) stage graph graph.txt 50 python bench/graph_proof.py --preset nanda --steps 200 --grokfast ema ;;
+        check)
+            stage check check.txt 90 grokfast check
+            stage check-tf32x3 check.txt 45 grokfast check --preset nanda --grokfast ema --precision tf32x3
+            stage paths check.txt 40 python -m pytest -q -p no:cacheprovider tests/test_kernels_paths.py ;;
+        bench)
+            stage bench bench.md 70 grokfast bench --no-progress --no-grok --no-scaling \
+                --backends reference-eager,fused,fused-cudagraph --out "$TMP/bench"
+            [ -f "$TMP/bench/report.md" ] && cat "$TMP/bench/report.md" >>"$OUT/bench.md"
+            [ -f "$TMP/bench/report.json" ] && cp "$TMP/bench/report.json" "$OUT/bench.json" ;;
+        profile) stage profile profile.txt 30 python bench/profile_step.py --preset nanda --steps 50 ;;
+        train)
+            stage train train.txt 60 grokfast train --preset nanda --backend fused --grokfast ema --stop-at-grok \
+                --no-progress --eval-every 50 --checkpoint-every 100000 --out "$TMP/nanda-ema"
+            [ -f "$TMP/nanda-ema/summary.json" ] && cat "$TMP/nanda-ema/summary.json" >>"$OUT/train.txt" ;;
+        compile)
+            stage compile bench.md 85 grokfast bench --no-progress --no-grok --no-scaling \
+                --backends reference-eager,reference-compile-max-autotune,fused-cudagraph --out "$TMP/bench-compile"
+            [ -f "$TMP/bench-compile/report.md" ] && cat "$TMP/bench-compile/report.md" >>"$OUT/bench.md"
+            [ -f "$TMP/bench-compile/report.json" ] && cp "$TMP/bench-compile/report.json" "$OUT/bench-compile.json" ;;
+        *) echo "unknown stage $s" >>"$S" ;;
     esac
 done
-rm -rf "$R"/nanda-ema-fused/checkpoints  # weights are not results; keep the metrics and the figure
-cp "$R/summary.txt" "$OUT/summary.txt"
-tar -czf "$OUT/gpu_proof.tar.gz" -C "$OUT" gpu_proof && rm -rf "$R"
-cat "$OUT/summary.txt"
+rm -rf "$TMP"
+cat "$S"

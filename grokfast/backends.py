@@ -64,6 +64,7 @@ class ReferenceStepper:
     Grokfast filter, AdamW. ``step(tokens, labels)`` returns the loss (a device tensor, no sync)."""
 
     name = "reference"
+    mode = "eager"          # (the fused stepper's is "cuda-graph" once its step is captured)
 
     def __init__(self, model: Transformer, tcfg: TrainConfig):
         self.model = model

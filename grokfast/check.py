@@ -196,7 +196,7 @@ def _train_rows(name, cfg: ModelConfig, tcfg: TrainConfig, tokens, labels, seed,
             key = "params@1" if step == 1 else "params@S"
             rows.append(Row(name, f"params after {step} step{'s' * (step > 1)} [{tcfg.grokfast}]", err,
                             BOUNDS[key], f"worst {worst}; {left_out} of {total} elements left out "
-                                         "(first gradient within its bound of 0)"))
+                                         f"(first gradient within its bound of 0); fused steps: {fused.mode}"))
     return rows
 
 

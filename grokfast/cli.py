@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, usage_errors
 
 EXIT_USAGE = 2
 
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
+    except usage_errors() as e:
         print(f"grokfast: error: {e}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass, field, asdict, replace
 from typing import Optional
 
 
 class ConfigError(ValueError):
     """Bad user input: the message is one line that says what to change."""
+
+
+def usage_errors() -> tuple:
+    """The exception types that mean bad input (a one-line message, exit status 2 on the command line):
+    ConfigError, and the fused kernels' own KernelConfigError once grokfast.kernels has been imported
+    (the kernels know nothing of grokfast; grokfast imports them only for the fused backend)."""
+    errors = sys.modules.get("grokfast.kernels.errors")
+    return (ConfigError,) + ((errors.KernelConfigError,) if errors is not None else ())
 
 
 # How the fused kernels multiply float32 operands (kernels/_common.py): IEEE float32 (default), three

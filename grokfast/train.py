@@ -244,6 +244,7 @@ def train(task: Task | None = None, model_config: ModelConfig | None = None,
     def finish(at_step: int, wall: float) -> dict:
         summary = summarize(history, at_step, wall)
         summary.update(backend=backend, device=str(device),
+                       step_mode=getattr(stepper, "mode", "eager"),   # fused on a GPU: "cuda-graph" once captured
                        steps_per_second=round(at_step / wall, 2) if wall > 0 else None)
         if out is not None:
             rundir.write_json(out / "summary.json", summary)

@@ -9,9 +9,11 @@ Importing this package imports triton (set TRITON_INTERPRET=1 before, to run on 
     FusedOptimizer                        Grokfast + AdamW over flat [M, N] buffers (kernels/optimizer.py)
     ParamLayout                           the flat [M, N] parameter layout (kernels/layout.py)
     make_batched_stepper(models, tcfgs, train, test)  M models in one launch (kernels/batched.py)
+    KernelConfigError                     what they raise for input they cannot take (kernels/errors.py)
 """
 import triton  # noqa: F401  (a missing triton is reported here, where grokfast.backends looks)
 
+from .errors import KernelConfigError
 from .layout import ParamLayout
 from .optimizer import FusedOptimizer
 from .stepper import FusedStepper, loss_and_grads, unsupported_reason
@@ -24,5 +26,5 @@ def make_stepper(model, tcfg, cuda_graph: bool | None = None):
     return FusedStepper(model, tcfg, cuda_graph=cuda_graph)
 
 
-__all__ = ["make_stepper", "loss_and_grads", "unsupported_reason", "FusedOptimizer", "FusedStepper", "ParamLayout",
+__all__ = ["KernelConfigError", "make_stepper", "loss_and_grads", "unsupported_reason", "FusedOptimizer", "FusedStepper", "ParamLayout",
            "BatchedStepper", "make_batched_stepper"]

@@ -77,40 +77,80 @@ def recording() -> bool:
     return _recorder is not None
 
 
+# Floating-point contraction (a * b + c as one FMA) is pinned rather than left to Triton's default, which
+# changes in Triton 3.10: the same source then gives the same bits under every Triton. On: turning it off
+# also splits the FMAs of the float32 dots on the CUDA cores (ptxas --fmad=false), halving their speed.
+# The interpreter never contracts, so GPU and interpreter agree to rounding, not bit for bit.
+FP_FUSION = True
+
+_in_launch = False
+
+
+def in_launch() -> bool:
+    """True while ``launch`` runs a kernel: lets a test tell the host work of the step's orchestration
+    from the interpreter's own copies of the kernel's arguments."""
+    return _in_launch
+
+
 def launch(kernel, grid, args: dict, constexprs: dict, num_warps: int = 4) -> None:
     """kernel[grid](**args, **constexprs), or a record of it inside ``record_launches``."""
+    global _in_launch
     grid = tuple(int(g) for g in grid)
     if any(g <= 0 for g in grid):
         return
     if _recorder is not None:
         _recorder.append((kernel, grid, args, constexprs, num_warps))
         return
-    kernel[grid](**args, **constexprs, num_warps=num_warps)
+    _in_launch = True
+    try:
+        kernel[grid](**args, **constexprs, num_warps=num_warps, enable_fp_fusion=FP_FUSION)
+    finally:
+        _in_launch = False
 
 
-_TYPES = {torch.float32: "*fp32", torch.int64: "*i64", torch.int32: "*i32"}
+_TYPES = {torch.float32: "*fp32", torch.float64: "*fp64", torch.int64: "*i64", torch.int32: "*i32"}
 
 
-def signature_of(kernel, args: dict, constexprs: dict) -> dict:
-    """Triton type strings for every argument of ``kernel`` in declaration order ("constexpr" for
-    the constexpr ones), from the values one launch passes."""
-    sig = {}
-    for name in kernel.arg_names:
+def _aligned(t: torch.Tensor) -> bool:
+    """Whether the JIT sees t's address as 16-byte aligned: data_ptr % 16 on a real tensor; on a meta
+    tensor (no address) the storage offset's bytes, the base being an allocator's (>= 256-byte aligned)."""
+    if t.device.type == "meta":
+        return (t.storage_offset() * t.element_size()) % 16 == 0
+    return t.data_ptr() % 16 == 0
+
+
+def specialization(kernel, args: dict, constexprs: dict) -> dict:
+    """What the JIT compiles for one launch of ``kernel`` with these values, as triton.compile's inputs:
+    {"signature": arg -> Triton type ("constexpr" for constexprs), "constexprs": the kernel's constexprs
+    plus every integer argument equal to 1 (the JIT makes those constants), "attrs": {(index,):
+    [["tt.divisibility", 16]]} for every integer divisible by 16 and every 16-byte-aligned pointer}.
+    These are the JIT's specialisation rules (Triton 3.x), so an ahead-of-time compile sees the
+    registers and spills of the code that runs (tests check them against Triton's own rules)."""
+    sig, cx, attrs = {}, dict(constexprs), {}
+    for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
             continue
         v = args[name]
+        divisible = False
         if isinstance(v, torch.Tensor):
             sig[name] = _TYPES[v.dtype]
+            divisible = _aligned(v)
         elif isinstance(v, bool):
-            sig[name] = "i1"
+            sig[name] = "u1"
         elif isinstance(v, int):
+            if v == 1:
+                sig[name], cx[name] = "constexpr", 1
+                continue
             sig[name] = "i32" if -2**31 <= v < 2**31 else "i64"
+            divisible = v % 16 == 0
         elif isinstance(v, float):
             sig[name] = "fp32"
         else:
             raise TypeError(f"argument {name} of {kernel.__name__}: cannot type {type(v).__name__}")
-    return sig
+        if divisible:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return {"signature": sig, "constexprs": cx, "attrs": attrs}
 
 
 def check(name: str, t, dtype=torch.float32, dims: int | None = None, shape=None, device=None) -> None:

@@ -9,42 +9,28 @@ constexprs depend on the model and batch, so each preset and M gives its own spe
     ptxas triton uses for that architecture (both tools ship inside the triton wheel).
 A spill is a failure: the kernels are small enough to live in registers and shared memory.
 
+The shapes come from the caller as (label, ModelConfig, B) triples: this module knows no presets
+(grokfast/aot.py builds them from the presets and holds the command line, ``python -m grokfast.aot``).
 The interpreter (TRITON_INTERPRET=1) replaces @triton.jit functions with interpreted ones that
-cannot be compiled, so ``compile_all_in_subprocess`` runs the compilation in a fresh Python with
-that variable removed. Command line: ``python -m grokfast.kernels.aot [--arch 80 90] [--json]``.
+cannot be compiled: compile in a process without that variable.
 """
 from __future__ import annotations
 
-import argparse
-import importlib.util
-import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 
-PRESETS = ("nanda", "power", "pizza")
+from ._common import FP_FUSION
+
 MODEL_BATCH = (1, 64)
 ARCHS = (80, 90)
 
 
-def preset_shapes(name: str):
-    """(ModelConfig, B) of a preset: the model with the task's token layout, and the examples per step
-    (the minibatch size, or every training example for full batch)."""
-    from grokfast.config import preset
-    from grokfast.data import Task
-
-    pre = preset(name)
-    task = Task(pre.task.op, pre.task.p, pre.task.frac, 0, pre.task.layout)
-    cfg = pre.model.for_task(task)
-    B = pre.train.batch_size or len(task.train)
-    return cfg, min(B, len(task.train))
-
-
-def collect_specs(presets=PRESETS, model_batch=MODEL_BATCH):
-    """([(where, spec)], [skipped reasons]): every kernel to compile, duplicates removed.
-    A spec is a dict(name, fn, signature, constexprs) with optional attrs, num_warps, num_stages."""
+def collect_specs(shapes, model_batch=MODEL_BATCH):
+    """([(where, spec)], [skipped reasons]): every kernel to compile, duplicates removed. shapes: a
+    sequence of (label, ModelConfig, B): the model and the examples per step. A spec is a dict(name,
+    fn, signature, constexprs) with optional attrs, num_warps, num_stages."""
     from . import optimizer
 
     specs, skipped, seen = [], [], set()
@@ -59,13 +45,9 @@ def collect_specs(presets=PRESETS, model_batch=MODEL_BATCH):
 
     for spec in optimizer.aot_specs():
         add("any", spec)
-    if importlib.util.find_spec(__package__ + ".forward_backward") is None:
-        skipped.append("forward/backward kernels: kernels/forward_backward.py does not exist yet")
-        return specs, skipped
     from . import forward_backward as fb
     from ._common import dot_precision
-    for name in presets:
-        cfg, B = preset_shapes(name)
+    for k, (name, cfg, B) in enumerate(shapes):
         why = fb.supported(cfg)
         if why:
             skipped.append(f"{name}: {why}")
@@ -73,7 +55,7 @@ def collect_specs(presets=PRESETS, model_batch=MODEL_BATCH):
         for M in model_batch:
             for spec in fb.aot_specs(cfg, M, B):
                 add(f"{name} M={M} B={B}", spec)
-        if name == presets[0]:
+        if k == 0:
             # the opt-in tensor-core precision changes only the dot: compile it at one shape to show it builds
             with dot_precision("tf32x3"):
                 for spec in fb.aot_specs(cfg, 1, B):
@@ -131,6 +113,7 @@ def compile_spec(spec: dict, arch: int) -> dict:
     src = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"],
                     attrs=spec.get("attrs"))
     options = {k: spec[k] for k in ("num_warps", "num_stages", "maxnreg") if spec.get(k) is not None}
+    options["enable_fp_fusion"] = FP_FUSION          # as every launch pins it (_common.launch)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     usage = resource_usage(kernel.asm["cubin"], kernel.asm["ptx"], arch)
     usage["shared"] = max(usage["shared"], int(kernel.metadata.shared))  # dynamic shared memory too
@@ -146,11 +129,13 @@ def _compile_job(job):
     return dict(compile_spec(spec, arch), shapes=where)
 
 
-def compile_all(archs=ARCHS, presets=PRESETS, model_batch=MODEL_BATCH, workers: int | None = None) -> dict:
-    """Compile every spec for every arch, on ``workers`` processes (default: one per CPU core);
-    rows come back in spec order."""
+def compile_all(shapes, archs=ARCHS, model_batch=MODEL_BATCH, workers: int | None = None) -> dict:
+    """Compile every spec of collect_specs(shapes, model_batch) for every arch, on ``workers`` processes
+    (default: one per CPU core); {"rows": one per (spec, arch) in spec order, "skipped": reasons}."""
     global _SPECS
-    specs, skipped = collect_specs(presets, model_batch)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("TRITON_INTERPRET is set: compile in a process without it")
+    specs, skipped = collect_specs(shapes, model_batch)
     jobs = [(i, arch) for i in range(len(specs)) for arch in archs]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     _SPECS = specs
@@ -167,17 +152,6 @@ def compile_all(archs=ARCHS, presets=PRESETS, model_batch=MODEL_BATCH, workers: 
     return {"rows": rows, "skipped": skipped}
 
 
-def compile_all_in_subprocess(archs=ARCHS, presets=PRESETS, model_batch=MODEL_BATCH, timeout=1200) -> dict:
-    """compile_all in a fresh interpreter without TRITON_INTERPRET (which makes kernels uncompilable)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "grokfast.kernels.aot", "--json", "--arch", *map(str, archs),
-           "--presets", *presets, "--models", *map(str, model_batch)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if r.returncode not in (0, 1):
-        raise RuntimeError(f"AOT compilation failed ({r.returncode}):\n{r.stderr[-4000:]}")
-    return json.loads(r.stdout)
-
-
 def spills(result: dict) -> list[dict]:
     return [r for r in result["rows"] if r["spill_stores"] or r["spill_loads"] or r["local"]]
 
@@ -192,25 +166,3 @@ def format_table(result: dict) -> str:
     for s in result["skipped"]:
         lines.append(f"skipped: {s}")
     return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m grokfast.kernels.aot", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities (80 90)")
-    ap.add_argument("--presets", nargs="+", default=list(PRESETS))
-    ap.add_argument("--models", type=int, nargs="+", default=list(MODEL_BATCH), help="model-batch sizes M")
-    ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
-    args = ap.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        result = compile_all_in_subprocess(args.arch, args.presets, args.models)
-    else:
-        result = compile_all(args.arch, args.presets, args.models)
-    print(json.dumps(result) if args.json else format_table(result))
-    bad = spills(result)
-    if bad and not args.json:
-        print(f"FAIL: {len(bad)} kernel(s) spill registers to local memory", file=sys.stderr)
-    return 1 if bad else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

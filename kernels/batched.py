@@ -29,22 +29,17 @@ other way round (``load_state_dict(row, s)``; every loaded model must be at the 
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Sequence
 
 import torch
 
 from . import forward_backward as fb
+from .errors import KernelConfigError
 from .layout import ParamLayout
 from .optimizer import FusedOptimizer
-from .stepper import WARMUP_STEPS, _graphs_wanted, _require
+from .stepper import WARMUP_STEPS, _graphs_wanted, _require, capture_graph
 
 SHARED_TRAIN_FIELDS = ("beta1", "beta2", "eps", "warmup", "grokfast", "window", "batch_size", "precision")
-
-
-def _config_error(msg: str):
-    from grokfast.config import ConfigError
-    return ConfigError(msg)
 
 
 def _stack_split(name: str, split, M: int, device):
@@ -57,13 +52,13 @@ def _stack_split(name: str, split, M: int, device):
     else:
         sizes = {int(t.shape[0]) for t in tokens}
         if len(tokens) != M or len(labels) != M:
-            raise _config_error(f"{name}: need one split per model ({M}), got {len(tokens)}")
+            raise KernelConfigError(f"{name}: need one split per model ({M}), got {len(tokens)}")
         if len(sizes) != 1:
-            raise _config_error(f"{name}: models trained in one launch need splits of equal size, got sizes "
+            raise KernelConfigError(f"{name}: models trained in one launch need splits of equal size, got sizes "
                                 f"{sorted(sizes)}; use the same p and frac")
         tokens, labels = torch.stack(list(tokens)), torch.stack(list(labels))
     if tokens.dim() != 3 or tokens.shape[0] != M or labels.shape != tokens.shape[:2]:
-        raise _config_error(f"{name}: expected tokens [M={M}, B, n_ctx] and labels [M, B], got "
+        raise KernelConfigError(f"{name}: expected tokens [M={M}, B, n_ctx] and labels [M, B], got "
                             f"{list(tokens.shape)} and {list(labels.shape)}")
     return (tokens.to(device=device, dtype=torch.int64).contiguous(),
             labels.to(device=device, dtype=torch.int64).contiguous())
@@ -83,26 +78,26 @@ class BatchedStepper:
     def __init__(self, models: Sequence, tcfgs: Sequence, train, test, cuda_graph: bool | None = None):
         M = len(models)
         if M < 1 or len(tcfgs) != M:
-            raise _config_error(f"need one TrainConfig per model: got {M} models and {len(tcfgs)} configs")
+            raise KernelConfigError(f"need one TrainConfig per model: got {M} models and {len(tcfgs)} configs")
         cfg = models[0].cfg
         for mdl in models[1:]:
             if mdl.cfg != cfg:
-                raise _config_error("models trained in one launch must share one ModelConfig "
+                raise KernelConfigError("models trained in one launch must share one ModelConfig "
                                     "(same architecture and task shape)")
         _require(cfg)
         for k in SHARED_TRAIN_FIELDS:
             vals = {getattr(c, k) for c in tcfgs}
             if len(vals) > 1:
-                raise _config_error(f"models trained in one launch must share {k}: got {sorted(map(repr, vals))}")
+                raise KernelConfigError(f"models trained in one launch must share {k}: got {sorted(map(repr, vals))}")
         if tcfgs[0].batch_size is not None:
-            raise _config_error("the batched stepper trains full batch only: leave batch_size unset")
+            raise KernelConfigError("the batched stepper trains full batch only: leave batch_size unset")
         self.cfg, self.tcfgs = cfg, list(tcfgs)
         self.layout = lay = ParamLayout(cfg)
         params = [dict(m.named_parameters()) for m in models]
         if any(set(p) != set(lay.shapes) for p in params):
-            raise _config_error("a model's parameters do not match its config: build it with grokfast.Transformer(cfg)")
+            raise KernelConfigError("a model's parameters do not match its config: build it with grokfast.Transformer(cfg)")
         if any(t.dtype != torch.float32 for p in params for t in p.values()):
-            raise _config_error("the fused kernels train float32 parameters: build the models in float32")
+            raise KernelConfigError("the fused kernels train float32 parameters: build the models in float32")
         self.device = next(iter(params[0].values())).device
         with torch.no_grad():
             self.flat = torch.cat([lay.flatten({n: t.detach() for n, t in p.items()}) for p in params]).contiguous()
@@ -151,24 +146,21 @@ class BatchedStepper:
         return self.loss.clone()
 
     def _capture(self) -> bool:
+        """Capture the step once (GraphCaptureError if that fails); True from then on."""
         if self._graph is not None:
             return True
         tok, lab = self.train_data
-        # The kernels' workspace for this (M, B) is cached in forward_backward; the graph bakes in its
-        # addresses, so hold it here: an eviction from that cache must not free memory the graph writes.
-        self._keep_ws = fb._workspace(self.cfg, self.M, tok.shape[1], self.device, True)
-        torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                self._run()
-        except Exception as e:  # train eagerly rather than fail
-            warnings.warn(f"CUDA graph capture of the batched step failed ({type(e).__name__}: {e}); running eagerly")
-            self._use_graph = False
-            torch.cuda.synchronize(self.device)
-            return False
-        self._graph = graph
+        # The graph bakes in the addresses of the kernels' workspace for this (M, B), its split buffers and
+        # descriptor table: hold them, so that no cache eviction frees memory the graph uses.
+        ws = fb._workspace(self.cfg, self.M, tok.shape[1], self.device, True)
+        self._graph = capture_graph(self._run, self.device)
+        self._keep_ws = (ws, ws.deferred.held())
         return True
+
+    @property
+    def mode(self) -> str:
+        """"cuda-graph" once the step is captured and replayed, else "eager"."""
+        return "cuda-graph" if self._graph is not None else "eager"
 
     @torch.no_grad()
     def evaluate(self):
@@ -248,7 +240,7 @@ class BatchedStepper:
             for n, shape in lay.shapes.items():
                 key = f"filter.{kind}.{n}"
                 if key not in s:
-                    raise _config_error(f"checkpoint has filter.count {count} but no {key}: it was written "
+                    raise KernelConfigError(f"checkpoint has filter.count {count} but no {key}: it was written "
                                         "with another --grokfast setting")
                 if kind == "ema":
                     lay.views(buf)[n][row].copy_(s[key])

@@ -41,18 +41,14 @@ from collections import OrderedDict
 import torch
 
 from . import _common
-from ._common import check, record_launches, signature_of
+from ._common import check, record_launches, specialization
 from .embed_attn import attn_backward, attn_forward, embed_backward, embed_table, token_scatter
 from .layernorm import layernorm_backward, layernorm_forward
+from .errors import KernelConfigError
 from .layout import ParamLayout
 from .mlp import Deferred, colsum_plan, gemm, gemm_launch, gemm_plan, mlp_backward, mlp_forward
 from .unembed_loss import mean_reduce, unembed_cross_entropy
 
-try:  # ConfigError lives with the configs; the kernels must not need the rest of grokfast
-    from grokfast.config import ConfigError
-except Exception:  # pragma: no cover
-    class ConfigError(ValueError):
-        pass
 
 MAX_M_HEADS = 65535  # grid axis limit: M * max(3 n_heads, n_ctx) programs along one axis
 
@@ -217,6 +213,7 @@ def _backward(cfg, lay, flat, tokens, ws: Workspace, xf, grad_out):
     HD, LN = H * Dh, cfg.layernorm
     p, g = lay.views(flat), lay.views(grad_out)
     d = ws.deferred      # weight gradients are outputs only: their split-K sums wait for one launch at the end
+    d.start()
     # independent products share a launch (gemm_launch): {dxf, dW_U, db_U}
     gemm_launch(gemm_plan(ws.dlogits, p["unembed.W_U"].transpose(1, 2), ws.dxf),
                 gemm_plan(xf.transpose(1, 2), ws.dlogits, g["unembed.W_U"], defer=d),
@@ -272,7 +269,7 @@ def _backward(cfg, lay, flat, tokens, ws: Workspace, xf, grad_out):
 def _check_cfg(cfg):
     why = supported(cfg)
     if why:
-        raise ConfigError(f"the fused kernels cannot run this model: {why}")
+        raise KernelConfigError(f"the fused kernels cannot run this model: {why}")
 
 
 def _check_flat(cfg, flat, lay):
@@ -431,17 +428,19 @@ def launches_per_step(cfg, M: int, B: int) -> dict[str, int]:
 def aot_specs(cfg, M: int, B: int) -> list[dict]:
     """Every kernel this module launches for loss_and_grads_flat and eval_flat at M models and B
     examples, as {"name", "fn" (JITFunction), "signature" (arg -> triton type, "constexpr" for
-    constexpr args, in declaration order), "constexprs", "num_warps"}: what triton.compile needs
-    (with GPUTarget) to build each one ahead of time. Distinct (kernel, constexprs) pairs only."""
+    constexpr args, in declaration order), "constexprs", "attrs", "num_warps"}: what triton.compile needs
+    (with GPUTarget) to build each one ahead of time, specialised as the JIT specialises these values
+    (_common.specialization: integers equal to 1, 16-divisible integers, aligned pointers). Distinct
+    compilations only."""
     rec = _recorded_step(cfg, M, B, eval_variant=True)
     specs, seen = [], set()
     for kernel, grid, args, cx, num_warps in rec:
-        sig = signature_of(kernel, args, cx)
-        key = (kernel.__name__, tuple(sorted(cx.items())), tuple(sig.items()), num_warps)
+        sp = specialization(kernel, args, cx)
+        key = (kernel.__name__, tuple(sorted(sp["constexprs"].items())), tuple(sp["signature"].items()),
+               tuple(sorted(sp["attrs"])), num_warps)
         if key in seen:
             continue
         seen.add(key)
         tag = ",".join(f"{k}={v}" for k, v in cx.items())
-        specs.append(dict(name=f"{kernel.__name__}[{tag}]", fn=kernel, signature=sig, constexprs=dict(cx),
-                          num_warps=num_warps))
+        specs.append(dict(name=f"{kernel.__name__}[{tag}]", fn=kernel, num_warps=num_warps, **sp))
     return specs

@@ -35,7 +35,9 @@ dimension >= 16 (masks pad small operands), float32 accumulators, dots at
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from collections import OrderedDict
 
 import torch
 import triton
@@ -225,29 +227,54 @@ class Deferred:
 
     The weight and bias gradients of the backward are outputs only: nothing in the pass reads them,
     so their partial sums can wait. ``gemm(..., defer=d)`` writes its partials into a buffer that ``d``
-    keeps (the same buffer for the i-th split GEMM of every pass, so addresses are stable and the
-    descriptor table is built once: a CUDA graph captured after a first eager pass replays it) and
-    ``d.flush()`` reduces every pending one. Without splits, flush launches nothing."""
+    keeps: the i-th buffer handed out in a pass (``buffer`` counts the requests themselves, not the
+    reductions already pending, so the plans of one grouped launch get distinct buffers) is the same
+    tensor in every pass, so addresses are stable and the descriptor table is built once: a CUDA
+    graph captured after a first eager pass replays it. ``d.start()`` opens a pass, ``d.flush()``
+    reduces every pending one. Without splits, flush launches nothing.
+
+    A captured graph keeps reading the buffers and the table it was captured with: its owner holds
+    ``d.held()`` so that neither is freed while the graph lives, whatever later passes with other
+    shapes or precisions do to this object. ``tables_built`` counts descriptor tables made (each a
+    host-to-device copy): it stays constant over the passes of one shape."""
 
     SEG_FIELDS = 12
     BLOCK = 1024
+    TABLE_CACHE = 8
 
     def __init__(self):
         self._bufs: list[torch.Tensor] = []
+        self._next = 0                 # index of the next buffer handed out in this pass
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._tables: dict = {}
+        self._tables: OrderedDict = OrderedDict()
+        self.tables_built = 0
+        self.last_table = None         # (table, program map) of the last flush
+
+    def start(self) -> None:
+        """Open a pass: forget what an interrupted pass left pending; buffers are handed out from the first."""
+        self._next = 0
+        self._pending = []
 
     def buffer(self, shape, device) -> torch.Tensor:
-        i = len(self._pending)
+        device = torch.device(device)
+        i = self._next
+        self._next += 1
         if i < len(self._bufs) and tuple(self._bufs[i].shape) == tuple(shape) and self._bufs[i].device == device:
             return self._bufs[i]
         buf = torch.empty(shape, dtype=torch.float32, device=device)
-        del self._bufs[i:]
-        self._bufs.append(buf)
+        if i < len(self._bufs):
+            self._bufs[i] = buf
+        else:
+            self._bufs.append(buf)
         return buf
 
     def add(self, ws: torch.Tensor, out4: torch.Tensor) -> None:
         self._pending.append((ws, out4))
+
+    def held(self) -> tuple:
+        """What a replay of the last pass reads besides its inputs and outputs: the split buffers and the
+        descriptor table."""
+        return tuple(self._bufs), self.last_table
 
     def _table(self, device):
         meta = device.type == "meta"
@@ -259,7 +286,7 @@ class Deferred:
                          *C.stride(), first])
             prog += [seg] * n
             first += n
-        key = tuple(map(tuple, rows))
+        key = (str(device),) + tuple(map(tuple, rows))
         hit = self._tables.get(key)
         if hit is None:
             if meta:
@@ -268,24 +295,49 @@ class Deferred:
             else:
                 hit = (torch.tensor(rows, dtype=torch.int64).to(device),
                        torch.tensor(prog, dtype=torch.int32).to(device))
-            if len(self._tables) >= 8:
-                self._tables.pop(next(iter(self._tables)))
+            self.tables_built += 1
+            # evicting is safe: a graph that replays an evicted table holds it (held())
+            while len(self._tables) >= self.TABLE_CACHE:
+                self._tables.popitem(last=False)
             self._tables[key] = hit
+        else:
+            self._tables.move_to_end(key)
         return hit, first
 
     def flush(self) -> None:
+        self._next = 0
         if not self._pending:
             return
         device = self._pending[0][0].device
         (tab, prog), n = self._table(device)
+        self.last_table = (tab, prog)
         launch(split_sum_many_kernel, (n,), dict(TAB=tab, PROG=prog), dict(BLOCK=self.BLOCK), num_warps=4)
         self._pending = []
 
 
 # Split-K for long contractions with few output tiles (weight and bias gradients sum over every
 # example): S slices of >= SPLIT_MIN_K each, aiming at SPLIT_TARGET_PROGRAMS programs in all.
-SPLIT_MIN_K = 512
+# GROKFAST_SPLIT_MIN_K (or ``split_thresholds``) lowers the threshold so that the tiny shapes of the
+# interpreter tests take the split paths the presets' real shapes take.
+SPLIT_MIN_K = int(os.environ.get("GROKFAST_SPLIT_MIN_K", "512"))
 SPLIT_TARGET_PROGRAMS = 256
+if SPLIT_MIN_K < 16 or SPLIT_MIN_K % 16:
+    raise ValueError(f"GROKFAST_SPLIT_MIN_K must be a multiple of 16 (BLOCK_K), got {SPLIT_MIN_K}")
+
+
+@contextlib.contextmanager
+def split_thresholds(min_k: int = 16, target_programs: int = SPLIT_TARGET_PROGRAMS):
+    """Inside the block, contractions of >= 2 min_k split into slices of >= min_k (a multiple of 16).
+    Read when a launch is planned: the same workspace then holds other split buffers."""
+    global SPLIT_MIN_K, SPLIT_TARGET_PROGRAMS
+    if min_k < 16 or min_k % 16:
+        raise ValueError(f"min_k must be a positive multiple of 16, got {min_k}")
+    prev = SPLIT_MIN_K, SPLIT_TARGET_PROGRAMS
+    SPLIT_MIN_K, SPLIT_TARGET_PROGRAMS = int(min_k), int(target_programs)
+    try:
+        yield
+    finally:
+        SPLIT_MIN_K, SPLIT_TARGET_PROGRAMS = prev
 
 
 def split_sum(ws, out):

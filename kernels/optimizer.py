@@ -61,6 +61,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import launch
+from .errors import KernelConfigError
+
 FILTERS = {"none": 0, "ema": 1, "ma": 2}
 BLOCK = 1024       # elements per program; N need not be a multiple (masked)
 NUM_WARPS = 4
@@ -80,7 +83,7 @@ def adamw_scalars_kernel(
                     #   per model m at SCALARS + 2 m: lr_t / (1 - beta1^t), 1 - lr_t * wd_m
     snap_ptr,       # [2] int64 out: (t, c) of this step
     M,
-    warmup,         # linear warm-up steps (0: none)
+    warmup_steps,   # linear warm-up steps (0: none); not "warmup", a keyword of Triton's launcher
     ADVANCE_C: tl.constexpr,   # 1 when a filter counts raw gradients, else 0
     SCALARS: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -112,7 +115,7 @@ def adamw_scalars_kernel(
     tl.store(scal_ptr + 4, bc2.to(tl.float32))
 
     t64 = t.to(tl.float64)
-    sched = tl.where(warmup > 0, tl.minimum(t64 / tl.maximum(warmup, 1).to(tl.float64), 1.0), 1.0)
+    sched = tl.where(warmup_steps > 0, tl.minimum(t64 / tl.maximum(warmup_steps, 1).to(tl.float64), 1.0), 1.0)
     for m0 in range(0, M, BLOCK_M):
         m = m0 + tl.arange(0, BLOCK_M)
         ok = m < M
@@ -166,10 +169,13 @@ def grokfast_adamw_kernel(
             if slot == window - 1:
                 # Once per cycle: S exactly, the fixed-order sum over the ring with slot replaced by g
                 # (g itself, not a re-read: no read-after-write of global memory).
+                # (a pointer stepped by N, not ring_row + w * N: w * N is 32-bit and wraps once W N >= 2^31)
                 s = tl.zeros([BLOCK], dtype=tl.float64)
+                slot_ptr = ring_ptr + ring_row
                 for w in range(0, window):
-                    old = tl.load(ring_ptr + ring_row + w * N, mask=mask, other=0.0)
+                    old = tl.load(slot_ptr, mask=mask, other=0.0)
                     s += tl.where(w == slot, g, old).to(tl.float64)
+                    slot_ptr += N
             else:
                 # The window moves by one: the raw gradient of c - W leaves, g enters.
                 old = tl.load(ring_ptr + ring_row + slot * N, mask=mask, other=0.0)
@@ -195,8 +201,10 @@ def grokfast_adamw_kernel(
     p = p * decay
     mom = b1 * mom + one_b1 * g
     vel = b2 * vel + one_b2 * (g * g)
-    denom = tl.sqrt(vel / bc2) + eps
-    p = p - step * (mom / denom)
+    # IEEE-rounded sqrt and division (tl.sqrt and / compile to approximate ones on a GPU, which flush
+    # subnormal moments to zero): the same bits on a GPU as under the interpreter, where parity matters
+    denom = tl.sqrt_rn(tl.div_rn(vel, bc2)) + eps
+    p = p - step * tl.div_rn(mom, denom)
     tl.store(param_ptr + row, p, mask=mask)
     tl.store(mom_ptr + row, mom, mask=mask)
     tl.store(vel_ptr + row, vel, mask=mask)
@@ -211,7 +219,7 @@ def aot_specs() -> list[dict]:
            "lamb_ptr": "*fp32", "scal_ptr": "*fp32", "snap_ptr": "*i64", "N": "i32", "window": "i32",
            "eps": "fp32", "FILTER": "constexpr", "SCALARS": "constexpr", "BLOCK": "constexpr"}
     scal_sig = {"counter_ptr": "*i64", "betas_ptr": "*fp64", "lr_ptr": "*fp32", "wd_ptr": "*fp32",
-                "scal_ptr": "*fp32", "snap_ptr": "*i64", "M": "i32", "warmup": "i32",
+                "scal_ptr": "*fp32", "snap_ptr": "*i64", "M": "i32", "warmup_steps": "i32",
                 "ADVANCE_C": "constexpr", "SCALARS": "constexpr", "BLOCK_M": "constexpr"}
 
     def aligned(signature):
@@ -232,8 +240,7 @@ def _per_model(name: str, value, M: int, device) -> torch.Tensor:
     if t.numel() == 1:
         t = t.expand(M)
     if t.numel() != M:
-        from grokfast.config import ConfigError
-        raise ConfigError(f"{name} needs one value or one per model ({M}), got {t.numel()}")
+        raise KernelConfigError(f"{name} needs one value or one per model ({M}), got {t.numel()}")
     return t.to(device).contiguous().clone()
 
 
@@ -252,15 +259,14 @@ class FusedOptimizer:
     def __init__(self, M: int, N: int, *, lr, wd, beta1: float = 0.9, beta2: float = 0.98, eps: float = 1e-8,
                  warmup: int = 0, grokfast: str = "none", alpha=0.98, lamb=2.0, window: int = 100,
                  device="cpu"):
-        from grokfast.config import ConfigError
         if grokfast not in FILTERS:
-            raise ConfigError(f"grokfast must be one of {', '.join(FILTERS)}, got {grokfast!r}")
+            raise KernelConfigError(f"grokfast must be one of {', '.join(FILTERS)}, got {grokfast!r}")
         if window < 1 or warmup < 0:
-            raise ConfigError(f"window must be >= 1 and warmup >= 0, got {window}, {warmup}")
+            raise KernelConfigError(f"window must be >= 1 and warmup >= 0, got {window}, {warmup}")
         if M < 1 or N < 1:
-            raise ConfigError(f"need at least one model and one parameter, got M={M}, N={N}")
+            raise KernelConfigError(f"need at least one model and one parameter, got M={M}, N={N}")
         if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
-            raise ConfigError(f"betas must lie in [0, 1), got ({beta1}, {beta2})")
+            raise KernelConfigError(f"betas must lie in [0, 1), got ({beta1}, {beta2})")
         self.M, self.N, self.kind = M, N, grokfast
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
         self.warmup, self.window = int(warmup), int(window)
@@ -284,12 +290,11 @@ class FusedOptimizer:
     @classmethod
     def from_configs(cls, tcfgs: Sequence, N: int, device="cpu") -> "FusedOptimizer":
         """One model per TrainConfig; they may differ in lr, wd, alpha, lamb only."""
-        from grokfast.config import ConfigError
         first = tcfgs[0]
         for c in tcfgs[1:]:
             for k in ("beta1", "beta2", "eps", "warmup", "grokfast", "window"):
                 if getattr(c, k) != getattr(first, k):
-                    raise ConfigError(f"models trained in one launch must share {k}: got "
+                    raise KernelConfigError(f"models trained in one launch must share {k}: got "
                                       f"{getattr(first, k)!r} and {getattr(c, k)!r}")
         return cls(len(tcfgs), N, lr=[c.lr for c in tcfgs], wd=[c.wd for c in tcfgs],
                    alpha=[c.alpha for c in tcfgs], lamb=[c.lamb for c in tcfgs], beta1=first.beta1,
@@ -325,14 +330,16 @@ class FusedOptimizer:
         if not (params.is_contiguous() and grads.is_contiguous()):
             raise ValueError("params and grads must be contiguous")
         dummy = self.mom  # never read when the filter does not use it
-        adamw_scalars_kernel[(1,)](
-            self.counters, self.betas, self.lr, self.wd, self._scal, self._snap, self.M, self.warmup,
-            ADVANCE_C=0 if self.kind == "none" else 1, SCALARS=SCALARS, BLOCK_M=BLOCK_M,
-            num_warps=SCALAR_WARPS)
-        grid = (self.M, triton.cdiv(self.N, BLOCK))
-        grokfast_adamw_kernel[grid](
-            params, grads, self.mom, self.vel,
-            self.ema if self.ema is not None else dummy, self.ring if self.ring is not None else dummy,
-            self.ma_sum if self.ma_sum is not None else self.betas, self.alpha, self.lamb, self._scal,
-            self._snap, self.N, self.window, self.eps,
-            FILTER=FILTERS[self.kind], SCALARS=SCALARS, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        launch(adamw_scalars_kernel, (1,),
+               dict(counter_ptr=self.counters, betas_ptr=self.betas, lr_ptr=self.lr, wd_ptr=self.wd,
+                    scal_ptr=self._scal, snap_ptr=self._snap, M=self.M, warmup_steps=self.warmup),
+               dict(ADVANCE_C=0 if self.kind == "none" else 1, SCALARS=SCALARS, BLOCK_M=BLOCK_M),
+               num_warps=SCALAR_WARPS)
+        launch(grokfast_adamw_kernel, (self.M, triton.cdiv(self.N, BLOCK)),
+               dict(param_ptr=params, grad_ptr=grads, mom_ptr=self.mom, vel_ptr=self.vel,
+                    ema_ptr=self.ema if self.ema is not None else dummy,
+                    ring_ptr=self.ring if self.ring is not None else dummy,
+                    sum_ptr=self.ma_sum if self.ma_sum is not None else self.betas, alpha_ptr=self.alpha,
+                    lamb_ptr=self.lamb, scal_ptr=self._scal, snap_ptr=self._snap, N=self.N, window=self.window,
+                    eps=self.eps),
+               dict(FILTER=FILTERS[self.kind], SCALARS=SCALARS, BLOCK=BLOCK), num_warps=NUM_WARPS)

@@ -16,10 +16,10 @@ import importlib
 import importlib.util
 import math
 import os
-import warnings
 
 import torch
 
+from .errors import KernelConfigError
 from .layout import ParamLayout
 from .optimizer import FusedOptimizer
 
@@ -42,10 +42,9 @@ def unsupported_reason(cfg) -> str | None:
 
 
 def _require(cfg):
-    from grokfast.config import ConfigError
     why = unsupported_reason(cfg)
     if why:
-        raise ConfigError(f"the fused backend cannot run this model: {why}; use --backend reference")
+        raise KernelConfigError(f"the fused backend cannot run this model: {why}; use --backend reference")
 
 
 def loss_and_grads(model, tokens: torch.Tensor, labels: torch.Tensor):
@@ -65,6 +64,43 @@ def _graphs_wanted(device: torch.device, cuda_graph: bool | None) -> bool:
     return device.type == "cuda" and bool(cuda_graph)
 
 
+class GraphCaptureError(RuntimeError):
+    """The step could not be captured as a CUDA graph. Eager steps would be several times slower (the
+    step is launch-bound), so this is an error rather than a silent fallback: fix the cause, or ask for
+    eager steps (cuda_graph=False, GROKFAST_CUDA_GRAPH=0)."""
+
+
+def capture_graph(run, device) -> "torch.cuda.CUDAGraph":
+    """Record ``run()`` (kernel launches, no host sync) as a CUDA graph on a side stream and return it;
+    nothing runs until ``graph.replay()``. Unlike ``torch.cuda.graph``, a failure inside ``run`` leaves
+    the process on the stream it was on (torch.cuda.graph's exit ends the capture first, and when that
+    raises it never restores the stream, so later work would run on the dead capture's stream and
+    allocate from its pool). Raises GraphCaptureError with the cause."""
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    try:
+        with torch.cuda.stream(side):        # the caller's stream comes back however the block ends
+            graph.capture_begin()
+            try:
+                run()
+            except BaseException:
+                try:
+                    graph.capture_end()
+                except Exception:            # the capture is already invalid: the first error is the one to report
+                    pass
+                raise
+            graph.capture_end()
+    except Exception as e:
+        torch.cuda.synchronize(device)
+        raise GraphCaptureError(f"CUDA graph capture of the fused step failed ({type(e).__name__}: {e}); "
+                                "set GROKFAST_CUDA_GRAPH=0 to train with eager launches (slower)") from e
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    return graph
+
+
 class FusedStepper:
     """One optimizer step of the fused backend. ``step(tokens, labels)`` returns the loss (a float64
     device tensor, no sync). On a GPU the step is a CUDA graph after WARMUP_STEPS eager steps unless
@@ -74,18 +110,17 @@ class FusedStepper:
     name = "fused"
 
     def __init__(self, model, tcfg, cuda_graph: bool | None = None):
-        from grokfast.config import ConfigError
         cfg = model.cfg
         _require(cfg)
         if tcfg.batch_size is not None and tcfg.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {tcfg.batch_size}")
+            raise KernelConfigError(f"--batch-size must be >= 1, got {tcfg.batch_size}")
         self.model, self.cfg, self.tcfg = model, cfg, tcfg
         self.layout = ParamLayout(cfg)
         params = dict(model.named_parameters())
         if set(params) != set(self.layout.shapes):
-            raise ConfigError("the model's parameters do not match its config: build it with grokfast.Transformer(cfg)")
+            raise KernelConfigError("the model's parameters do not match its config: build it with grokfast.Transformer(cfg)")
         if any(p.dtype != torch.float32 for p in params.values()):
-            raise ConfigError("the fused backend trains float32 parameters: build the model in float32")
+            raise KernelConfigError("the fused backend trains float32 parameters: build the model in float32")
         self.device = next(iter(params.values())).device
         with torch.no_grad():
             self.flat = self.layout.flatten({n: p.detach() for n, p in params.items()})   # [1, N]
@@ -143,30 +178,25 @@ class FusedStepper:
         self._src = (tokens, labels, (tokens._version, labels._version))
 
     def _graph_ready(self, tokens, labels) -> bool:
-        """Capture on first use; False (run eagerly) for a batch of another shape, or if capture failed."""
+        """Capture on first use (GraphCaptureError if it fails); False (run eagerly) for a batch of
+        another shape than the captured one."""
         if self._graph is not None:
             st, sl = self._static
             return tokens.shape == st.shape and labels.shape == sl.shape and tokens.dtype == st.dtype
         static = (tokens.contiguous().clone(), labels.contiguous().clone())
-        # The graph replays into the forward/backward workspace: hold it, so that the kernels' small
-        # workspace cache can never free memory the graph still writes (other shapes may evict it).
-        self._keep_ws = _fb()._workspace(self.cfg, 1, static[0].shape[0], self.device, True)
-        torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):   # records, does not run: the replay below does this step
-                _fb().loss_and_grads_flat(self.cfg, self.flat, static[0], static[1], grad_out=self.grad,
-                                          loss_out=self.loss, precision=self.tcfg.precision)
-                self.opt.step(self.flat, self.grad)
-        except Exception as e:  # e.g. a host sync inside a kernel launcher: train eagerly instead
-            warnings.warn(f"CUDA graph capture of the fused step failed ({type(e).__name__}: {e}); "
-                          "running eagerly")
-            self._use_graph = False
-            torch.cuda.synchronize(self.device)
-            return False
-        self._graph, self._static = graph, static
+        # The graph replays into the forward/backward workspace and reads its split buffers and
+        # descriptor table: hold them, so that the kernels' caches can never free memory the graph uses.
+        ws = _fb()._workspace(self.cfg, 1, static[0].shape[0], self.device, True)
+        self._graph = capture_graph(lambda: self._run(*static), self.device)
+        self._keep = (ws, ws.deferred.held())
+        self._static = static
         self._src = (tokens, labels, (tokens._version, labels._version))
         return True
+
+    @property
+    def mode(self) -> str:
+        """How the steps run now: "cuda-graph" (captured and replayed) or "eager" (launch by launch)."""
+        return "cuda-graph" if self._graph is not None else "eager"
 
     # -- checkpoints --------------------------------------------------------------------------------
 
@@ -187,7 +217,6 @@ class FusedStepper:
         return s
 
     def load_state_dict(self, s: dict[str, torch.Tensor]) -> None:
-        from grokfast.config import ConfigError
         lay, opt = self.layout, self.opt
         count = int(s["filter.count"])
         with torch.no_grad():
@@ -201,7 +230,7 @@ class FusedStepper:
                     continue
                 missing = [n for n in lay.shapes if f"filter.{kind}.{n}" not in s]
                 if missing:
-                    raise ConfigError(f"checkpoint has filter.count {count} but no filter.{kind}.{missing[0]}: "
+                    raise KernelConfigError(f"checkpoint has filter.count {count} but no filter.{kind}.{missing[0]}: "
                                       "it was written with another --grokfast setting")
                 for n, shape in lay.shapes.items():
                     t = s[f"filter.{kind}.{n}"]

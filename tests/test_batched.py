@@ -28,6 +28,7 @@ import torch
 import grokfast
 from grokfast import rundir
 from grokfast import sweep as S
+from grokfast.kernels import KernelConfigError
 from grokfast.backends import ReferenceStepper, interpreter_on
 from grokfast.config import ConfigError, ModelConfig, TrainConfig
 from grokfast.data import Task
@@ -122,12 +123,12 @@ def test_checkpoint_round_trip_continues_identically():
 
 def test_bad_input_is_one_clear_line():
     tasks, cfg, tcfgs = tiny("ema")
-    with pytest.raises(ConfigError, match="must share grokfast"):
+    with pytest.raises(KernelConfigError, match="must share grokfast"):
         make(tasks, cfg, [tcfgs[0], dataclasses.replace(tcfgs[1], grokfast="ma"), tcfgs[2]])
-    with pytest.raises(ConfigError, match="full batch only"):
+    with pytest.raises(KernelConfigError, match="full batch only"):
         make(tasks, cfg, [dataclasses.replace(c, batch_size=4) for c in tcfgs])
     other = [tasks[0], tasks[1], Task("x+y", 7, 0.8, seed=3)]
-    with pytest.raises(ConfigError, match="splits of equal size"):
+    with pytest.raises(KernelConfigError, match="splits of equal size"):
         make(other, cfg, tcfgs)
 
 

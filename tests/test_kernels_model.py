@@ -22,7 +22,7 @@ except ImportError:
 from grokfast.backends import interpreter_on
 from grokfast.config import ConfigError, ModelConfig
 from grokfast.model import Transformer, loss_and_grads_reference
-from grokfast.kernels import forward_backward as fb
+from grokfast.kernels import KernelConfigError, forward_backward as fb
 from grokfast.kernels import mlp
 from grokfast.kernels.embed_attn import token_scatter
 from grokfast.kernels.layout import ParamLayout
@@ -277,7 +277,7 @@ MAX_LAUNCHES = {"nanda": 18, "pizza": 18, "power": 42}
 
 @pytest.mark.parametrize("name", sorted(MAX_LAUNCHES))
 def test_launches_per_step(name):
-    from grokfast.kernels.aot import preset_shapes
+    from grokfast.aot import preset_shapes
     cfg, B = preset_shapes(name)
     counts = fb.launches_per_step(cfg, 1, B)
     assert 0 < sum(counts.values()) <= MAX_LAUNCHES[name], counts
@@ -444,7 +444,7 @@ def test_presets_supported_and_limits_named():
     assert "d_mlp" in fb.supported(tiny(d_mlp=2048))
     assert "n_heads" in fb.supported(tiny(n_heads=16, d_head=1))
     assert "d_vocab_out" in fb.supported(tiny(d_vocab_out=1000, d_vocab=1001))
-    with pytest.raises(ConfigError, match="n_layers"):
+    with pytest.raises(KernelConfigError, match="n_layers"):
         fb.loss_and_grads_flat(tiny(n_layers=3), torch.zeros(1, 1), torch.zeros(1, 3, dtype=torch.long),
                                torch.zeros(1, dtype=torch.long))
 

@@ -125,14 +125,14 @@ def test_different_hyperparameters_are_independent():
 
 
 def test_bad_input_is_one_clear_error():
-    from grokfast.config import ConfigError
-    with pytest.raises(ConfigError, match="one per model"):
+    from grokfast.kernels import KernelConfigError
+    with pytest.raises(KernelConfigError, match="one per model"):
         FusedOptimizer(3, 10, lr=[1e-3, 2e-3], wd=1.0)
-    with pytest.raises(ConfigError, match="grokfast"):
+    with pytest.raises(KernelConfigError, match="grokfast"):
         FusedOptimizer(1, 10, lr=1e-3, wd=1.0, grokfast="sma")
-    with pytest.raises(ConfigError, match="betas"):
+    with pytest.raises(KernelConfigError, match="betas"):
         FusedOptimizer(1, 10, lr=1e-3, wd=1.0, beta2=1.0)
-    with pytest.raises(ConfigError, match="share"):
+    with pytest.raises(KernelConfigError, match="share"):
         FusedOptimizer.from_configs([TrainConfig(), TrainConfig(window=5)], 10)
     opt = FusedOptimizer(1, 10, lr=1e-3, wd=1.0)
     with pytest.raises(ValueError, match=r"\[1, 10\]"):

@@ -1,0 +1,381 @@
+"""The fused kernels under the conditions a GPU run has and tiny interpreter shapes lack.
+
+- Split paths: real shapes split long contractions (split-K partial sums reduced in a fixed order,
+  several split problems in one grouped launch, deferred to one launch per pass); tiny shapes do not
+  unless mlp.split_thresholds lowers the threshold. LayerNorm also runs at a real size (16384 rows).
+- Program order: a GPU runs the programs of a launch in any order, the interpreter in grid order;
+  kernels.interpret_order runs them reversed and shuffled, and every result must keep its bits.
+- Capture discipline: a CUDA graph replays the launches it recorded with the addresses it recorded. After
+  the warm-up steps a step must build no descriptor table, keep every workspace address and make no
+  host-device copy or sync; a graph of the step, replayed, must give the eager step's bits. On a CPU the
+  graph is modelled by recording the step's launches once and replaying them (RecordedGraph).
+- Integer widths: the Grokfast-MA ring is addressed past 2^31 elements once window x N >= 2^31.
+
+Kernels run on the GPU when there is one, else under the Triton interpreter (conftest.py); references
+are float64 on the CPU. Bounds are written next to each comparison.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from grokfast.backends import interpreter_on
+from grokfast.config import ModelConfig, TrainConfig
+from grokfast.kernels import _common, mlp, stepper as stepper_mod
+from grokfast.kernels import forward_backward as fb
+from grokfast.kernels.layernorm import layernorm_backward, layernorm_forward
+from grokfast.kernels.layout import ParamLayout
+from grokfast.kernels.optimizer import FusedOptimizer, grokfast_adamw_kernel
+from grokfast.model import Transformer
+
+DEVICE = "cuda" if torch.cuda.is_available() and not interpreter_on() else "cpu"
+INTERPRETED = DEVICE == "cpu"
+
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not interpreter_on(),
+                                reason="the fused kernels need a CUDA GPU or TRITON_INTERPRET=1")
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="reorders the Triton interpreter's programs")
+
+
+def rel(a, b) -> float:
+    return ((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm()).item()
+
+
+def every_path_cfg(**kw) -> ModelConfig:
+    """Two layers with LayerNorm, GELU, attention and unembedding biases: every kernel of the step."""
+    base = dict(n_layers=2, layernorm=True, act="gelu", attn_bias=True, unembed_bias=True, d_model=16,
+                n_heads=2, d_head=8, d_mlp=32, n_ctx=4, d_vocab=12, d_vocab_out=11)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def model_and_data(cfg, B, seed):
+    model = Transformer(cfg, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 1)[-1] in ("b", "b_in", "b_out", "b_Q", "b_K", "b_V", "b_O", "b_U"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    tokens = torch.randint(0, cfg.d_vocab, (B, cfg.n_ctx), generator=g)
+    labels = torch.randint(0, cfg.d_vocab_out, (B,), generator=g)
+    return model, tokens.to(DEVICE), labels.to(DEVICE)
+
+
+# --------------------------------------------------------------------------------------------------
+# Real sizes and split paths
+
+
+def test_layernorm_backward_at_real_size_with_deferred_splits():
+    """16384 rows of d_model 128 (the power preset's full batch x positions in a sweep): the weight and bias
+    gradients' column sums over 1024 row blocks split (two equal-shaped split problems in one launch,
+    deferred). Bound: 1e-5 relative against float64 (float32 sums of 16384 O(1) terms in a fixed order:
+    ~sqrt(n) eps ~ 1e-6); dw and db are different quantities, so a shared split buffer fails by O(1)."""
+    M, R, D = 1, 16384, 128
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(M, R, D, generator=g)
+    w = 1 + 0.3 * torch.randn(M, D, generator=g)
+    b = 0.3 * torch.randn(M, D, generator=g)
+    dy = torch.randn(M, R, D, generator=g)
+    dev = {k: v.to(DEVICE) for k, v in dict(x=x, w=w, b=b, dy=dy).items()}
+    y = torch.full((M, R, D), float("nan"), device=DEVICE)
+    mean, rstd = torch.full((M, R), float("nan"), device=DEVICE), torch.full((M, R), float("nan"), device=DEVICE)
+    layernorm_forward(dev["x"], dev["w"], dev["b"], y, mean, rstd, 1e-5)
+    with fb.record_launches() as rec:
+        layernorm_backward(dev["x"], dev["w"], mean, rstd, dev["dy"], torch.empty_like(y),
+                           torch.empty(M, D, device=DEVICE), torch.empty(M, D, device=DEVICE), defer=mlp.Deferred())
+    assert [k.__name__ for k, *_ in rec] == ["ln_bwd_kernel", "gemm2_kernel"]
+    assert rec[1][3]["SPLIT0"] and rec[1][3]["SPLIT1"], "the real size should split both column sums"
+
+    x64 = x.double().requires_grad_()
+    w64, b64 = w.double().requires_grad_(), b.double().requires_grad_()
+    y64 = torch.nn.functional.layer_norm(x64, (D,), w64[0], b64[0], 1e-5)
+    y64.backward(dy.double())
+    assert rel(y, y64.detach()) <= 1e-5
+    for defer in (mlp.Deferred(), None):
+        dx = torch.full((M, R, D), float("nan"), device=DEVICE)
+        dw, db = (torch.full((M, D), float("nan"), device=DEVICE) for _ in range(2))
+        if defer is not None:
+            defer.start()
+        layernorm_backward(dev["x"], dev["w"], mean, rstd, dev["dy"], dx, dw, db, defer=defer)
+        if defer is not None:
+            defer.flush()
+        assert rel(dx, x64.grad) <= 1e-5
+        assert rel(dw, w64.grad) <= 1e-5, "dw"
+        assert rel(db, b64.grad) <= 1e-5, "db"
+
+
+def test_split_problems_of_one_launch_get_their_own_buffers():
+    """Two split-K problems of one grouped launch with equal shapes must not share a partial-sum buffer
+    (Deferred hands buffers out per request, not per finished reduction)."""
+    d = mlp.Deferred()
+    d.start()
+    a, b = d.buffer((2, 1, 1, 16), DEVICE), d.buffer((2, 1, 1, 16), DEVICE)
+    assert a.data_ptr() != b.data_ptr()
+    d.flush()
+    d.start()
+    assert d.buffer((2, 1, 1, 16), DEVICE) is a and d.buffer((2, 1, 1, 16), DEVICE) is b
+
+
+def test_split_step_matches_reference_and_builds_its_table_once():
+    """The whole forward/backward with every split path taken (threshold lowered to 16 examples): gradients
+    within 1e-5 of float64 (relative, per parameter: float32 kernels land near 1e-7..1e-6); three passes
+    build one descriptor table and keep every split buffer and the table at the same address."""
+    from grokfast.model import loss_and_grads_reference
+    cfg = every_path_cfg()
+    model, tokens, labels = model_and_data(cfg, 45, seed=4)
+    lay = ParamLayout(cfg)
+    flat = lay.flatten(model.state_dict()).to(DEVICE)
+    grad, loss = torch.empty_like(flat), torch.empty(1, device=DEVICE)
+    fb._CACHE.clear()
+    with mlp.split_thresholds(16):
+        fb.loss_and_grads_flat(cfg, flat, tokens, labels, grad_out=grad, loss_out=loss)
+        ws = fb._workspace(cfg, 1, 45, flat.device, True)
+        held = ws.deferred.held()
+        assert len(held[0]) >= 4, "the threshold should make several weight gradients split"
+        first = grad.clone()
+        for _ in range(2):
+            fb.loss_and_grads_flat(cfg, flat, tokens, labels, grad_out=grad, loss_out=loss)
+        assert ws.deferred.tables_built == 1
+        again = ws.deferred.held()
+        assert [t.data_ptr() for t in again[0]] == [t.data_ptr() for t in held[0]]
+        assert again[1][0] is held[1][0]
+    assert torch.equal(grad, first)
+    loss_ref, grads_ref = loss_and_grads_reference(copy.deepcopy(model).double(), tokens.cpu(), labels.cpu())
+    assert abs(loss.item() - loss_ref.item()) <= 1e-6 * abs(loss_ref.item())
+    views = lay.views(grad.cpu())
+    for name, g_ref in grads_ref.items():
+        if name.endswith("attn.b_K"):      # exactly zero in exact arithmetic: rounding only
+            assert (views[name][0].double() - g_ref).norm() <= 1e-5 * grads_ref[name.replace("b_K", "W_K")].norm()
+            continue
+        assert rel(views[name][0], g_ref) <= 1e-5, name
+
+
+# --------------------------------------------------------------------------------------------------
+# Program order
+
+
+@needs_interpreter
+@pytest.mark.parametrize("mode,seed", [("reversed", 0), ("shuffled", 1)])
+def test_every_kernel_of_the_step_gives_the_same_bits_in_any_program_order(mode, seed):
+    """Forward, backward (every split path), evaluation and the optimizer (EMA and MA) in reversed and shuffled
+    program order give exactly the bits of grid order."""
+    from grokfast.kernels.interpret_order import program_order
+    cfg = every_path_cfg()
+    model, tokens, labels = model_and_data(cfg, 45, seed=5)
+    lay = ParamLayout(cfg)
+    flat0 = lay.flatten(model.state_dict()).to(DEVICE)
+
+    def run():
+        fb._CACHE.clear()
+        flat = flat0.clone()
+        outs = list(fb.loss_and_grads_flat(cfg, flat, tokens, labels))
+        outs += list(fb.eval_flat(cfg, flat, tokens, labels))
+        for kind in ("ema", "ma"):
+            opt = FusedOptimizer(1, lay.numel, lr=1e-2, wd=0.5, grokfast=kind, window=2, device=DEVICE)
+            p = flat.clone()
+            for _ in range(3):            # MA: window fills, recomputes, then moves
+                opt.step(p, outs[1])
+            outs.append(p)
+        return outs
+
+    with mlp.split_thresholds(16):
+        base = run()
+        with program_order(mode, seed):
+            other = run()
+    for a, b in zip(base, other):
+        assert torch.equal(a, b)
+
+
+@needs_interpreter
+def test_program_order_mode_can_see_a_race():
+    """The reordering is real: a kernel in which every program writes the same address ends with another
+    value in reversed order (so the test above could fail)."""
+    import triton
+    import triton.language as tl
+    from grokfast.kernels.interpret_order import program_order
+
+    @triton.jit
+    def last_writer(X):
+        tl.store(X, tl.program_id(0))
+
+    seen = []
+    for mode in ("forward", "reversed"):
+        x = torch.zeros(1, dtype=torch.int32)
+        with program_order(mode):
+            last_writer[(5,)](x)
+        seen.append(int(x))
+    assert seen == [4, 0]
+    with pytest.raises(ValueError, match="program order"):
+        with program_order("backwards"):
+            pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Capture discipline
+
+
+class RecordedGraph:
+    """A CPU stand-in for a CUDA graph: capturing records the launches the step makes (nothing runs);
+    replay launches them again with the very arguments (addresses, sizes) recorded."""
+
+    def __init__(self, run):
+        with _common.record_launches() as rec:
+            run()
+        self.launches = rec
+
+    def replay(self):
+        for kernel, grid, args, cx, num_warps in self.launches:
+            kernel[grid](**args, **cx, num_warps=num_warps)
+
+
+class HostWork(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every aten op a step makes outside kernel launches (inside a launch the interpreter copies
+    the kernel's arguments, which a GPU launch does not)."""
+
+    COPIES = {"aten._to_copy.default", "aten.lift_fresh.default", "aten._local_scalar_dense.default",
+              "aten.copy_.default", "aten.item.default"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not _common.in_launch():
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+B_STEP = 33      # examples per step: > 2 x 16, so the lowered threshold splits the example sums
+
+
+def _stepper(cfg, kind, monkeypatch, graph: bool):
+    monkeypatch.setattr(stepper_mod, "_graphs_wanted", lambda device, cuda_graph: graph)
+    if graph and INTERPRETED:
+        def fake_capture(run, device):
+            ws = fb._workspace(cfg, 1, B_STEP, torch.device(DEVICE), True)
+            before = ws.deferred.tables_built
+            g = RecordedGraph(run)
+            assert ws.deferred.tables_built == before, "capture built a descriptor table (a host-to-device copy)"
+            return g
+        monkeypatch.setattr(stepper_mod, "capture_graph", fake_capture)
+    model, tokens, labels = model_and_data(cfg, B_STEP, seed=6)
+    tcfg = TrainConfig(lr=1e-2, wd=0.5, grokfast=kind, window=3, warmup=2)
+    return stepper_mod.FusedStepper(model.to(DEVICE), tcfg), tokens, labels
+
+
+@pytest.mark.parametrize("kind", ["ema", "ma"])
+def test_captured_step_replays_the_eager_steps_bits(kind, monkeypatch):
+    """After WARMUP_STEPS eager steps the step is captured once and replayed: five steps give the same
+    parameters and optimizer state, bit for bit, as five eager steps (split paths on; one layer: the
+    two-layer step's kernels are the subject of the other tests here)."""
+    cfg = every_path_cfg(n_layers=1, layernorm=False, n_ctx=3)
+    results = []
+    with mlp.split_thresholds(16):
+        for graph in (False, True):
+            fb._CACHE.clear()
+            st, tokens, labels = _stepper(cfg, kind, monkeypatch, graph)
+            losses = [st.step(tokens, labels).item() for _ in range(5)]
+            assert st.mode == ("cuda-graph" if graph else "eager")
+            results.append((losses, {k: v.clone() for k, v in st.state_dict().items()}))
+    (l0, s0), (l1, s1) = results
+    assert l0 == l1
+    assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
+
+
+def test_steps_after_warm_up_make_no_table_no_copy_and_keep_addresses(monkeypatch):
+    """Eager steps after the warm-up (what a capture records): no descriptor table built, no host-to-device
+    copy, no read of a device value (aten ops outside kernel launches), every workspace buffer where it was."""
+    cfg = every_path_cfg()
+    with mlp.split_thresholds(16):
+        fb._CACHE.clear()
+        st, tokens, labels = _stepper(cfg, "ma", monkeypatch, graph=False)
+        for _ in range(stepper_mod.WARMUP_STEPS):
+            st.step(tokens, labels)
+        ws = fb._workspace(cfg, 1, B_STEP, torch.device(DEVICE), True)
+        tables = ws.deferred.tables_built
+        addresses = {k: v.data_ptr() for k, v in vars(ws).items() if isinstance(v, torch.Tensor)}
+        bufs = [b.data_ptr() for b in ws.deferred.held()[0]]
+        with HostWork() as hw:
+            for _ in range(2):
+                st._run(tokens, labels)     # the step a graph records (step() adds the returned loss's copy)
+        assert ws.deferred.tables_built == tables
+        assert {k: v.data_ptr() for k, v in vars(ws).items() if isinstance(v, torch.Tensor)} == addresses
+        assert [b.data_ptr() for b in ws.deferred.held()[0]] == bufs
+    copies = sorted({op for op in hw.ops if op in HostWork.COPIES})
+    assert copies == [], f"host work in the step: {copies}"
+
+
+def test_capture_failure_raises_and_restores_the_stream(monkeypatch):
+    """capture_graph with a step that fails while capturing: GraphCaptureError naming the cause, the
+    capture ended, and the caller back on its own stream (torch.cuda.graph would leave it on the
+    capture's side stream). Modelled with a fake torch.cuda on a CPU."""
+    events, current = [], ["default"]
+
+    class FakeGraph:
+        def capture_begin(self):
+            events.append("begin")
+
+        def capture_end(self):
+            events.append("end")
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    class FakeStream:
+        def __init__(self, device=None):
+            self.name = "side"
+
+        def wait_stream(self, other):
+            pass
+
+    class StreamCtx:
+        def __init__(self, s):
+            self.s = s
+
+        def __enter__(self):
+            self.prev = current[0]
+            current[0] = self.s.name
+
+        def __exit__(self, *a):
+            current[0] = self.prev
+
+    fake = type("cuda", (), dict(CUDAGraph=FakeGraph, Stream=FakeStream, stream=staticmethod(StreamCtx),
+                                 synchronize=staticmethod(lambda device=None: None),
+                                 current_stream=staticmethod(lambda device=None: FakeStream())))
+    monkeypatch.setattr(stepper_mod.torch, "cuda", fake)
+
+    def bad_step():
+        assert current[0] == "side"
+        raise RuntimeError("cudaMemcpy while capturing")
+
+    with pytest.raises(stepper_mod.GraphCaptureError, match="cudaMemcpy while capturing.*GROKFAST_CUDA_GRAPH=0"):
+        stepper_mod.capture_graph(bad_step, "cuda:0")
+    assert events == ["begin", "end"] and current[0] == "default"
+
+
+# --------------------------------------------------------------------------------------------------
+# Integer widths
+
+
+@needs_interpreter
+def test_ma_ring_addresses_past_two_to_the_31():
+    """The MA recompute reads ring slot w at ring + (m W + w) N + i: with W = 33 and N = 2^26, slot 32 starts
+    at 2^31 elements. One program (i < 1024) of the element kernel on a ring that is virtual memory (never
+    touched pages cost nothing): the window sum must see the value planted in slot 32, exactly."""
+    N, W, BLOCK = 1 << 26, 33, 1024
+    ring = torch.empty(W * N, dtype=torch.float32)
+    for w in range(W):
+        ring[w * N:w * N + BLOCK] = float(w + 1)          # touches one page per slot
+    small = lambda dtype=torch.float32: torch.zeros(BLOCK, dtype=dtype)   # noqa: E731
+    param, grad, mom, vel, ma_sum = small(), small(), small(), small(), small(torch.float64)
+    grad.fill_(float(W))                                  # enters slot W - 1 = 32 (replacing its old value)
+    scal = torch.zeros(5 + 2, dtype=torch.float32)
+    scal[:5] = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0])    # beta1 0, beta2 0, bias correction 1: p -= g / (|g| + eps)
+    scal[5:] = torch.tensor([0.0, 1.0])                   # step size 0: the parameters stay; the sum is the check
+    snap = torch.tensor([1, W - 1], dtype=torch.int64)    # count c = W - 1: the once-per-window exact recompute
+    lamb = torch.ones(1)
+    _common.launch(grokfast_adamw_kernel, (1, 1),
+                   dict(param_ptr=param, grad_ptr=grad, mom_ptr=mom, vel_ptr=vel, ema_ptr=mom, ring_ptr=ring,
+                        sum_ptr=ma_sum, alpha_ptr=lamb, lamb_ptr=lamb, scal_ptr=scal, snap_ptr=snap, N=N,
+                        window=W, eps=1e-8),
+                   dict(FILTER=2, SCALARS=5, BLOCK=BLOCK))
+    assert torch.equal(ma_sum, torch.full((BLOCK,), float(sum(range(1, W + 1))), dtype=torch.float64))
