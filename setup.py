@@ -6,7 +6,7 @@ setup(
     description="Grokking on modular arithmetic at the speed of the hardware: fused Triton training step, "
                 "PyTorch reference, progress measures",
     python_requires=">=3.10",
-    packages=["grokfast", "grokfast.kernels"],
+    packages=["grokfast", "grokfast.bench", "grokfast.sweep", "grokfast.kernels"],
     package_dir={"grokfast": "grokfast", "grokfast.kernels": "kernels"},
     install_requires=[
         "torch>=2.1",
