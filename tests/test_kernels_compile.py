@@ -49,3 +49,20 @@ def test_a_register_starved_kernel_is_reported_as_spilling():
     row = dict(json.loads(out.strip().splitlines()[-1]), shapes="any")
     assert row["regs"] <= 24 and row["spill_stores"] > 0, row
     assert aot.spills({"rows": [row], "skipped": []}) == [row]
+
+
+def test_optimizer_compiles_to_ieee_sqrt_and_division():
+    """On a GPU, tl.sqrt and float32 '/' compile to approximate instructions (sqrt.approx flushes subnormal
+    second moments to zero; div.full is off by up to 2 ulp); the optimizer's AdamW update uses sqrt_rn and
+    div_rn, so the PTX must hold the IEEE-rounded forms only."""
+    code = ("import json; from grokfast.kernels import aot, optimizer; import triton; "
+            "from triton.backends.compiler import GPUTarget; from triton.compiler import ASTSource; "
+            "s = optimizer.aot_specs()[1]; "
+            "k = triton.compile(ASTSource(fn=s['fn'], signature=s['signature'], constexprs=s['constexprs'], "
+            "attrs=s['attrs']), target=GPUTarget('cuda', 90, 32), options={'num_warps': s['num_warps']}); "
+            "print(json.dumps(k.asm['ptx']))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    ptx = json.loads(out.strip().splitlines()[-1])
+    assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx
+    assert "sqrt.approx" not in ptx and "div.full" not in ptx and "div.approx" not in ptx

@@ -50,8 +50,9 @@ def measure_backend(name: str, wl: Workload, device, warmup: int, timed: int, te
     if name in COMPILE_MODES:
         row["compile_s_note"] = "first_step_s includes compiling forward, backward and the optimizer"
     if name.startswith("fused"):
-        # whether the stepper really replays a captured graph (FusedStepper keeps it in _graph)
-        row["cuda_graph_captured"] = getattr(steppers[0], "_graph", None) is not None
+        # how the timed steps ran: "cuda-graph" (captured and replayed) or "eager" (a failed capture raises)
+        row["step_mode"] = getattr(steppers[0], "mode", "eager")
+        row["cuda_graph_captured"] = row["step_mode"] == "cuda-graph"
     if tel is not None:
         row["telemetry"] = tel
     # every backend took the same steps from the same weights: compare the first model's at the end
