@@ -17,6 +17,16 @@ import torch
 import grokfast
 
 
+def full_batch(preset: str, filt: str, precision: str):
+    """(ModelConfig, TrainConfig, tokens, labels) of a preset's full-batch step on the GPU, with this Grokfast
+    filter and dot precision (bench/profile_step.py uses it too)."""
+    pre = grokfast.preset(preset)
+    task = grokfast.Task.from_spec(pre.task, device="cuda")
+    cfg = pre.model.for_task(task)
+    tcfg = grokfast.TrainConfig(**{**pre.train.to_dict(), "grokfast": filt, "precision": precision, "batch_size": None})
+    return cfg, tcfg, task.train.tokens.contiguous(), task.train.labels.contiguous()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="nanda")
@@ -30,12 +40,7 @@ def main() -> int:
     from grokfast.kernels import forward_backward as fb
     from grokfast.kernels.stepper import FusedStepper
 
-    pre = grokfast.preset(args.preset)
-    task = grokfast.Task.from_spec(pre.task, device="cuda")
-    cfg = pre.model.for_task(task)
-    tcfg = grokfast.TrainConfig(**{**pre.train.to_dict(), "grokfast": args.grokfast, "precision": args.precision,
-                                   "batch_size": None})
-    tok, lab = task.train.tokens.contiguous(), task.train.labels.contiguous()
+    cfg, tcfg, tok, lab = full_batch(args.preset, args.grokfast, args.precision)
     out, ok = {}, True
     for graph in (True, False):
         model = grokfast.Transformer(cfg, seed=0, device="cuda")

@@ -13,6 +13,7 @@ from collections import defaultdict
 import torch
 
 import grokfast
+from graph_proof import full_batch   # bench/ is this script's folder, first on sys.path
 
 
 def main() -> int:
@@ -29,12 +30,7 @@ def main() -> int:
     from grokfast.kernels.stepper import FusedStepper
     from torch.profiler import ProfilerActivity, profile
 
-    pre = grokfast.preset(args.preset)
-    task = grokfast.Task.from_spec(pre.task, device="cuda")
-    cfg = pre.model.for_task(task)
-    tcfg = grokfast.TrainConfig(**{**pre.train.to_dict(), "grokfast": args.grokfast, "precision": args.precision,
-                                   "batch_size": None})
-    tok, lab = task.train.tokens.contiguous(), task.train.labels.contiguous()
+    cfg, tcfg, tok, lab = full_batch(args.preset, args.grokfast, args.precision)
     st = FusedStepper(grokfast.Transformer(cfg, seed=0, device="cuda"), tcfg, cuda_graph=not args.eager)
     for _ in range(5):
         st.step(tok, lab)
