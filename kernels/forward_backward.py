@@ -442,5 +442,7 @@ def aot_specs(cfg, M: int, B: int) -> list[dict]:
             continue
         seen.add(key)
         tag = ",".join(f"{k}={v}" for k, v in cx.items())
+        if kernel in _common.MAXNREG:
+            sp["maxnreg"] = _common.MAXNREG[kernel]
         specs.append(dict(name=f"{kernel.__name__}[{tag}]", fn=kernel, num_warps=num_warps, **sp))
     return specs

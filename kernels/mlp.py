@@ -464,6 +464,7 @@ def gemm_plan(a, b, out, bias=None, res=None, act=None, pre_out=None, dact=None,
 # Problems per grouped launch (gemm_group.py has a kernel for each count up to 3). GROKFAST_GEMM_GROUP=1
 # launches every problem alone (for benchmarking the grouping: grouped kernels hold more registers).
 MAX_GROUP = int(os.environ.get("GROKFAST_GEMM_GROUP", "3"))
+GEMM_MAXNREG = 128    # registers per thread of the GEMM kernels at 8 warps (two blocks of 256 threads per SM)
 if MAX_GROUP not in (1, 2, 3):
     raise ValueError(f"GROKFAST_GEMM_GROUP must be 1, 2 or 3, got {MAX_GROUP}")
 
@@ -473,6 +474,8 @@ def gemm_launch(*plans: GemmPlan) -> None:
     few launches as possible: up to MAX_GROUP per launch, the programs of problem i after those of
     problems 0..i-1 (gemm_group.py). Each problem gives the same result as launched alone."""
     from . import gemm_group
+    for k in (gemm_kernel, *gemm_group.KERNELS.values()):
+        _common.MAXNREG.setdefault(k, GEMM_MAXNREG)
     plans = [p for p in plans if p.n_programs > 0]
     for i in range(0, len(plans), MAX_GROUP):
         group = plans[i:i + MAX_GROUP]
@@ -487,8 +490,8 @@ def gemm_launch(*plans: GemmPlan) -> None:
             for g, p in enumerate(group[:-1]):
                 first += p.n_programs
                 args[f"NP{g}"] = first
-        # 32 x 64 x 16 tiles, 8 warps: <= 128 registers and no spills on sm_80 and sm_90 with every
-        # epilogue (4 warps, or 64 x 64 tiles, spill a little)
+        # 32 x 64 x 16 tiles, 8 warps, at most 128 registers (_common.MAXNREG): no spills on sm_80 and sm_90
+        # with every epilogue, compiled as the JIT specialises (python -m grokfast.aot)
         launch(kernel, (sum(p.n_programs for p in group),), args, cx, num_warps=8)
         for p in group:
             p.finish()
