@@ -28,7 +28,7 @@ def default_threads():
     torch.set_num_threads(1)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def unpinned_env() -> dict:
     """os.environ without thread pins, for child processes that must run as a user's would."""
     return {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
