@@ -11,6 +11,12 @@ import importlib.util as _util
 import os as _os
 import sys as _sys
 
+# Intel MKL's strict conditional numerical reproducibility: its float32 products give the same bits at any
+# thread count (without it they changed from 8 threads up; measured on PyTorch 2.13's MKL 2024.2), so a run
+# is the same under torchrun's one thread per process as in one process with all of them. MKL reads this once,
+# at its first call: import grokfast before any matrix product, or set MKL_CBWR yourself.
+_os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
 
 class _KernelsBesideThePackage(_abc.MetaPathFinder):
     """Finds ``grokfast.kernels`` in the checkout's ``kernels/`` folder when nothing else does.

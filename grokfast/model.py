@@ -38,7 +38,9 @@ class LayerNorm(nn.Module):
         self.b = nn.Parameter(torch.zeros(cfg.d_model))
 
     def forward(self, x):
-        return F.layer_norm(x, (x.shape[-1],), self.w, self.b, self.eps)
+        # w and b applied outside F.layer_norm: its fused backward sums their gradients in per-thread
+        # partial sums, so the bits depended on the thread count; autograd's sums over rows do not.
+        return F.layer_norm(x, (x.shape[-1],), None, None, self.eps) * self.w + self.b
 
 
 class Attention(nn.Module):
@@ -164,7 +166,9 @@ class Transformer(nn.Module):
         """Logits at the last position. Pass a dict as ``cache`` to receive activations: attention
         patterns ``blocks.{l}.attn.pattern`` and MLP activations ``blocks.{l}.mlp.post`` (the last
         layer's at the last position only: [B, d_mlp]), and ``resid_final`` [B, d_model]."""
-        x = self.embed.W_E[tokens] + self.pos_embed.W_pos                    # [B, T, D]
+        # F.embedding, not W_E[tokens]: the indexing's backward (index_put_ with accumulate) adds rows in an
+        # order that changes from call to call with several CPU threads; embedding's (index_add_) does not.
+        x = F.embedding(tokens, self.embed.W_E) + self.pos_embed.W_pos                 # [B, T, D]
         L = len(self.blocks)
         for l, block in enumerate(self.blocks):
             x = block(x, last_only=(l == L - 1), cache=cache, name=f"blocks.{l}.")

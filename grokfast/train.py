@@ -145,8 +145,19 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def _version(module: str):
+    try:
+        return __import__(module).__version__
+    except Exception:
+        return None
+
+
 def _environment() -> dict:
-    env = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+    """What made the run: versions, the CPU thread count and MKL's reproducibility mode (see
+    grokfast/__init__.py), and the GPU."""
+    env = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+           "torch_threads": torch.get_num_threads(), "mkl_cbwr": os.environ.get("MKL_CBWR"),
+           "numpy": _version("numpy")}
     try:
         import triton
         env["triton"] = triton.__version__

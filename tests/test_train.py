@@ -89,7 +89,7 @@ def test_model_loads_back_from_a_run(tmp_path):
 
 
 @pytest.mark.parametrize("filt,batch", [("ema", None), ("ma", 24)])
-def test_resume_after_a_crash_is_bit_identical(tmp_path, filt, batch):
+def test_resume_after_a_crash_is_bit_identical(tmp_path, filt, batch, default_threads):
     kw = dict(grokfast=filt, window=4, batch_size=batch)
     full = tiny_train(tmp_path / "full", **kw)
 
@@ -224,17 +224,19 @@ def _wait_for_checkpoint(run_dir, proc, at_least):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, unpinned_env):
     out = tmp_path_factory.mktemp("cli") / "full"
-    subprocess.run(_cli(out, "--steps", "1200", "--checkpoint-every", "50"), check=True, capture_output=True)
+    subprocess.run(_cli(out, "--steps", "1200", "--checkpoint-every", "50"), check=True, capture_output=True,
+                   env=unpinned_env)
     return out
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_cli_killed_run_resumes_bit_identical(tmp_path, uninterrupted, sig):
+def test_cli_killed_run_resumes_bit_identical(tmp_path, uninterrupted, unpinned_env, sig):
+    """At the machine's default thread count, as a user runs it (no OMP_NUM_THREADS)."""
     out = tmp_path / "cut"
     proc = subprocess.Popen(_cli(out, "--steps", "1200", "--checkpoint-every", "50"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=unpinned_env)
     _wait_for_checkpoint(out, proc, 100)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
@@ -246,7 +248,7 @@ def test_cli_killed_run_resumes_bit_identical(tmp_path, uninterrupted, sig):
     stopped = rundir.list_checkpoints(out)[-1][0]
     assert stopped < 1200
     r = subprocess.run([sys.executable, "-m", "grokfast", "train", "--resume", str(out), "--no-progress"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=unpinned_env)
     assert r.returncode == 0, r.stderr
     assert f"resuming {out} from step {stopped}" in r.stderr
     assert_same_state(final_tensors(uninterrupted)[1], final_tensors(out)[1])
