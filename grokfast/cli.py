@@ -34,7 +34,7 @@ def add_training_flags(g) -> None:
     """Optimizer and filter flags shared by `train` and `sweep` (TrainConfig fields)."""
     g.add_argument("--steps", type=int, help="step limit")
     g.add_argument("--lr", type=float)
-    g.add_argument("--wd", type=float, help="AdamW decoupled weight decay")
+    g.add_argument("--wd", type=float, help="weight decay (decoupled for adamw, coupled L2 for --optimizer adam)")
     g.add_argument("--beta1", type=float)
     g.add_argument("--beta2", type=float)
     g.add_argument("--warmup", type=int, help="linear learning-rate warm-up steps (0: none)")
@@ -46,6 +46,18 @@ def add_training_flags(g) -> None:
     g.add_argument("--precision", choices=["ieee", "tf32x3", "tf32"],
                    help="the fused kernels' float32 products: ieee (default, exact float32), tf32x3 (three TF32 "
                         "tensor-core products, near float32), tf32 (one, ~1e-3 relative)")
+
+
+def add_paper_optimizer_flags(g) -> None:
+    """The papers' optimizer semantics (TrainConfig.optimizer, warmup_schedule, minibatches); `train` only
+    until a sweep axis carries them."""
+    g.add_argument("--optimizer", choices=["adamw", "adam"],
+                   help="adamw (decoupled weight decay; default) or adam (torch.optim.Adam: coupled L2, as ironjr/grokfast)")
+    g.add_argument("--warmup-schedule", choices=["linear", "lambdalr"],
+                   help="linear: lr*min(1, t/warmup); lambdalr: lr*min(1, (t-1)/warmup), torch's LambdaLR as the "
+                        "papers' code steps it (first step lr 0)")
+    g.add_argument("--minibatches", choices=["draw", "epoch"],
+                   help="draw: independent draws each step; epoch: shuffled epochs cut in order, short last batch")
 
 
 def _add_train(sub):
@@ -64,6 +76,7 @@ def _add_train(sub):
     add_model_flags(p.add_argument_group("model (override the preset)"))
     g = p.add_argument_group("training")
     add_training_flags(g)
+    add_paper_optimizer_flags(g)
     g.add_argument("--full-batch", action="store_true", help="full batch even where the preset has minibatches")
     g.add_argument("--stop-at-grok", action=argparse.BooleanOptionalAction, default=None,
                    help="stop at the first evaluation with test accuracy >= 99%%")
@@ -87,7 +100,8 @@ def cmd_train(args) -> int:
 
     device = resolve_device(args.device)
 
-    train_over = {k: getattr(args, k) for k in ("steps", "lr", "wd", "beta1", "beta2", "warmup", "batch_size",
+    train_over = {k: getattr(args, k) for k in ("steps", "lr", "wd", "optimizer", "warmup_schedule", "minibatches",
+                                                "beta1", "beta2", "warmup", "batch_size",
                                                 "grokfast", "alpha", "lamb", "window", "seed", "eval_every",
                                                 "checkpoint_every", "measure_every", "backend", "stop_at_grok", "precision")
                   if getattr(args, k) is not None}

@@ -129,10 +129,16 @@ class ModelConfig(_Dict):
 @dataclass(frozen=True)
 class TrainConfig(_Dict):
     """How to train. lr warm-up is linear over ``warmup`` steps: at optimizer step t = 1, 2, ...
-    lr_t = lr * min(1, t / warmup).
+    lr_t = lr * min(1, t / warmup) (warmup_schedule "linear"), or lr * min(1, (t - 1) / warmup)
+    ("lambdalr": torch's LambdaLR stepped after each update, as the papers' code does, so the first
+    step has lr 0 and only fills Adam's moments).
 
+    optimizer: "adamw" (decoupled weight decay, theta *= 1 - lr_t wd) or "adam" (torch.optim.Adam:
+    weight decay as coupled L2, g += wd theta after the Grokfast filter, as ironjr/grokfast runs).
     grokfast: "none", "ema" (alpha, lamb) or "ma" (window, lamb), exactly as Lee et al. define them
-    (see grokfast.filters). batch_size None means full batch.
+    (see grokfast.filters). batch_size None means full batch. minibatches: "draw" (each step draws
+    batch_size examples without replacement, independently of other steps) or "epoch" (each epoch
+    is a fresh shuffle cut into consecutive batches, the last one short: ceil(N / batch_size) steps).
     """
 
     steps: int = 10000
@@ -143,6 +149,9 @@ class TrainConfig(_Dict):
     eps: float = 1e-8
     warmup: int = 10
     batch_size: Optional[int] = None
+    optimizer: str = "adamw"        # adamw | adam (coupled L2 weight decay)
+    warmup_schedule: str = "linear"  # linear | lambdalr (first step lr 0)
+    minibatches: str = "draw"       # draw | epoch (shuffled epochs, short last batch)
     grokfast: str = "none"
     alpha: float = 0.98
     lamb: float = 2.0
@@ -172,6 +181,10 @@ class TrainConfig(_Dict):
         need(self.eps > 0, f"eps must be positive, got {self.eps}")
         need(self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}")
         need(self.batch_size is None or self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        need(self.optimizer in ("adamw", "adam"), f"--optimizer must be adamw or adam, got {self.optimizer!r}")
+        need(self.warmup_schedule in ("linear", "lambdalr"),
+             f"--warmup-schedule must be linear or lambdalr, got {self.warmup_schedule!r}")
+        need(self.minibatches in ("draw", "epoch"), f"--minibatches must be draw or epoch, got {self.minibatches!r}")
         need(self.grokfast in ("none", "ema", "ma"), f"--grokfast must be ema, ma or none, got {self.grokfast!r}")
         need(0 <= self.alpha < 1, f"--alpha must lie in [0, 1), got {self.alpha}")
         need(self.lamb >= 0, f"--lamb must be >= 0, got {self.lamb}")

@@ -212,7 +212,7 @@ def train(task: Task | None = None, model_config: ModelConfig | None = None,
         raise ConfigError(f"--batch-size {tcfg.batch_size} exceeds the {len(task.train)} training examples; "
                           f"lower it or omit it for full batch")
 
-    backend, reason = resolve_backend(tcfg.backend, model_config, device)
+    backend, reason = resolve_backend(tcfg.backend, model_config, device, tcfg)
     log(f"backend: {backend} ({reason}); device: {device}; task: {task}")
 
     model = Transformer(model_config, seed=tcfg.seed, device=device)
@@ -257,6 +257,7 @@ def train(task: Task | None = None, model_config: ModelConfig | None = None,
 
     train_t, train_l = task.train.tokens, task.train.labels
     n_train = len(task.train)
+    epoch_perm: dict = {}
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)
     metrics_file = open(out / "metrics.jsonl", "a") if out is not None else None
 
@@ -295,6 +296,9 @@ def train(task: Task | None = None, model_config: ModelConfig | None = None,
             while step < tcfg.steps:
                 if tcfg.batch_size is None:
                     tok, lab = train_t, train_l
+                elif tcfg.minibatches == "epoch":
+                    idx = epoch_batch(n_train, tcfg, step, epoch_perm).to(device)
+                    tok, lab = train_t[idx], train_l[idx]
                 else:
                     idx = torch.randperm(n_train, generator=batch_gen)[:tcfg.batch_size].to(device)
                     tok, lab = train_t[idx], train_l[idx]
@@ -346,6 +350,22 @@ def train(task: Task | None = None, model_config: ModelConfig | None = None,
                 _append_metric(f, row)
     summary = finish(step, wall)
     return Run(out, model, task, model_config, tcfg, history, summary, backend)
+
+
+def epoch_batch(n: int, tcfg: TrainConfig, step: int, cache: dict | None = None) -> torch.Tensor:
+    """Indices of the minibatch for 0-based `step` with minibatches "epoch": epoch e = step // k of
+    k = ceil(n / batch_size) steps is a permutation of range(n) that depends only on (seed, e), cut
+    into consecutive batches, the last one short. Being a function of the step, it resumes exactly."""
+    bs = tcfg.batch_size
+    epoch, k = divmod(step, math.ceil(n / bs))
+    perm = cache.get(epoch) if cache is not None else None
+    if perm is None:
+        g = torch.Generator().manual_seed((tcfg.seed + 7919) * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=g)
+        if cache is not None:
+            cache.clear()
+            cache[epoch] = perm
+    return perm[k * bs:(k + 1) * bs]
 
 
 def _append_metric(f, row: dict) -> None:
