@@ -65,7 +65,7 @@ def _add_train(sub):
                        description="Train one model. Defaults: the nanda preset on a GPU, the small preset "
                                    "(x+y mod 31, groks in under a minute) on a CPU.")
     g = p.add_argument_group("task")
-    g.add_argument("--preset", help="nanda | power | pizza | small (default: nanda on a GPU, small on a CPU)")
+    g.add_argument("--preset", help="nanda | power | grokfast | pizza | small (default: nanda on a GPU, small on a CPU)")
     g.add_argument("--op", help="operation formula, e.g. 'x+y', 'x/y', 'x^2+xy+y^2', 'x*y | y!=0', "
                                 "'x/y if y odd else x-y', 's5'; a comma-separated list is a multi-task mixture")
     g.add_argument("--p", type=int, help="modulus (the number of classes)")

@@ -50,6 +50,15 @@ class ModelConfig(_Dict):
     attn_alpha is the attention rate of the clock-and-pizza paper:
     attention = alpha * softmax(QK^T / sqrt(d_head)) + (1 - alpha) over the causal positions,
     so 1.0 is ordinary attention and 0.0 constant (summing) attention.
+
+    Quirks of a paper's code, off by default (the clean TransformerLens-style model):
+    resid_after_ln1: the residual stream continues from ln1's output, x = ln1(x); x = x + attn(x), as
+    in ironjr/grokfast's Block (needs layernorm). unembed_all_tokens: a logit for every input token
+    (d_vocab_out = d_vocab, so `=` and the operation tokens compete in the softmax; labels stay 0..p-1),
+    as ironjr/grokfast's head and Nanda et al.'s code have. init: the initial distribution, "nanda"
+    (every matrix randn / sqrt(d_model), W_U randn / sqrt(d_vocab), biases 0) or "torch" (PyTorch's
+    module defaults as ironjr/grokfast's nn.Embedding, nn.MultiheadAttention and nn.Linear give them;
+    see Transformer.init_weights).
     """
 
     n_layers: int = 1
@@ -63,6 +72,9 @@ class ModelConfig(_Dict):
     unembed_bias: bool = False   # b_U [d_vocab_out]
     attn_alpha: float = 1.0
     ln_eps: float = 1e-5
+    resid_after_ln1: bool = False
+    unembed_all_tokens: bool = False
+    init: str = "nanda"          # nanda | torch
     n_ctx: int = 3
     d_vocab: int = 114
     d_vocab_out: int = 113
@@ -82,6 +94,9 @@ class ModelConfig(_Dict):
         need(self.act in ("relu", "gelu"), f"act must be 'relu' or 'gelu', got {self.act!r}")
         need(0.0 <= float(self.attn_alpha) <= 1.0, f"attn_alpha must lie in [0, 1], got {self.attn_alpha}")
         need(self.ln_eps > 0, f"ln_eps must be positive, got {self.ln_eps}")
+        need(self.init in ("nanda", "torch"), f"init must be 'nanda' or 'torch', got {self.init!r}")
+        need(not self.resid_after_ln1 or self.layernorm,
+             "resid_after_ln1 takes the residual after ln1: it needs layernorm on (--layernorm)")
 
     @staticmethod
     def preset(name: str) -> "ModelConfig":
@@ -89,7 +104,8 @@ class ModelConfig(_Dict):
 
     def for_task(self, task) -> "ModelConfig":
         """This config with d_vocab, d_vocab_out and n_ctx taken from a Task."""
-        return replace(self, d_vocab=task.d_vocab, d_vocab_out=task.d_vocab_out, n_ctx=task.n_ctx)
+        out = task.d_vocab if self.unembed_all_tokens else task.d_vocab_out
+        return replace(self, d_vocab=task.d_vocab, d_vocab_out=out, n_ctx=task.n_ctx)
 
     def param_shapes(self) -> dict:
         """Parameter name -> shape, in the order of the parameter contract (DESIGN.md)."""
@@ -235,6 +251,20 @@ def _presets() -> dict:
         TrainConfig(steps=100000, lr=1e-3, wd=0.0, warmup=10, batch_size=512, eval_every=100,
                     checkpoint_every=5000),
     )
+    # Faithful to the code behind the Grokfast paper's headline run (ironjr/grokfast main.py with its README's
+    # Grokfast-EMA command), quirks included; tests/test_paper_presets.py restates that model and checks both.
+    grokfast = Preset(
+        "grokfast",
+        "Lee et al. 2024 as ironjr/grokfast runs it: 2 layers, LayerNorm with the residual after ln1 (their quirk), "
+        "attention biases, GELU, 99 output classes, torch init; x*y mod 97 (y != 0), 50% train; Adam with coupled "
+        "L2 wd 0.005, LambdaLR warm-up, shuffled epochs of 512; Grokfast-EMA alpha 0.98 lamb 2",
+        ModelConfig(n_layers=2, act="gelu", layernorm=True, attn_bias=True, resid_after_ln1=True,
+                    unembed_all_tokens=True, init="torch", n_ctx=4, d_vocab=99, d_vocab_out=99),
+        TaskSpec("x*y | y!=0", 97, 0.5, "a op b ="),
+        TrainConfig(steps=5000, lr=1e-3, wd=0.005, optimizer="adam", warmup=10, warmup_schedule="lambdalr",
+                    batch_size=512, minibatches="epoch", grokfast="ema", alpha=0.98, lamb=2.0, eval_every=10,
+                    checkpoint_every=1000),
+    )
     pizza = Preset(
         "pizza",
         "Zhong et al. 2023 (clock and pizza): 1 layer, [a, b], x+y mod 59, 80% train, wd 2, attention rate alpha",
@@ -251,7 +281,7 @@ def _presets() -> dict:
         TrainConfig(steps=3000, lr=3e-3, wd=1.0, warmup=10, grokfast="ema", alpha=0.98, lamb=2.0,
                     eval_every=50, checkpoint_every=500),
     )
-    return {p.name: p for p in (nanda, power, pizza, small)}
+    return {p.name: p for p in (nanda, power, grokfast, pizza, small)}
 
 
 PRESETS = _presets()
