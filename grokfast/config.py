@@ -177,6 +177,7 @@ class TrainConfig(_Dict):
     checkpoint_every: int = 1000
     measure_every: int = 0          # record grokfast.measures.cheap_measures every k steps (0: never)
     stop_at_grok: bool = False
+    stop_acc: float = 0.99          # the test accuracy at which stop_at_grok stops (reproductions use 0.95)
     backend: str = "auto"
     # the fused kernels' float32 products: ieee | tf32x3 | tf32 (kernels/_common.py); the default is
     # GROKFAST_DOT_PRECISION when set (so `grokfast bench` and sweeps can be switched), else ieee
@@ -205,6 +206,7 @@ class TrainConfig(_Dict):
         need(0 <= self.alpha < 1, f"--alpha must lie in [0, 1), got {self.alpha}")
         need(self.lamb >= 0, f"--lamb must be >= 0, got {self.lamb}")
         need(self.window >= 1, f"--window must be >= 1, got {self.window}")
+        need(0 < self.stop_acc <= 1, f"stop_acc must lie in (0, 1], got {self.stop_acc}")
         need(self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}")
         need(self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         need(self.measure_every >= 0 and (self.measure_every == 0 or self.measure_every % self.eval_every == 0),

@@ -320,14 +320,14 @@ def train(task: Task | None = None, model_config: ModelConfig | None = None,
                     if bar is not None:
                         bar.set_postfix(train_acc=f"{row['train_acc']:.3f}", test_acc=f"{row['test_acc']:.3f}",
                                         loss=f"{row['train_loss']:.2e}", refresh=False)
-                    grokked = tcfg.stop_at_grok and row["test_acc"] >= 0.99
+                    grokked = tcfg.stop_at_grok and row["test_acc"] >= tcfg.stop_acc
                 if step % tcfg.checkpoint_every == 0 or last or grokked or stop.signum is not None:
                     check_finite(step)
                     save(step, time.perf_counter() - t_start)
                 if stop.signum is not None:
                     raise Interrupted(step, out)
                 if grokked:
-                    log(f"test accuracy {row['test_acc']:.4f} >= 0.99 at step {step}: stopping (--stop-at-grok)")
+                    log(f"test accuracy {row['test_acc']:.4f} >= {tcfg.stop_acc:g} at step {step}: stopping (--stop-at-grok)")
                     break
     except Interrupted:
         if bar is not None:
