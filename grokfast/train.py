@@ -87,8 +87,11 @@ def default_preset_name(device=None) -> str:
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, tokens: torch.Tensor, labels: torch.Tensor, chunk: int = 32768):
-    """(mean float64 loss, accuracy) over a split, in chunks; both stay on the device."""
+def evaluate(model: Transformer, tokens: torch.Tensor, labels: torch.Tensor, chunk: int | None = None):
+    """(mean float64 loss, accuracy) over a split, in chunks (default 32768 rows on a GPU; 1024 on a CPU,
+    where activations that fit in cache make the grokfast preset's evaluation 1.7x faster than one chunk);
+    both stay on the device."""
+    chunk = chunk or (32768 if tokens.is_cuda else 1024)
     total = torch.zeros((), dtype=torch.float64, device=tokens.device)
     correct = torch.zeros((), dtype=torch.int64, device=tokens.device)
     n = labels.shape[0]
