@@ -58,7 +58,8 @@ class ModelConfig(_Dict):
     as ironjr/grokfast's head and Nanda et al.'s code have. init: the initial distribution, "nanda"
     (every matrix randn / sqrt(d_model), W_U randn / sqrt(d_vocab), biases 0) or "torch" (PyTorch's
     module defaults as ironjr/grokfast's nn.Embedding, nn.MultiheadAttention and nn.Linear give them;
-    see Transformer.init_weights).
+    see Transformer.init_weights) or "pizza" (nanda's, but W_in randn / sqrt(d_mlp), as Zhong et al.'s
+    train script).
     """
 
     n_layers: int = 1
@@ -74,7 +75,7 @@ class ModelConfig(_Dict):
     ln_eps: float = 1e-5
     resid_after_ln1: bool = False
     unembed_all_tokens: bool = False
-    init: str = "nanda"          # nanda | torch
+    init: str = "nanda"          # nanda | torch | pizza
     n_ctx: int = 3
     d_vocab: int = 114
     d_vocab_out: int = 113
@@ -94,7 +95,7 @@ class ModelConfig(_Dict):
         need(self.act in ("relu", "gelu"), f"act must be 'relu' or 'gelu', got {self.act!r}")
         need(0.0 <= float(self.attn_alpha) <= 1.0, f"attn_alpha must lie in [0, 1], got {self.attn_alpha}")
         need(self.ln_eps > 0, f"ln_eps must be positive, got {self.ln_eps}")
-        need(self.init in ("nanda", "torch"), f"init must be 'nanda' or 'torch', got {self.init!r}")
+        need(self.init in ("nanda", "torch", "pizza"), f"init must be nanda, torch or pizza, got {self.init!r}")
         need(not self.resid_after_ln1 or self.layernorm,
              "resid_after_ln1 takes the residual after ln1: it needs layernorm on (--layernorm)")
 
@@ -269,10 +270,12 @@ def _presets() -> dict:
     )
     pizza = Preset(
         "pizza",
-        "Zhong et al. 2023 (clock and pizza): 1 layer, [a, b], x+y mod 59, 80% train, wd 2, attention rate alpha",
-        ModelConfig(attn_alpha=1.0, n_ctx=2, d_vocab=59, d_vocab_out=59),
+        "Zhong et al. 2023 (clock and pizza): 1 layer, [a, b], x+y mod 59, 80% train, wd 2, attention rate alpha; "
+        "their train script's function and init (W_in randn / sqrt(d_mlp)) and 10-step warm-up (linear here; "
+        "theirs is LambdaLR, one step later: --warmup-schedule lambdalr, reference backend)",
+        ModelConfig(attn_alpha=1.0, init="pizza", n_ctx=2, d_vocab=59, d_vocab_out=59),
         TaskSpec("x+y", 59, 0.8, "a b"),
-        TrainConfig(steps=20000, lr=1e-3, wd=2.0, warmup=0, eval_every=100, checkpoint_every=1000),
+        TrainConfig(steps=20000, lr=1e-3, wd=2.0, warmup=10, eval_every=100, checkpoint_every=1000),
     )
     # Small enough to grok in well under a minute on a 2-core CPU with the reference backend.
     small = Preset(

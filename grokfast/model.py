@@ -134,7 +134,8 @@ class Transformer(nn.Module):
     """tokens [B, n_ctx] (int64) -> logits at the last position [B, d_vocab_out] (float32).
 
     Init (Nanda et al.): every matrix randn / sqrt(d_model), W_U randn / sqrt(d_vocab); biases 0,
-    LayerNorm weights 1; or with cfg.init "torch", PyTorch's module defaults (init_weights). ``seed``
+    LayerNorm weights 1; with cfg.init "pizza" the same but W_in randn / sqrt(d_mlp); with "torch",
+    PyTorch's module defaults (init_weights). ``seed``
     makes the init the same on every device.
     """
 
@@ -159,6 +160,8 @@ class Transformer(nn.Module):
             leaf = name.rsplit(".", 1)[-1]
             if leaf.startswith("W_"):
                 scale = self.cfg.d_vocab if leaf == "W_U" else self.cfg.d_model
+                if leaf == "W_in" and self.cfg.init == "pizza":  # Zhong et al.'s train script
+                    scale = self.cfg.d_mlp
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(scale))
             elif leaf == "w":
                 p.fill_(1.0)

@@ -169,3 +169,133 @@ def test_fused_backend_refuses_the_residual_quirk():
     ok, why = fused_status(cfg, "cpu", allow_interpreter=True)
     assert not ok and "resid_after_ln1" in why
     assert resolve_backend("auto", cfg, "cpu")[0] == "reference"
+
+
+# --- Nanda et al. 2023 (progress-measures-paper transformers.py): 1 layer, no LayerNorm ------------------
+class NandaPaper(nn.Module):
+    """Their shapes: W_E [d_model, d_vocab], W_Q/K/V [H, d_head, d_model], W_O [d_model, H d_head],
+    W_in [d_mlp, d_model], W_out [d_model, d_mlp], W_U [d_model, d_vocab]; the scores are tril'ed and
+    the upper triangle pushed to -1e10 rather than -inf."""
+
+    def __init__(self, p=113, d=128, heads=4, d_mlp=512, n_ctx=3):
+        super().__init__()
+        V, Dh = p + 1, d // heads
+        r = lambda *s, scale=d: nn.Parameter(torch.randn(*s) / math.sqrt(scale))
+        self.W_E, self.W_pos = r(d, V), r(n_ctx, d)
+        self.W_Q, self.W_K, self.W_V, self.W_O = r(heads, Dh, d), r(heads, Dh, d), r(heads, Dh, d), r(d, heads * Dh)
+        self.W_in, self.b_in, self.W_out, self.b_out = r(d_mlp, d), nn.Parameter(torch.zeros(d_mlp)), r(d, d_mlp), \
+            nn.Parameter(torch.zeros(d))
+        self.W_U = r(d, V, scale=V)
+        self.register_buffer("mask", torch.tril(torch.ones(n_ctx, n_ctx)))
+
+    def forward(self, tokens):                               # [B, T] -> logits [B, T, d_vocab]
+        x = self.W_E[:, tokens].permute(1, 2, 0) + self.W_pos
+        q, k, v = (torch.einsum("ihd,bpd->biph", W, x) for W in (self.W_Q, self.W_K, self.W_V))
+        scores = torch.einsum("biph,biqh->biqp", k, q)
+        scores = torch.tril(scores) - 1e10 * (1 - self.mask)
+        z = torch.einsum("biph,biqp->biqh", v, (scores / math.sqrt(q.shape[-1])).softmax(-1))
+        x = x + torch.einsum("df,bqf->bqd", self.W_O, z.permute(0, 2, 1, 3).flatten(2))
+        h = torch.relu(torch.einsum("md,bpd->bpm", self.W_in, x) + self.b_in)
+        x = x + torch.einsum("dm,bpm->bpd", self.W_out, h) + self.b_out
+        return x @ self.W_U
+
+
+def nanda_paper_to_ours(t: NandaPaper, cfg: ModelConfig) -> dict:
+    H, Dh, D = cfg.n_heads, cfg.d_head, cfg.d_model
+    s = {"embed.W_E": t.W_E.T, "pos_embed.W_pos": t.W_pos,
+         "blocks.0.attn.W_Q": t.W_Q.transpose(1, 2), "blocks.0.attn.W_K": t.W_K.transpose(1, 2),
+         "blocks.0.attn.W_V": t.W_V.transpose(1, 2), "blocks.0.attn.W_O": t.W_O.T.reshape(H, Dh, D),
+         "blocks.0.mlp.W_in": t.W_in.T, "blocks.0.mlp.b_in": t.b_in, "blocks.0.mlp.W_out": t.W_out.T,
+         "blocks.0.mlp.b_out": t.b_out, "unembed.W_U": t.W_U}
+    return {k: v.detach().clone() for k, v in s.items()}
+
+
+def nanda_faithful():
+    """The nanda preset with the one quirk of their code: 114 outputs (`=` has a logit)."""
+    task = grokfast.Task.from_spec(grokfast.preset("nanda").task)
+    return dataclasses.replace(grokfast.preset("nanda").model, unembed_all_tokens=True).for_task(task), task
+
+
+def test_nanda_with_unembed_all_tokens_computes_the_paper_codes_function():
+    cfg, task = nanda_faithful()
+    torch.manual_seed(0)
+    theirs = NandaPaper().double()
+    with torch.no_grad():
+        theirs.b_in.normal_(), theirs.b_out.normal_()
+    tokens = task.all_pairs().tokens[::13]
+    with torch.no_grad():
+        want = theirs(tokens)[:, -1]
+    got = our_logits(cfg, nanda_paper_to_ours(theirs, cfg), tokens)
+    assert got.shape == want.shape == (len(tokens), 114)
+    assert (got - want).abs().max().item() < TOL
+    clean = grokfast.preset("nanda").model.for_task(task)                  # the quirk removed: 113 outputs
+    state = nanda_paper_to_ours(theirs, cfg)
+    state["unembed.W_U"] = state["unembed.W_U"][:, :113]
+    assert our_logits(clean, state, tokens).shape != want.shape
+
+
+def test_nanda_starts_from_the_paper_codes_distribution():
+    cfg, _ = nanda_faithful()
+    theirs = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        theirs.append(nanda_paper_to_ours(NandaPaper(), cfg))
+    want = stats(pooled(theirs))
+    ours = stats(pooled([Transformer(cfg, seed=s).state_dict() for s in range(3)]))
+    assert init_mismatches(ours, want) == []
+    torch_init = stats(pooled([Transformer(dataclasses.replace(cfg, init="torch"), seed=s).state_dict() for s in range(3)]))
+    assert "embed.W_E" in init_mismatches(torch_init, want)
+
+
+# --- Zhong et al. 2023 (fjzzq2002/pizza code/train-main.py): [a, b], no mask, attention rate -----------
+class PizzaPaper(NandaPaper):
+    """Nanda's shapes with p outputs, no causal mask, the attention mixed as softmax * alpha + (1 - alpha),
+    and W_in randn / sqrt(d_mlp)."""
+
+    def __init__(self, alpha, p=59, d=128, heads=4, d_mlp=512):
+        super().__init__(p=p - 1, d=d, heads=heads, d_mlp=d_mlp, n_ctx=2)
+        self.alpha = alpha
+        self.W_in = nn.Parameter(torch.randn(d_mlp, d) / math.sqrt(d_mlp))
+
+    def forward(self, tokens):
+        x = self.W_E[:, tokens].permute(1, 2, 0) + self.W_pos
+        q, k, v = (torch.einsum("ihd,bpd->biph", W, x) for W in (self.W_Q, self.W_K, self.W_V))
+        pattern = (torch.einsum("biph,biqh->biqp", k, q) / math.sqrt(q.shape[-1])).softmax(-1)
+        z = torch.einsum("biph,biqp->biqh", v, pattern * self.alpha + (1 - self.alpha))
+        x = x + torch.einsum("df,bqf->bqd", self.W_O, z.permute(0, 2, 1, 3).flatten(2))
+        h = torch.relu(torch.einsum("md,bpd->bpm", self.W_in, x) + self.b_in)
+        x = x + torch.einsum("dm,bpm->bpd", self.W_out, h) + self.b_out
+        return x @ self.W_U
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_pizza_preset_computes_the_paper_codes_function(alpha):
+    pre = grokfast.preset("pizza")
+    task = grokfast.Task.from_spec(pre.task)
+    cfg = dataclasses.replace(pre.model, attn_alpha=alpha).for_task(task)
+    torch.manual_seed(1)
+    theirs = PizzaPaper(alpha).double()
+    with torch.no_grad():
+        theirs.b_in.normal_(), theirs.b_out.normal_()
+    tokens = task.all_pairs().tokens[::7]
+    with torch.no_grad():
+        want = theirs(tokens)[:, -1]
+    state = nanda_paper_to_ours(theirs, cfg)
+    got = our_logits(cfg, state, tokens)
+    assert got.shape == want.shape == (len(tokens), 59)
+    assert (got - want).abs().max().item() < TOL
+    if alpha != 1.0:   # the attention rate removed (ordinary softmax attention): another function
+        assert (our_logits(dataclasses.replace(cfg, attn_alpha=1.0), state, tokens) - want).abs().max() > 1e-3
+
+
+def test_pizza_preset_starts_from_the_paper_codes_distribution():
+    pre = grokfast.preset("pizza")
+    cfg = pre.model.for_task(grokfast.Task.from_spec(pre.task))
+    theirs = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        theirs.append(nanda_paper_to_ours(PizzaPaper(0.0), cfg))
+    want = stats(pooled(theirs))
+    assert init_mismatches(stats(pooled([Transformer(cfg, seed=s).state_dict() for s in range(3)])), want) == []
+    nanda_init = stats(pooled([Transformer(dataclasses.replace(cfg, init="nanda"), seed=s).state_dict() for s in range(3)]))
+    assert init_mismatches(nanda_init, want) == ["blocks.0.mlp.W_in"]     # their W_in scale is the quirk
