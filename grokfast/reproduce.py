@@ -192,6 +192,55 @@ def _strip(r: dict) -> dict:
     return {k: v for k, v in r.items() if k != "history"}
 
 
+# --- pizza: Zhong et al. 2023, x+y mod 59, attention rate 0 (Model A) and 1 (Model B) ----------------------
+# Their evaluation notebook (code/eval-main.ipynb) for Model A (constant attention, saved as p99zdpze5l):
+# gradient symmetricity 0.99367, distance irrelevance 0.17174; the paper: attention rate 1 gives clocks.
+PIZZA_PAPER = {0.0: {"algorithm": "pizza", "gradient_symmetricity": 0.99367, "distance_irrelevance": 0.17174},
+               1.0: {"algorithm": "clock", "gradient_symmetricity": None, "distance_irrelevance": None}}
+PIZZA_STEPS = {False: 20000, True: 4000}   # full; --quick
+
+
+def reproduce_pizza(out: Path, quick: bool, seeds, device, paper_code, threads, log) -> dict:
+    from .measures import all_measures, clock_or_pizza
+    from .train import train
+    seeds = list(seeds) if seeds is not None else [0]
+    pre = get_preset("pizza")
+    rows, verdicts, curves, runs = [], [], [], []
+    for alpha in (0.0, 1.0):
+        for seed in seeds:
+            task = Task.from_spec(pre.task, seed=seed, device=device)
+            mcfg = dataclasses.replace(pre.model, attn_alpha=alpha)
+            tcfg = dataclasses.replace(pre.train, seed=seed, steps=PIZZA_STEPS[quick], checkpoint_every=PIZZA_STEPS[quick])
+            t0 = time.perf_counter()
+            run = train(task, mcfg, tcfg, out=out / f"alpha{alpha:g}-seed{seed}", device=device, progress=False,
+                        log=lambda m: None)
+            m = all_measures(run.model, run.task)
+            algo = clock_or_pizza(m["gradient_symmetricity"], m.get("distance_irrelevance"), int(m.get("n_key_freqs", 0)))
+            r = {"alpha": alpha, "seed": seed, "algorithm": algo, "gradient_symmetricity": m["gradient_symmetricity"],
+                 "distance_irrelevance": m.get("distance_irrelevance"), "key_freqs": m.get("key_freqs"),
+                 "final_test_acc": run.summary["final_test_acc"], "steps": run.summary["steps_done"],
+                 "run_seconds": round(time.perf_counter() - t0, 1)}
+            runs.append(r)
+            curves.append((f"alpha {alpha:g} seed {seed}", run.history))
+            log(f"  alpha {alpha:g} seed {seed}: {algo} (gradient symmetricity {r['gradient_symmetricity']:.4f}, "
+                f"distance irrelevance {r['distance_irrelevance'] if r['distance_irrelevance'] is None else round(r['distance_irrelevance'], 4)}, "
+                f"test acc {r['final_test_acc']:.3f}, {r['run_seconds']} s)")
+            want = PIZZA_PAPER[alpha]
+            ok = algo == want["algorithm"] and r["final_test_acc"] >= 0.99
+            verdicts.append(ok)
+            paper = want["algorithm"] + ("" if want["gradient_symmetricity"] is None else
+                                         f" (gradient symmetricity {want['gradient_symmetricity']}, distance irrelevance "
+                                         f"{want['distance_irrelevance']})")
+            di = r["distance_irrelevance"]
+            rows.append({"what": f"attention rate {alpha:g}, seed {seed}: clock or pizza", "paper": paper,
+                         "ours": f"{algo} (gradient symmetricity {r['gradient_symmetricity']:.4f}, distance irrelevance "
+                                 f"{'-' if di is None else f'{di:.4f}'}; test accuracy {r['final_test_acc']:.3f} after "
+                                 f"{r['steps']} steps)",
+                         "verdict": ("reproduced" if ok else "NOT reproduced") + f": {algo} vs {want['algorithm']}"
+                                    + ("" if r["final_test_acc"] >= 0.99 else " (not grokked)")})
+    return {"rows": rows, "verdict": all(verdicts), "runs": runs, "curves": curves, "seeds": seeds}
+
+
 REPRODUCTIONS = {
     "grokfast": Reproduction(
         "grokfast", "Lee et al. 2024, Grokfast (ironjr/grokfast): x*y mod 97, 50% train, the `grokfast` preset",
@@ -201,6 +250,13 @@ REPRODUCTIONS = {
         cpu_time="~25 min (--quick ~8 min) on the 2-core CPU, reference backend, load from other jobs",
         gpu_time="not measured (the preset's quirks run on the reference backend only)",
         run=reproduce_grokfast),
+    "pizza": Reproduction(
+        "pizza", "Zhong et al. 2023, The Clock and the Pizza: x+y mod 59, 80% train, the `pizza` preset",
+        "attention rate 0 (Model A) learns a pizza (gradient symmetricity 0.99367, distance irrelevance 0.17174); "
+        "attention rate 1 a clock",
+        "attention rate 0 and 1, seed 0, 20000 full-batch steps as the paper (--quick: 4000 steps), then the "
+        "two measures and our clock-or-pizza reading (grokfast.measures.clock_or_pizza)",
+        cpu_time="see README (measured)", gpu_time="not measured", run=reproduce_pizza),
 }
 
 

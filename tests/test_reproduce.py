@@ -94,3 +94,17 @@ def test_reproduce_grokfast_end_to_end_on_a_tiny_stand_in(tmp_path, monkeypatch)
     assert [r["what"].split(":")[0] for r in res["rows"]] == ["Grokfast-EMA", "Grokfast-MA", "baseline (no filter)"]
     with pytest.raises(ConfigError, match="already holds"):
         grokfast.reproduce("grokfast", seeds=[0], out=out)
+
+
+def test_reproduce_pizza_end_to_end_on_a_tiny_stand_in(tmp_path, monkeypatch):
+    real = grokfast.preset("pizza")
+    tiny = dataclasses.replace(real, task=TaskSpec("x+y", 13, 0.8, "a b"),
+                               model=dataclasses.replace(real.model, d_model=32, n_heads=2, d_head=16, d_mlp=64))
+    monkeypatch.setattr(R, "get_preset", lambda name: tiny)
+    monkeypatch.setattr(R, "PIZZA_STEPS", {False: 20, True: 20})
+    res = grokfast.reproduce("pizza", quick=True, out=tmp_path / "out", threads=1, log=lambda m: None)
+    assert [r["what"].split(",")[0] for r in res["rows"]] == ["attention rate 0", "attention rate 1"]
+    assert res["verdict"] is False and "NOT reproduced" in res["report"]      # 20 steps do not grok
+    for f in ("report.txt", "result.json", "curves.png", "alpha0-seed0/metrics.jsonl", "alpha1-seed0/config.json"):
+        assert (tmp_path / "out" / f).exists(), f
+    assert json.loads((tmp_path / "out" / "alpha0-seed0" / "config.json").read_text())["model"]["attn_alpha"] == 0.0
