@@ -64,7 +64,8 @@ def fused_training_gap(tcfg: TrainConfig | None) -> str | None:
 def fused_model_gap(cfg: ModelConfig) -> str | None:
     """None unless the ModelConfig asks for a paper-code quirk the fused kernels do not compute."""
     if getattr(cfg, "resid_after_ln1", False):
-        return "resid_after_ln1 (ironjr/grokfast's residual after the first LayerNorm): the fused kernels compute pre-LayerNorm blocks"
+        return ("resid_after_ln1 (ironjr/grokfast's residual after the first LayerNorm): the fused kernels "
+                "compute pre-LayerNorm blocks")
     return None
 
 
@@ -90,7 +91,8 @@ def resolve_backend(name: str, cfg: ModelConfig, device, tcfg: TrainConfig | Non
 
 class ReferenceStepper:
     """One optimizer step of the reference backend: forward, float64 loss, autograd backward,
-    Grokfast filter, AdamW (or Adam with coupled L2, TrainConfig.optimizer). ``step(tokens, labels)`` returns the loss (a device tensor, no sync)."""
+    Grokfast filter, AdamW (or Adam with coupled L2, TrainConfig.optimizer). ``step(tokens, labels)``
+    returns the loss (a device tensor, no sync)."""
 
     name = "reference"
 
