@@ -101,9 +101,12 @@ class ReferenceStepper:
         self.params = dict(model.named_parameters())
         self.filter = GrokfastFilter.from_config(tcfg)
         self.opt = AdamW({n: p.data for n, p in self.params.items()}, tcfg)
+        self.correct = None
 
     def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = cross_entropy64(self.model(tokens), labels)
+        logits = self.model(tokens)
+        loss = cross_entropy64(logits, labels)
+        self.correct = (logits.detach().argmax(-1) == labels).sum()   # before the update (eval_train False)
         grads = torch.autograd.grad(loss, list(self.params.values()))
         grads = self.filter.apply(dict(zip(self.params, grads)))
         self.opt.step(grads)

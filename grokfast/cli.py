@@ -58,6 +58,9 @@ def add_paper_optimizer_flags(g) -> None:
                         "papers' code steps it (first step lr 0)")
     g.add_argument("--minibatches", choices=["draw", "epoch"],
                    help="draw: independent draws each step; epoch: shuffled epochs cut in order, short last batch")
+    g.add_argument("--eval-train", action=argparse.BooleanOptionalAction, default=None,
+                   help="evaluate the train split at each evaluation (default); --no-eval-train: train loss and "
+                        "accuracy from the training steps themselves, as the papers' code logs them")
 
 
 def _add_train(sub):
@@ -100,7 +103,7 @@ def cmd_train(args) -> int:
 
     device = resolve_device(args.device)
 
-    train_over = {k: getattr(args, k) for k in ("steps", "lr", "wd", "optimizer", "warmup_schedule", "minibatches",
+    train_over = {k: getattr(args, k) for k in ("steps", "lr", "wd", "optimizer", "warmup_schedule", "minibatches", "eval_train",
                                                 "beta1", "beta2", "warmup", "batch_size",
                                                 "grokfast", "alpha", "lamb", "window", "seed", "eval_every",
                                                 "checkpoint_every", "measure_every", "backend", "stop_at_grok", "precision")

@@ -179,6 +179,9 @@ class TrainConfig(_Dict):
     measure_every: int = 0          # record grokfast.measures.cheap_measures every k steps (0: never)
     stop_at_grok: bool = False
     stop_acc: float = 0.99          # the test accuracy at which stop_at_grok stops (reproductions use 0.95)
+    # False: evaluations measure the test split only; train loss and accuracy are those of the training steps
+    # since the previous evaluation, before each update, as the papers' code logs them (reference backend)
+    eval_train: bool = True
     backend: str = "auto"
     # the fused kernels' float32 products: ieee | tf32x3 | tf32 (kernels/_common.py); the default is
     # GROKFAST_DOT_PRECISION when set (so `grokfast bench` and sweeps can be switched), else ieee
@@ -260,13 +263,14 @@ def _presets() -> dict:
         "grokfast",
         "Lee et al. 2024 as ironjr/grokfast runs it: 2 layers, LayerNorm with the residual after ln1 (their quirk), "
         "attention biases, GELU, 99 output classes, torch init; x*y mod 97 (y != 0), 50% train; Adam with coupled "
-        "L2 wd 0.005, LambdaLR warm-up, shuffled epochs of 512; Grokfast-EMA alpha 0.98 lamb 2",
+        "L2 wd 0.005, LambdaLR warm-up, shuffled epochs of 512; Grokfast-EMA alpha 0.98 lamb 2; validated every epoch, "
+        "train accuracy from the training steps",
         ModelConfig(n_layers=2, act="gelu", layernorm=True, attn_bias=True, resid_after_ln1=True,
                     unembed_all_tokens=True, init="torch", n_ctx=4, d_vocab=99, d_vocab_out=99),
         TaskSpec("x*y | y!=0", 97, 0.5, "a op b ="),
         TrainConfig(steps=5000, lr=1e-3, wd=0.005, optimizer="adam", warmup=10, warmup_schedule="lambdalr",
                     batch_size=512, minibatches="epoch", grokfast="ema", alpha=0.98, lamb=2.0, eval_every=10,
-                    checkpoint_every=1000),
+                    eval_train=False, checkpoint_every=1000),
     )
     pizza = Preset(
         "pizza",

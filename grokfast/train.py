@@ -261,6 +261,9 @@ def train(task: Task | None = None, model_config: ModelConfig | None = None,
     train_t, train_l = task.train.tokens, task.train.labels
     n_train = len(task.train)
     epoch_perm: dict = {}
+    # eval_train False: [loss sum, correct, examples] over the training steps since the last evaluation,
+    # from the steps' own forward passes (the reference stepper's `correct`), as the papers' code logs them
+    on_the_fly = [0.0, 0, 0] if not tcfg.eval_train and hasattr(stepper, "correct") else None
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)
     metrics_file = open(out / "metrics.jsonl", "a") if out is not None else None
 
@@ -268,7 +271,11 @@ def train(task: Task | None = None, model_config: ModelConfig | None = None,
         if device.type == "cuda":
             torch.cuda.synchronize()
         wall = time.perf_counter() - t_start
-        tr_loss, tr_acc = evaluate(model, train_t, train_l)
+        if on_the_fly is not None and on_the_fly[2] > 0:   # eval_train False: the steps' own numbers
+            tr_loss, tr_acc = on_the_fly[0] / on_the_fly[2], on_the_fly[1].double() / on_the_fly[2]
+            on_the_fly[:] = [0.0, 0, 0]
+        else:
+            tr_loss, tr_acc = evaluate(model, train_t, train_l)
         te_loss, te_acc = evaluate(model, task.test.tokens, task.test.labels)
         row = {"step": at_step, "train_loss": float(tr_loss), "test_loss": float(te_loss),
                "train_acc": float(tr_acc), "test_acc": float(te_acc), "wall": round(wall, 4)}
@@ -306,6 +313,10 @@ def train(task: Task | None = None, model_config: ModelConfig | None = None,
                     idx = torch.randperm(n_train, generator=batch_gen)[:tcfg.batch_size].to(device)
                     tok, lab = train_t[idx], train_l[idx]
                 loss = stepper.step(tok, lab)
+                if on_the_fly is not None:
+                    on_the_fly[0] = on_the_fly[0] + loss * lab.shape[0]
+                    on_the_fly[1] = on_the_fly[1] + stepper.correct
+                    on_the_fly[2] += lab.shape[0]
                 step += 1
                 bad = ~torch.isfinite(loss)
                 first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)

@@ -2,6 +2,7 @@
 (torch.optim.Adam, as ironjr/grokfast runs it), the LambdaLR warm-up whose first step has lr 0, and
 epoch-shuffled minibatches with a short last batch; each in config.json, each refused by the fused
 path rather than silently computed as AdamW."""
+import importlib
 import json
 import math
 
@@ -147,3 +148,24 @@ def test_bad_values_are_config_errors():
     for kw in (dict(optimizer="sgd"), dict(minibatches="x"), dict(warmup_schedule="cosine")):
         with pytest.raises(ConfigError, match="must be"):
             TrainConfig(**kw)
+
+
+def test_no_eval_train_takes_train_numbers_from_the_steps(monkeypatch):
+    """eval_train False: the train split is evaluated only at step 0; later rows carry the mean loss and
+    the accuracy of the training steps since the previous evaluation (before each update)."""
+    T = importlib.import_module("grokfast.train")   # the module (grokfast.train is its function)
+    calls = []
+    real = T.evaluate
+    monkeypatch.setattr(T, "evaluate", lambda m, tok, lab, chunk=None: calls.append(len(lab)) or real(m, tok, lab))
+    task = grokfast.Task("x+y", p=11, frac=0.5, seed=0)
+    losses = []
+    run = grokfast.train(task, TINY.for_task(task), TrainConfig(), steps=10, eval_every=5, eval_train=False,
+                         batch_size=20, minibatches="epoch", progress=False, log=lambda m: None)
+    n_train, n_test = len(task.train), len(task.test)
+    assert calls == [n_train, n_test, n_test, n_test]
+    for r in run.history[1:]:
+        assert 0 <= r["train_acc"] <= 1 and math.isfinite(r["train_loss"])
+    full = grokfast.train(task, TINY.for_task(task), TrainConfig(), steps=10, eval_every=5, batch_size=20,
+                          minibatches="epoch", progress=False, log=lambda m: None)
+    assert [r["test_loss"] for r in full.history] == [r["test_loss"] for r in run.history]   # the same training
+    assert run.history[1]["train_loss"] != full.history[1]["train_loss"]
