@@ -251,7 +251,9 @@ def _presets() -> dict:
     )
     power = Preset(
         "power",
-        "Power et al. / Grokfast paper: 2 layers, LayerNorm, GELU, x*y mod 97 (y != 0), 50% train, batch 512",
+        "Power et al.'s sizes on the Grokfast paper's task: 2 layers, LayerNorm, GELU, x*y mod 97 (y != 0), 50% train, "
+        "batch 512; the clean pre-LayerNorm model, not openai/grok's code (post-LayerNorm, no biases, fixed sinusoidal "
+        "positions, logits over its whole vocabulary); for the Grokfast paper's code use the grokfast preset",
         ModelConfig(n_layers=2, act="gelu", layernorm=True, n_ctx=4, d_vocab=99, d_vocab_out=97),
         TaskSpec("x*y | y!=0", 97, 0.5, "a op b ="),
         TrainConfig(steps=100000, lr=1e-3, wd=0.0, warmup=10, batch_size=512, eval_every=100,
