@@ -35,6 +35,9 @@ def fused_status(cfg: ModelConfig, device, allow_interpreter: bool = False) -> t
             return False, ("the fused kernels need a CUDA GPU (this run is on the CPU; with TRITON_INTERPRET=1 "
                            "--backend fused runs them slowly under the Triton interpreter)")
         on_cpu_interpreted = True
+    gap = fused_model_gap(cfg)
+    if gap:
+        return False, gap
     check = getattr(kernels, "unsupported_reason", None)
     if check is not None:
         why = check(cfg)
@@ -45,12 +48,39 @@ def fused_status(cfg: ModelConfig, device, allow_interpreter: bool = False) -> t
     return True, "CUDA GPU with Triton, config within the kernels' limits"
 
 
-def resolve_backend(name: str, cfg: ModelConfig, device) -> tuple[str, str]:
-    """(backend, reason). ``auto`` picks fused where it can run, reference otherwise."""
+def fused_training_gap(tcfg: TrainConfig | None) -> str | None:
+    """None when the fused optimizer computes this TrainConfig's update, else one line saying why not
+    (kernels/optimizer.py implements AdamW with the linear warm-up only)."""
+    if tcfg is None:
+        return None
+    if tcfg.optimizer != "adamw":
+        return f"optimizer={tcfg.optimizer!r}: the fused optimizer implements AdamW (decoupled weight decay) only"
+    if tcfg.warmup_schedule != "linear" and tcfg.warmup > 0:
+        return (f"warmup_schedule={tcfg.warmup_schedule!r}: the fused optimizer implements the linear warm-up "
+                f"lr * min(1, t / warmup) only")
+    return None
+
+
+def fused_model_gap(cfg: ModelConfig) -> str | None:
+    """None unless the ModelConfig asks for a paper-code quirk the fused kernels do not compute."""
+    if getattr(cfg, "resid_after_ln1", False):
+        return ("resid_after_ln1 (ironjr/grokfast's residual after the first LayerNorm): the fused kernels "
+                "compute pre-LayerNorm blocks")
+    return None
+
+
+def resolve_backend(name: str, cfg: ModelConfig, device, tcfg: TrainConfig | None = None) -> tuple[str, str]:
+    """(backend, reason). ``auto`` picks fused where it can run, reference otherwise. With ``tcfg``, a
+    training setting the fused optimizer lacks (optimizer adam, the lambdalr warm-up) counts too."""
     if name not in BACKENDS:
         raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {name!r}")
     if name == "reference":
         return "reference", "asked for"
+    gap = fused_training_gap(tcfg)
+    if gap:
+        if name == "fused":
+            raise ConfigError(f"--backend fused cannot run this: {gap}; use --backend reference or auto")
+        return "reference", f"fused unavailable: {gap}"
     ok, why = fused_status(cfg, device, allow_interpreter=(name == "fused"))
     if name == "fused":
         if not ok:
@@ -61,7 +91,8 @@ def resolve_backend(name: str, cfg: ModelConfig, device) -> tuple[str, str]:
 
 class ReferenceStepper:
     """One optimizer step of the reference backend: forward, float64 loss, autograd backward,
-    Grokfast filter, AdamW. ``step(tokens, labels)`` returns the loss (a device tensor, no sync)."""
+    Grokfast filter, AdamW (or Adam with coupled L2, TrainConfig.optimizer). ``step(tokens, labels)``
+    returns the loss (a device tensor, no sync)."""
 
     name = "reference"
     mode = "eager"          # (the fused stepper's is "cuda-graph" once its step is captured)
@@ -71,9 +102,12 @@ class ReferenceStepper:
         self.params = dict(model.named_parameters())
         self.filter = GrokfastFilter.from_config(tcfg)
         self.opt = AdamW({n: p.data for n, p in self.params.items()}, tcfg)
+        self.correct = None
 
     def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = cross_entropy64(self.model(tokens), labels)
+        logits = self.model(tokens)
+        loss = cross_entropy64(logits, labels)
+        self.correct = (logits.detach().argmax(-1) == labels).sum()   # before the update (eval_train False)
         grads = torch.autograd.grad(loss, list(self.params.values()))
         grads = self.filter.apply(dict(zip(self.params, grads)))
         self.opt.step(grads)
@@ -96,6 +130,9 @@ class ReferenceStepper:
 def make_stepper(backend: str, model: Transformer, tcfg: TrainConfig):
     if backend == "reference":
         return ReferenceStepper(model, tcfg)
+    gap = fused_model_gap(model.cfg) or fused_training_gap(tcfg)
+    if gap:
+        raise ConfigError(f"the fused backend cannot run this: {gap}; use --backend reference")
     from grokfast import kernels
     return kernels.make_stepper(model, tcfg)
 

@@ -34,7 +34,7 @@ def add_training_flags(g) -> None:
     """Optimizer and filter flags shared by `train` and `sweep` (TrainConfig fields)."""
     g.add_argument("--steps", type=int, help="step limit")
     g.add_argument("--lr", type=float)
-    g.add_argument("--wd", type=float, help="AdamW decoupled weight decay")
+    g.add_argument("--wd", type=float, help="weight decay (decoupled for adamw, coupled L2 for --optimizer adam)")
     g.add_argument("--beta1", type=float)
     g.add_argument("--beta2", type=float)
     g.add_argument("--warmup", type=int, help="linear learning-rate warm-up steps (0: none)")
@@ -48,12 +48,27 @@ def add_training_flags(g) -> None:
                         "tensor-core products, near float32), tf32 (one, ~1e-3 relative)")
 
 
+def add_paper_optimizer_flags(g) -> None:
+    """The papers' optimizer semantics (TrainConfig.optimizer, warmup_schedule, minibatches); `train` only
+    until a sweep axis carries them."""
+    g.add_argument("--optimizer", choices=["adamw", "adam"],
+                   help="adamw (decoupled weight decay; default) or adam (torch.optim.Adam: coupled L2, as ironjr/grokfast)")
+    g.add_argument("--warmup-schedule", choices=["linear", "lambdalr"],
+                   help="linear: lr*min(1, t/warmup); lambdalr: lr*min(1, (t-1)/warmup), torch's LambdaLR as the "
+                        "papers' code steps it (first step lr 0)")
+    g.add_argument("--minibatches", choices=["draw", "epoch"],
+                   help="draw: independent draws each step; epoch: shuffled epochs cut in order, short last batch")
+    g.add_argument("--eval-train", action=argparse.BooleanOptionalAction, default=None,
+                   help="evaluate the train split at each evaluation (default); --no-eval-train: train loss and "
+                        "accuracy from the training steps themselves, as the papers' code logs them")
+
+
 def _add_train(sub):
     p = sub.add_parser("train", help="train one model and write a run directory",
                        description="Train one model. Defaults: the nanda preset on a GPU, the small preset "
                                    "(x+y mod 31, groks in under a minute) on a CPU.")
     g = p.add_argument_group("task")
-    g.add_argument("--preset", help="nanda | power | pizza | small (default: nanda on a GPU, small on a CPU)")
+    g.add_argument("--preset", help="nanda | power | grokfast | pizza | small (default: nanda on a GPU, small on a CPU)")
     g.add_argument("--op", help="operation formula, e.g. 'x+y', 'x/y', 'x^2+xy+y^2', 'x*y | y!=0', "
                                 "'x/y if y odd else x-y', 's5'; a comma-separated list is a multi-task mixture")
     g.add_argument("--p", type=int, help="modulus (the number of classes)")
@@ -64,6 +79,7 @@ def _add_train(sub):
     add_model_flags(p.add_argument_group("model (override the preset)"))
     g = p.add_argument_group("training")
     add_training_flags(g)
+    add_paper_optimizer_flags(g)
     g.add_argument("--full-batch", action="store_true", help="full batch even where the preset has minibatches")
     g.add_argument("--stop-at-grok", action=argparse.BooleanOptionalAction, default=None,
                    help="stop at the first evaluation with test accuracy >= 99%%")
@@ -87,7 +103,8 @@ def cmd_train(args) -> int:
 
     device = resolve_device(args.device)
 
-    train_over = {k: getattr(args, k) for k in ("steps", "lr", "wd", "beta1", "beta2", "warmup", "batch_size",
+    train_over = {k: getattr(args, k) for k in ("steps", "lr", "wd", "optimizer", "warmup_schedule", "minibatches", "eval_train",
+                                                "beta1", "beta2", "warmup", "batch_size",
                                                 "grokfast", "alpha", "lamb", "window", "seed", "eval_every",
                                                 "checkpoint_every", "measure_every", "backend", "stop_at_grok", "precision")
                   if getattr(args, k) is not None}
@@ -156,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     # The other verbs live in their own modules: each has add_parser(sub) that adds its sub-parser and
     # sets func (a function of the parsed args returning the exit status).
-    for mod in ("check_cli", "bench_cli", "analyze_cli", "sweep_cli"):
+    for mod in ("check_cli", "bench_cli", "analyze_cli", "sweep_cli", "reproduce_cli"):
         try:
             m = __import__(f"grokfast.{mod}", fromlist=["add_parser"])
         except ModuleNotFoundError as e:

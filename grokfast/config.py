@@ -59,6 +59,16 @@ class ModelConfig(_Dict):
     attn_alpha is the attention rate of the clock-and-pizza paper:
     attention = alpha * softmax(QK^T / sqrt(d_head)) + (1 - alpha) over the causal positions,
     so 1.0 is ordinary attention and 0.0 constant (summing) attention.
+
+    Quirks of a paper's code, off by default (the clean TransformerLens-style model):
+    resid_after_ln1: the residual stream continues from ln1's output, x = ln1(x); x = x + attn(x), as
+    in ironjr/grokfast's Block (needs layernorm). unembed_all_tokens: a logit for every input token
+    (d_vocab_out = d_vocab, so `=` and the operation tokens compete in the softmax; labels stay 0..p-1),
+    as ironjr/grokfast's head and Nanda et al.'s code have. init: the initial distribution, "nanda"
+    (every matrix randn / sqrt(d_model), W_U randn / sqrt(d_vocab), biases 0) or "torch" (PyTorch's
+    module defaults as ironjr/grokfast's nn.Embedding, nn.MultiheadAttention and nn.Linear give them;
+    see Transformer.init_weights) or "pizza" (nanda's, but W_in randn / sqrt(d_mlp), as Zhong et al.'s
+    train script).
     """
 
     n_layers: int = 1
@@ -72,6 +82,9 @@ class ModelConfig(_Dict):
     unembed_bias: bool = False   # b_U [d_vocab_out]
     attn_alpha: float = 1.0
     ln_eps: float = 1e-5
+    resid_after_ln1: bool = False
+    unembed_all_tokens: bool = False
+    init: str = "nanda"          # nanda | torch | pizza
     n_ctx: int = 3
     d_vocab: int = 114
     d_vocab_out: int = 113
@@ -91,6 +104,9 @@ class ModelConfig(_Dict):
         need(self.act in ("relu", "gelu"), f"act must be 'relu' or 'gelu', got {self.act!r}")
         need(0.0 <= float(self.attn_alpha) <= 1.0, f"attn_alpha must lie in [0, 1], got {self.attn_alpha}")
         need(self.ln_eps > 0, f"ln_eps must be positive, got {self.ln_eps}")
+        need(self.init in ("nanda", "torch", "pizza"), f"init must be nanda, torch or pizza, got {self.init!r}")
+        need(not self.resid_after_ln1 or self.layernorm,
+             "resid_after_ln1 takes the residual after ln1: it needs layernorm on (--layernorm)")
 
     @staticmethod
     def preset(name: str) -> "ModelConfig":
@@ -98,7 +114,8 @@ class ModelConfig(_Dict):
 
     def for_task(self, task) -> "ModelConfig":
         """This config with d_vocab, d_vocab_out and n_ctx taken from a Task."""
-        return replace(self, d_vocab=task.d_vocab, d_vocab_out=task.d_vocab_out, n_ctx=task.n_ctx)
+        out = task.d_vocab if self.unembed_all_tokens else task.d_vocab_out
+        return replace(self, d_vocab=task.d_vocab, d_vocab_out=out, n_ctx=task.n_ctx)
 
     def param_shapes(self) -> dict:
         """Parameter name -> shape, in the order of the parameter contract (DESIGN.md)."""
@@ -138,10 +155,16 @@ class ModelConfig(_Dict):
 @dataclass(frozen=True)
 class TrainConfig(_Dict):
     """How to train. lr warm-up is linear over ``warmup`` steps: at optimizer step t = 1, 2, ...
-    lr_t = lr * min(1, t / warmup).
+    lr_t = lr * min(1, t / warmup) (warmup_schedule "linear"), or lr * min(1, (t - 1) / warmup)
+    ("lambdalr": torch's LambdaLR stepped after each update, as the papers' code does, so the first
+    step has lr 0 and only fills Adam's moments).
 
+    optimizer: "adamw" (decoupled weight decay, theta *= 1 - lr_t wd) or "adam" (torch.optim.Adam:
+    weight decay as coupled L2, g += wd theta after the Grokfast filter, as ironjr/grokfast runs).
     grokfast: "none", "ema" (alpha, lamb) or "ma" (window, lamb), exactly as Lee et al. define them
-    (see grokfast.filters). batch_size None means full batch.
+    (see grokfast.filters). batch_size None means full batch. minibatches: "draw" (each step draws
+    batch_size examples without replacement, independently of other steps) or "epoch" (each epoch
+    is a fresh shuffle cut into consecutive batches, the last one short: ceil(N / batch_size) steps).
     """
 
     steps: int = 10000
@@ -152,6 +175,9 @@ class TrainConfig(_Dict):
     eps: float = 1e-8
     warmup: int = 10
     batch_size: Optional[int] = None
+    optimizer: str = "adamw"        # adamw | adam (coupled L2 weight decay)
+    warmup_schedule: str = "linear"  # linear | lambdalr (first step lr 0)
+    minibatches: str = "draw"       # draw | epoch (shuffled epochs, short last batch)
     grokfast: str = "none"
     alpha: float = 0.98
     lamb: float = 2.0
@@ -161,6 +187,10 @@ class TrainConfig(_Dict):
     checkpoint_every: int = 1000
     measure_every: int = 0          # record grokfast.measures.cheap_measures every k steps (0: never)
     stop_at_grok: bool = False
+    stop_acc: float = 0.99          # the test accuracy at which stop_at_grok stops (reproductions use 0.95)
+    # False: evaluations measure the test split only; train loss and accuracy are those of the training steps
+    # since the previous evaluation, before each update, as the papers' code logs them (reference backend)
+    eval_train: bool = True
     backend: str = "auto"
     # the fused kernels' float32 products: ieee | tf32x3 | tf32 (kernels/_common.py); the default is
     # GROKFAST_DOT_PRECISION when set (so `grokfast bench` and sweeps can be switched), else ieee
@@ -181,10 +211,15 @@ class TrainConfig(_Dict):
         need(self.eps > 0, f"eps must be positive, got {self.eps}")
         need(self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}")
         need(self.batch_size is None or self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        need(self.optimizer in ("adamw", "adam"), f"--optimizer must be adamw or adam, got {self.optimizer!r}")
+        need(self.warmup_schedule in ("linear", "lambdalr"),
+             f"--warmup-schedule must be linear or lambdalr, got {self.warmup_schedule!r}")
+        need(self.minibatches in ("draw", "epoch"), f"--minibatches must be draw or epoch, got {self.minibatches!r}")
         need(self.grokfast in ("none", "ema", "ma"), f"--grokfast must be ema, ma or none, got {self.grokfast!r}")
         need(0 <= self.alpha < 1, f"--alpha must lie in [0, 1), got {self.alpha}")
         need(self.lamb >= 0, f"--lamb must be >= 0, got {self.lamb}")
         need(self.window >= 1, f"--window must be >= 1, got {self.window}")
+        need(0 < self.stop_acc <= 1, f"stop_acc must lie in (0, 1], got {self.stop_acc}")
         need(self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}")
         need(self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         need(self.measure_every >= 0 and (self.measure_every == 0 or self.measure_every % self.eval_every == 0),
@@ -225,18 +260,37 @@ def _presets() -> dict:
     )
     power = Preset(
         "power",
-        "Power et al. / Grokfast paper: 2 layers, LayerNorm, GELU, x*y mod 97 (y != 0), 50% train, batch 512",
+        "Power et al.'s sizes on the Grokfast paper's task: 2 layers, LayerNorm, GELU, x*y mod 97 (y != 0), 50% train, "
+        "batch 512; the clean pre-LayerNorm model, not openai/grok's code (post-LayerNorm, no biases, fixed sinusoidal "
+        "positions, logits over its whole vocabulary); for the Grokfast paper's code use the grokfast preset",
         ModelConfig(n_layers=2, act="gelu", layernorm=True, n_ctx=4, d_vocab=99, d_vocab_out=97),
         TaskSpec("x*y | y!=0", 97, 0.5, "a op b ="),
         TrainConfig(steps=100000, lr=1e-3, wd=0.0, warmup=10, batch_size=512, eval_every=100,
                     checkpoint_every=5000),
     )
+    # Faithful to the code behind the Grokfast paper's headline run (ironjr/grokfast main.py with its README's
+    # Grokfast-EMA command), quirks included; tests/test_paper_presets.py restates that model and checks both.
+    grokfast = Preset(
+        "grokfast",
+        "Lee et al. 2024 as ironjr/grokfast runs it: 2 layers, LayerNorm with the residual after ln1 (their quirk), "
+        "attention biases, GELU, 99 output classes, torch init; x*y mod 97 (y != 0), 50% train; Adam with coupled "
+        "L2 wd 0.005, LambdaLR warm-up, shuffled epochs of 512; Grokfast-EMA alpha 0.98 lamb 2; validated every epoch, "
+        "train accuracy from the training steps",
+        ModelConfig(n_layers=2, act="gelu", layernorm=True, attn_bias=True, resid_after_ln1=True,
+                    unembed_all_tokens=True, init="torch", n_ctx=4, d_vocab=99, d_vocab_out=99),
+        TaskSpec("x*y | y!=0", 97, 0.5, "a op b ="),
+        TrainConfig(steps=5000, lr=1e-3, wd=0.005, optimizer="adam", warmup=10, warmup_schedule="lambdalr",
+                    batch_size=512, minibatches="epoch", grokfast="ema", alpha=0.98, lamb=2.0, eval_every=10,
+                    eval_train=False, checkpoint_every=1000),
+    )
     pizza = Preset(
         "pizza",
-        "Zhong et al. 2023 (clock and pizza): 1 layer, [a, b], x+y mod 59, 80% train, wd 2, attention rate alpha",
-        ModelConfig(attn_alpha=1.0, n_ctx=2, d_vocab=59, d_vocab_out=59),
+        "Zhong et al. 2023 (clock and pizza): 1 layer, [a, b], x+y mod 59, 80% train, wd 2, attention rate alpha; "
+        "their train script's function and init (W_in randn / sqrt(d_mlp)) and 10-step warm-up (linear here; "
+        "theirs is LambdaLR, one step later: --warmup-schedule lambdalr, reference backend)",
+        ModelConfig(attn_alpha=1.0, init="pizza", n_ctx=2, d_vocab=59, d_vocab_out=59),
         TaskSpec("x+y", 59, 0.8, "a b"),
-        TrainConfig(steps=20000, lr=1e-3, wd=2.0, warmup=0, eval_every=100, checkpoint_every=1000),
+        TrainConfig(steps=20000, lr=1e-3, wd=2.0, warmup=10, eval_every=100, checkpoint_every=1000),
     )
     # Small enough to grok in well under a minute on a 2-core CPU with the reference backend.
     small = Preset(
@@ -247,7 +301,7 @@ def _presets() -> dict:
         TrainConfig(steps=3000, lr=3e-3, wd=1.0, warmup=10, grokfast="ema", alpha=0.98, lamb=2.0,
                     eval_every=50, checkpoint_every=500),
     )
-    return {p.name: p for p in (nanda, power, pizza, small)}
+    return {p.name: p for p in (nanda, power, grokfast, pizza, small)}
 
 
 PRESETS = _presets()

@@ -106,7 +106,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.layernorm = cfg.layernorm
+        self.layernorm, self.resid_after_ln1 = cfg.layernorm, cfg.resid_after_ln1
         if cfg.layernorm:
             self.ln1 = LayerNorm(cfg)
         self.attn = Attention(cfg)
@@ -117,6 +117,8 @@ class Block(nn.Module):
     def forward(self, x, last_only: bool, cache=None, name=""):
         h = self.ln1(x) if self.layernorm else x
         a = self.attn(h, last_only, cache, name + "attn.")
+        if self.resid_after_ln1:  # ironjr/grokfast's Block: x = ln_1(x); x = x + attn(x)
+            x = h
         x = (x[:, -1] if last_only else x) + a
         h = self.ln2(x) if self.layernorm else x
         return x + self.mlp(h, cache, name + "mlp.")
@@ -134,7 +136,9 @@ class Transformer(nn.Module):
     """tokens [B, n_ctx] (int64) -> logits at the last position [B, d_vocab_out] (float32).
 
     Init (Nanda et al.): every matrix randn / sqrt(d_model), W_U randn / sqrt(d_vocab); biases 0,
-    LayerNorm weights 1. ``seed`` makes the init the same on every device.
+    LayerNorm weights 1; with cfg.init "pizza" the same but W_in randn / sqrt(d_mlp); with "torch",
+    PyTorch's module defaults (init_weights). ``seed``
+    makes the init the same on every device.
     """
 
     def __init__(self, cfg: ModelConfig, seed: int = 0, device="cpu"):
@@ -152,11 +156,38 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
         g = torch.Generator().manual_seed(int(seed))
+        if self.cfg.init == "torch":
+            return self._init_torch_defaults(g)
         for name, p in self.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
             if leaf.startswith("W_"):
                 scale = self.cfg.d_vocab if leaf == "W_U" else self.cfg.d_model
+                if leaf == "W_in" and self.cfg.init == "pizza":  # Zhong et al.'s train script
+                    scale = self.cfg.d_mlp
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(scale))
+            elif leaf == "w":
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+    def _init_torch_defaults(self, g: torch.Generator) -> None:
+        """The distribution PyTorch's modules give ironjr/grokfast's Decoder: W_E and W_pos N(0, 1)
+        (nn.Embedding); W_Q, W_K, W_V xavier-uniform over the stacked in-projection [3 H d_head, d_model],
+        U(+-sqrt(6 / (d_model + 3 H d_head))), and W_O U(+-1 / sqrt(H d_head)) with every attention bias 0
+        (nn.MultiheadAttention); W_in, b_in, W_U, b_U U(+-1 / sqrt(d_model)) and W_out, b_out
+        U(+-1 / sqrt(d_mlp)) (nn.Linear); LayerNorm weights 1, biases 0."""
+        cfg = self.cfg
+        D, HD, F = cfg.d_model, cfg.n_heads * cfg.d_head, cfg.d_mlp
+        bounds = {"W_Q": math.sqrt(6 / (D + 3 * HD)), "W_K": math.sqrt(6 / (D + 3 * HD)),
+                  "W_V": math.sqrt(6 / (D + 3 * HD)), "W_O": 1 / math.sqrt(HD), "W_in": 1 / math.sqrt(D),
+                  "b_in": 1 / math.sqrt(D), "W_U": 1 / math.sqrt(D), "b_U": 1 / math.sqrt(D),
+                  "W_out": 1 / math.sqrt(F), "b_out": 1 / math.sqrt(F)}
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("W_E", "W_pos"):
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif leaf in bounds:
+                p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * bounds[leaf])
             elif leaf == "w":
                 p.fill_(1.0)
             else:

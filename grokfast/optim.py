@@ -13,7 +13,13 @@ AdamW (decoupled weight decay, torch.optim.AdamW's formula), at step t = 1, 2, .
     theta <- theta * (1 - lr_t * wd)
     m <- beta1 m + (1 - beta1) g;  v <- beta2 v + (1 - beta2) g^2
     theta <- theta - lr_t * (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
-Warm-up: lr_t = lr * min(1, t / warmup) for warmup > 0 (t counts from 1, so the first step moves).
+Adam (TrainConfig.optimizer "adam", torch.optim.Adam's formula): weight decay as coupled L2, added to
+the (filtered) gradient before the moments, and no decoupled decay:
+    g <- g + wd * theta;  then m, v and theta as above
+Warm-up: lr_t = lr * min(1, t / warmup) for warmup > 0 (t counts from 1, so the first step moves);
+warmup_schedule "lambdalr": lr_t = lr * min(1, (t - 1) / warmup), torch's LambdaLR(lambda u: min(1, u /
+warmup)) stepped after each update as the papers' code does, so step 1 has lr 0 (it moves nothing
+but still fills m and v).
 """
 from __future__ import annotations
 
@@ -25,6 +31,8 @@ from .config import TrainConfig
 def lr_at(cfg: TrainConfig, t: int) -> float:
     """Learning rate of optimizer step t (1-based)."""
     if cfg.warmup > 0:
+        if cfg.warmup_schedule == "lambdalr":
+            return cfg.lr * min(1.0, (t - 1) / cfg.warmup)
         return cfg.lr * min(1.0, t / cfg.warmup)
     return cfg.lr
 
@@ -79,7 +87,8 @@ class GrokfastFilter:
 
 
 class AdamW:
-    """AdamW over named parameters (tensors updated in place), state m, v by name."""
+    """AdamW over named parameters (tensors updated in place), state m, v by name; Adam with coupled
+    L2 weight decay instead when cfg.optimizer is "adam"."""
 
     def __init__(self, params: dict[str, torch.Tensor], cfg: TrainConfig):
         self.params, self.cfg = params, cfg
@@ -96,7 +105,10 @@ class AdamW:
         bc2 = 1 - cfg.beta2 ** self.t
         for n, p in self.params.items():
             g = grads[n]
-            p.mul_(1 - lr * cfg.wd)
+            if cfg.optimizer == "adam":
+                g = g + cfg.wd * p if cfg.wd else g
+            else:
+                p.mul_(1 - lr * cfg.wd)
             self.m[n].mul_(cfg.beta1).add_(g, alpha=1 - cfg.beta1)
             self.v[n].mul_(cfg.beta2).addcmul_(g, g, value=1 - cfg.beta2)
             denom = (self.v[n] / bc2).sqrt_().add_(cfg.eps)

@@ -291,6 +291,10 @@ class FusedOptimizer:
     def from_configs(cls, tcfgs: Sequence, N: int, device="cpu") -> "FusedOptimizer":
         """One model per TrainConfig; they may differ in lr, wd, alpha, lamb only."""
         first = tcfgs[0]
+        from grokfast.backends import fused_training_gap
+        for c in tcfgs:
+            if fused_training_gap(c):
+                raise ConfigError(f"the fused backend cannot run this: {fused_training_gap(c)}; use --backend reference")
         for c in tcfgs[1:]:
             for k in ("beta1", "beta2", "eps", "warmup", "grokfast", "window"):
                 if getattr(c, k) != getattr(first, k):

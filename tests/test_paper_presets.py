@@ -1,0 +1,301 @@
+"""Each faithful paper preset is the same function as the paper's code, from the same initial distribution.
+
+The paper's model is restated here in a few lines (written for this test from reading the public code,
+not copied), the same weights go into both, and the last-position logits must agree in float64 at
+1e-10. Every quirk the preset switches on must matter: turning it off breaks the agreement. The initial
+weights' statistics (mean and std per tensor) must match the paper's init.
+"""
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import grokfast
+from grokfast import ModelConfig, Transformer
+from grokfast.config import ConfigError
+
+TOL = 1e-10
+
+
+# --- ironjr/grokfast main.py (Lee et al. 2024): Decoder over [T, B] token ids -------------------------
+class GrokfastPaperBlock(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x):                                    # x [T, B, d]
+        T = x.shape[0]
+        causal = torch.full((T, T), -math.inf, dtype=x.dtype).triu(1)
+        x = self.ln_1(x)                                      # the quirk: the residual continues from here
+        x = x + self.attn(x, x, x, attn_mask=causal, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class GrokfastPaperDecoder(nn.Module):
+    def __init__(self, d=128, layers=2, heads=4, tokens=99, seq_len=5):
+        super().__init__()
+        self.token_embeddings, self.position_embeddings = nn.Embedding(tokens, d), nn.Embedding(seq_len, d)
+        self.layers = nn.ModuleList([GrokfastPaperBlock(d, heads) for _ in range(layers)])
+        self.ln_f, self.head = nn.LayerNorm(d), nn.Linear(d, tokens, bias=False)
+
+    def forward(self, x):                                    # x [T, B] -> logits [T, B, tokens]
+        h = self.token_embeddings(x) + self.position_embeddings(torch.arange(x.shape[0]))[:, None]
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(self.ln_f(h))
+
+
+def grokfast_paper_to_ours(theirs: GrokfastPaperDecoder, cfg: ModelConfig) -> dict:
+    """Their state, under our parameter names and shapes."""
+    H, Dh, D = cfg.n_heads, cfg.d_head, cfg.d_model
+    s = {"embed.W_E": theirs.token_embeddings.weight, "pos_embed.W_pos": theirs.position_embeddings.weight[:cfg.n_ctx]}
+    for l, blk in enumerate(theirs.layers):
+        b = f"blocks.{l}."
+        Wq, Wk, Wv = blk.attn.in_proj_weight.chunk(3)          # each [H*Dh, D]: q = x W^T + b
+        bq, bk, bv = blk.attn.in_proj_bias.chunk(3)
+        s.update({b + "ln1.w": blk.ln_1.weight, b + "ln1.b": blk.ln_1.bias,
+                  b + "ln2.w": blk.ln_2.weight, b + "ln2.b": blk.ln_2.bias})
+        for name, W, bias in (("Q", Wq, bq), ("K", Wk, bk), ("V", Wv, bv)):
+            s[b + f"attn.W_{name}"] = W.view(H, Dh, D).transpose(1, 2)
+            s[b + f"attn.b_{name}"] = bias.view(H, Dh)
+        s[b + "attn.W_O"] = blk.attn.out_proj.weight.T.reshape(H, Dh, D)
+        s[b + "attn.b_O"] = blk.attn.out_proj.bias
+        s[b + "mlp.W_in"], s[b + "mlp.b_in"] = blk.mlp[0].weight.T, blk.mlp[0].bias
+        s[b + "mlp.W_out"], s[b + "mlp.b_out"] = blk.mlp[2].weight.T, blk.mlp[2].bias
+    s["ln_final.w"], s["ln_final.b"] = theirs.ln_f.weight, theirs.ln_f.bias
+    s["unembed.W_U"] = theirs.head.weight.T
+    return {k: v.detach().clone() for k, v in s.items()}
+
+
+def grokfast_task():
+    return grokfast.Task.from_spec(grokfast.preset("grokfast").task)
+
+
+def grokfast_pair(seed=0):
+    """(their model, our config) with random weights everywhere, LayerNorm and biases included, float64."""
+    cfg = grokfast.preset("grokfast").model.for_task(grokfast_task())
+    torch.manual_seed(seed)
+    theirs = GrokfastPaperDecoder(tokens=cfg.d_vocab).double()
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            p.add_(torch.randn_like(p) * 0.3)                   # biases and LayerNorm away from 0 and 1
+    return theirs, cfg
+
+
+def our_logits(cfg, state, tokens, strict=True):
+    ours = Transformer(cfg).double()
+    missing, unexpected = ours.load_state_dict(state, strict=False)
+    if strict:
+        assert not missing and not unexpected
+    with torch.no_grad():
+        return ours(tokens)
+
+
+def test_grokfast_preset_computes_the_paper_codes_function():
+    theirs, cfg = grokfast_pair()
+    tokens = grokfast_task().all_pairs().tokens[::37]          # [B, 4] = [x, op, y, =]
+    assert (tokens[:, 1] == 98).all() and (tokens[:, 3] == 97).all()   # their op_token p + 1, eq_token p
+    with torch.no_grad():
+        want = theirs(tokens.T)[-1]                            # the answer is read at the last position
+    got = our_logits(cfg, grokfast_paper_to_ours(theirs, cfg), tokens)
+    assert got.shape == want.shape == (len(tokens), 99)
+    assert (got - want).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("quirk", ["resid_after_ln1", "unembed_all_tokens", "attn_bias"])
+def test_grokfast_preset_fails_without_each_quirk(quirk):
+    theirs, cfg = grokfast_pair()
+    tokens = grokfast_task().all_pairs().tokens[::37]
+    with torch.no_grad():
+        want = theirs(tokens.T)[-1]
+    clean = dataclasses.replace(cfg, **{quirk: False}).for_task(grokfast_task())
+    state = grokfast_paper_to_ours(theirs, cfg)
+    state = {k: v[:, :clean.d_vocab_out] if k == "unembed.W_U" else v for k, v in state.items()}
+    got = our_logits(clean, state, tokens, strict=False)
+    assert got.shape != want.shape or (got - want).abs().max().item() > 1e-3
+
+
+def stats(state: dict) -> dict:
+    return {k: (v.double().mean().item(), v.double().std().item(), v.numel()) for k, v in state.items()}
+
+
+def init_mismatches(ours: dict, theirs: dict) -> list:
+    """Tensors whose mean or std differ by more than sampling allows (6 standard errors over n values),
+    or whose constants (LayerNorm 1, zero biases) differ."""
+    bad = []
+    for k, (m1, s1, n) in ours.items():
+        m2, s2, _ = theirs[k]
+        if s2 == 0 or s1 == 0:
+            if (s1, m1) != (s2, m2):
+                bad.append(k)
+            continue
+        if abs(m1 - m2) > 6 * s2 / math.sqrt(n) or abs(s1 / s2 - 1) > 6 / math.sqrt(2 * n):
+            bad.append(k)
+    return bad
+
+
+def pooled(states: list) -> dict:
+    return {k: torch.cat([s[k].flatten() for s in states]) for k in states[0]}
+
+
+def test_grokfast_preset_starts_from_the_paper_codes_distribution():
+    cfg = grokfast.preset("grokfast").model.for_task(grokfast_task())
+    theirs = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        theirs.append(grokfast_paper_to_ours(GrokfastPaperDecoder(tokens=cfg.d_vocab), cfg))
+    want = stats(pooled(theirs))
+    ours = stats(pooled([Transformer(cfg, seed=s).state_dict() for s in range(3)]))
+    assert init_mismatches(ours, want) == []
+    nanda_init = stats(pooled([Transformer(dataclasses.replace(cfg, init="nanda"), seed=s).state_dict()
+                               for s in range(3)]))
+    assert "embed.W_E" in init_mismatches(nanda_init, want)    # the check sees a wrong distribution
+
+
+def test_quirk_options_are_validated():
+    with pytest.raises(ConfigError, match="resid_after_ln1"):
+        ModelConfig(resid_after_ln1=True, layernorm=False)
+    with pytest.raises(ConfigError, match="init"):
+        ModelConfig(init="xavier")
+
+
+def test_fused_backend_refuses_the_residual_quirk():
+    from grokfast.backends import fused_status, resolve_backend
+    cfg = grokfast.preset("grokfast").model
+    ok, why = fused_status(cfg, "cpu", allow_interpreter=True)
+    assert not ok and "resid_after_ln1" in why
+    assert resolve_backend("auto", cfg, "cpu")[0] == "reference"
+
+
+# --- Nanda et al. 2023 (progress-measures-paper transformers.py): 1 layer, no LayerNorm ------------------
+class NandaPaper(nn.Module):
+    """Their shapes: W_E [d_model, d_vocab], W_Q/K/V [H, d_head, d_model], W_O [d_model, H d_head],
+    W_in [d_mlp, d_model], W_out [d_model, d_mlp], W_U [d_model, d_vocab]; the scores are tril'ed and
+    the upper triangle pushed to -1e10 rather than -inf."""
+
+    def __init__(self, p=113, d=128, heads=4, d_mlp=512, n_ctx=3):
+        super().__init__()
+        V, Dh = p + 1, d // heads
+        r = lambda *s, scale=d: nn.Parameter(torch.randn(*s) / math.sqrt(scale))
+        self.W_E, self.W_pos = r(d, V), r(n_ctx, d)
+        self.W_Q, self.W_K, self.W_V, self.W_O = r(heads, Dh, d), r(heads, Dh, d), r(heads, Dh, d), r(d, heads * Dh)
+        self.W_in, self.b_in, self.W_out, self.b_out = r(d_mlp, d), nn.Parameter(torch.zeros(d_mlp)), r(d, d_mlp), \
+            nn.Parameter(torch.zeros(d))
+        self.W_U = r(d, V, scale=V)
+        self.register_buffer("mask", torch.tril(torch.ones(n_ctx, n_ctx)))
+
+    def forward(self, tokens):                               # [B, T] -> logits [B, T, d_vocab]
+        x = self.W_E[:, tokens].permute(1, 2, 0) + self.W_pos
+        q, k, v = (torch.einsum("ihd,bpd->biph", W, x) for W in (self.W_Q, self.W_K, self.W_V))
+        scores = torch.einsum("biph,biqh->biqp", k, q)
+        scores = torch.tril(scores) - 1e10 * (1 - self.mask)
+        z = torch.einsum("biph,biqp->biqh", v, (scores / math.sqrt(q.shape[-1])).softmax(-1))
+        x = x + torch.einsum("df,bqf->bqd", self.W_O, z.permute(0, 2, 1, 3).flatten(2))
+        h = torch.relu(torch.einsum("md,bpd->bpm", self.W_in, x) + self.b_in)
+        x = x + torch.einsum("dm,bpm->bpd", self.W_out, h) + self.b_out
+        return x @ self.W_U
+
+
+def nanda_paper_to_ours(t: NandaPaper, cfg: ModelConfig) -> dict:
+    H, Dh, D = cfg.n_heads, cfg.d_head, cfg.d_model
+    s = {"embed.W_E": t.W_E.T, "pos_embed.W_pos": t.W_pos,
+         "blocks.0.attn.W_Q": t.W_Q.transpose(1, 2), "blocks.0.attn.W_K": t.W_K.transpose(1, 2),
+         "blocks.0.attn.W_V": t.W_V.transpose(1, 2), "blocks.0.attn.W_O": t.W_O.T.reshape(H, Dh, D),
+         "blocks.0.mlp.W_in": t.W_in.T, "blocks.0.mlp.b_in": t.b_in, "blocks.0.mlp.W_out": t.W_out.T,
+         "blocks.0.mlp.b_out": t.b_out, "unembed.W_U": t.W_U}
+    return {k: v.detach().clone() for k, v in s.items()}
+
+
+def nanda_faithful():
+    """The nanda preset with the one quirk of their code: 114 outputs (`=` has a logit)."""
+    task = grokfast.Task.from_spec(grokfast.preset("nanda").task)
+    return dataclasses.replace(grokfast.preset("nanda").model, unembed_all_tokens=True).for_task(task), task
+
+
+def test_nanda_with_unembed_all_tokens_computes_the_paper_codes_function():
+    cfg, task = nanda_faithful()
+    torch.manual_seed(0)
+    theirs = NandaPaper().double()
+    with torch.no_grad():
+        theirs.b_in.normal_(), theirs.b_out.normal_()
+    tokens = task.all_pairs().tokens[::13]
+    with torch.no_grad():
+        want = theirs(tokens)[:, -1]
+    got = our_logits(cfg, nanda_paper_to_ours(theirs, cfg), tokens)
+    assert got.shape == want.shape == (len(tokens), 114)
+    assert (got - want).abs().max().item() < TOL
+    clean = grokfast.preset("nanda").model.for_task(task)                  # the quirk removed: 113 outputs
+    state = nanda_paper_to_ours(theirs, cfg)
+    state["unembed.W_U"] = state["unembed.W_U"][:, :113]
+    assert our_logits(clean, state, tokens).shape != want.shape
+
+
+def test_nanda_starts_from_the_paper_codes_distribution():
+    cfg, _ = nanda_faithful()
+    theirs = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        theirs.append(nanda_paper_to_ours(NandaPaper(), cfg))
+    want = stats(pooled(theirs))
+    ours = stats(pooled([Transformer(cfg, seed=s).state_dict() for s in range(3)]))
+    assert init_mismatches(ours, want) == []
+    torch_init = stats(pooled([Transformer(dataclasses.replace(cfg, init="torch"), seed=s).state_dict() for s in range(3)]))
+    assert "embed.W_E" in init_mismatches(torch_init, want)
+
+
+# --- Zhong et al. 2023 (fjzzq2002/pizza code/train-main.py): [a, b], no mask, attention rate -----------
+class PizzaPaper(NandaPaper):
+    """Nanda's shapes with p outputs, no causal mask, the attention mixed as softmax * alpha + (1 - alpha),
+    and W_in randn / sqrt(d_mlp)."""
+
+    def __init__(self, alpha, p=59, d=128, heads=4, d_mlp=512):
+        super().__init__(p=p - 1, d=d, heads=heads, d_mlp=d_mlp, n_ctx=2)
+        self.alpha = alpha
+        self.W_in = nn.Parameter(torch.randn(d_mlp, d) / math.sqrt(d_mlp))
+
+    def forward(self, tokens):
+        x = self.W_E[:, tokens].permute(1, 2, 0) + self.W_pos
+        q, k, v = (torch.einsum("ihd,bpd->biph", W, x) for W in (self.W_Q, self.W_K, self.W_V))
+        pattern = (torch.einsum("biph,biqh->biqp", k, q) / math.sqrt(q.shape[-1])).softmax(-1)
+        z = torch.einsum("biph,biqp->biqh", v, pattern * self.alpha + (1 - self.alpha))
+        x = x + torch.einsum("df,bqf->bqd", self.W_O, z.permute(0, 2, 1, 3).flatten(2))
+        h = torch.relu(torch.einsum("md,bpd->bpm", self.W_in, x) + self.b_in)
+        x = x + torch.einsum("dm,bpm->bpd", self.W_out, h) + self.b_out
+        return x @ self.W_U
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_pizza_preset_computes_the_paper_codes_function(alpha):
+    pre = grokfast.preset("pizza")
+    task = grokfast.Task.from_spec(pre.task)
+    cfg = dataclasses.replace(pre.model, attn_alpha=alpha).for_task(task)
+    torch.manual_seed(1)
+    theirs = PizzaPaper(alpha).double()
+    with torch.no_grad():
+        theirs.b_in.normal_(), theirs.b_out.normal_()
+    tokens = task.all_pairs().tokens[::7]
+    with torch.no_grad():
+        want = theirs(tokens)[:, -1]
+    state = nanda_paper_to_ours(theirs, cfg)
+    got = our_logits(cfg, state, tokens)
+    assert got.shape == want.shape == (len(tokens), 59)
+    assert (got - want).abs().max().item() < TOL
+    if alpha != 1.0:   # the attention rate removed (ordinary softmax attention): another function
+        assert (our_logits(dataclasses.replace(cfg, attn_alpha=1.0), state, tokens) - want).abs().max() > 1e-3
+
+
+def test_pizza_preset_starts_from_the_paper_codes_distribution():
+    pre = grokfast.preset("pizza")
+    cfg = pre.model.for_task(grokfast.Task.from_spec(pre.task))
+    theirs = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        theirs.append(nanda_paper_to_ours(PizzaPaper(0.0), cfg))
+    want = stats(pooled(theirs))
+    assert init_mismatches(stats(pooled([Transformer(cfg, seed=s).state_dict() for s in range(3)])), want) == []
+    nanda_init = stats(pooled([Transformer(dataclasses.replace(cfg, init="nanda"), seed=s).state_dict() for s in range(3)]))
+    assert init_mismatches(nanda_init, want) == ["blocks.0.mlp.W_in"]     # their W_in scale is the quirk
