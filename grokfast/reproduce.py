@@ -252,7 +252,8 @@ REPRODUCTIONS = {
         "iterations to 95% validation: Grokfast-EMA 910, Grokfast-MA 790, baseline 39890",
         "EMA and MA over seeds 0,1,2 to 95% validation (--quick: seed 0), and the baseline seed 0 to the EMA's "
         "median step; with --paper-code, ironjr/grokfast's main.py interleaved seed by seed",
-        cpu_time="~25 min (--quick ~8 min) on the 2-core CPU, reference backend, load from other jobs",
+        cpu_time="measured 2026-12-01 on the shared 2-core CPU, 1 thread, reference backend: our 7 runs 23 min "
+                 "(45 min with --paper-code, its 6 runs interleaved); --quick about 9 min (its runs' share)",
         gpu_time="not measured (the preset's quirks run on the reference backend only)",
         run=reproduce_grokfast),
     "pizza": Reproduction(
@@ -261,7 +262,9 @@ REPRODUCTIONS = {
         "attention rate 1 a clock",
         "attention rate 0 and 1, seed 0, 20000 full-batch steps as the paper (--quick: 3000 steps), then the "
         "two measures and our clock-or-pizza reading (grokfast.measures.clock_or_pizza)",
-        cpu_time="see README (measured)", gpu_time="not measured", run=reproduce_pizza),
+        cpu_time="--quick measured 2026-12-01 on the shared 2-core CPU, 1 thread: 14.5 min (alpha 0 554 s, alpha 1 "
+                 "315 s); the full 20000 steps not run here (about 6x the training)",
+        gpu_time="not measured", run=reproduce_pizza),
 }
 
 
