@@ -35,9 +35,6 @@ def fused_status(cfg: ModelConfig, device, allow_interpreter: bool = False) -> t
             return False, ("the fused kernels need a CUDA GPU (this run is on the CPU; with TRITON_INTERPRET=1 "
                            "--backend fused runs them slowly under the Triton interpreter)")
         on_cpu_interpreted = True
-    gap = fused_model_gap(cfg)
-    if gap:
-        return False, gap
     check = getattr(kernels, "unsupported_reason", None)
     if check is not None:
         why = check(cfg)
@@ -50,23 +47,15 @@ def fused_status(cfg: ModelConfig, device, allow_interpreter: bool = False) -> t
 
 def fused_training_gap(tcfg: TrainConfig | None) -> str | None:
     """None when the fused optimizer computes this TrainConfig's update, else one line saying why not
-    (kernels/optimizer.py implements AdamW with the linear warm-up only)."""
+    (grokfast.kernels.optimizer.unsupported_training: AdamW with the linear warm-up only). None when the
+    kernels cannot be imported: fused_status says why."""
     if tcfg is None:
         return None
-    if tcfg.optimizer != "adamw":
-        return f"optimizer={tcfg.optimizer!r}: the fused optimizer implements AdamW (decoupled weight decay) only"
-    if tcfg.warmup_schedule != "linear" and tcfg.warmup > 0:
-        return (f"warmup_schedule={tcfg.warmup_schedule!r}: the fused optimizer implements the linear warm-up "
-                f"lr * min(1, t / warmup) only")
-    return None
-
-
-def fused_model_gap(cfg: ModelConfig) -> str | None:
-    """None unless the ModelConfig asks for a paper-code quirk the fused kernels do not compute."""
-    if getattr(cfg, "resid_after_ln1", False):
-        return ("resid_after_ln1 (ironjr/grokfast's residual after the first LayerNorm): the fused kernels "
-                "compute pre-LayerNorm blocks")
-    return None
+    try:
+        from grokfast.kernels.optimizer import unsupported_training
+    except Exception:
+        return None
+    return unsupported_training(tcfg)
 
 
 def resolve_backend(name: str, cfg: ModelConfig, device, tcfg: TrainConfig | None = None) -> tuple[str, str]:
@@ -130,10 +119,10 @@ class ReferenceStepper:
 def make_stepper(backend: str, model: Transformer, tcfg: TrainConfig):
     if backend == "reference":
         return ReferenceStepper(model, tcfg)
-    gap = fused_model_gap(model.cfg) or fused_training_gap(tcfg)
+    from grokfast import kernels
+    gap = fused_training_gap(tcfg) or kernels.unsupported_reason(model.cfg)
     if gap:
         raise ConfigError(f"the fused backend cannot run this: {gap}; use --backend reference")
-    from grokfast import kernels
     return kernels.make_stepper(model, tcfg)
 
 

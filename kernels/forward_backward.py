@@ -65,6 +65,9 @@ def supported(cfg) -> str | None:
         (1 <= cfg.n_ctx <= 8, f"n_ctx={cfg.n_ctx}: the fused kernels handle 1 to 8 positions"),
         (cfg.d_vocab <= 4096, f"d_vocab={cfg.d_vocab}: the fused kernels handle d_vocab <= 4096"),
         (cfg.act in ("relu", "gelu"), f"act={cfg.act!r}: the fused kernels handle relu and gelu"),
+        (not getattr(cfg, "resid_after_ln1", False),
+         "resid_after_ln1 (ironjr/grokfast's residual after the first LayerNorm): the fused kernels compute "
+         "pre-LayerNorm blocks"),
     ]
     for ok, why in limits:
         if not ok:

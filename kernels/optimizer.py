@@ -235,6 +235,19 @@ def aot_specs() -> list[dict]:
             for a in (0, 1)]
 
 
+def unsupported_training(tcfg) -> str | None:
+    """None when this kernel computes the update a training config asks for, else one line saying why not:
+    it implements AdamW (decoupled weight decay) with the linear warm-up lr * min(1, t / warmup), not Adam
+    with L2 weight decay (optimizer "adam") nor a warm-up whose first step has lr 0 ("lambdalr")."""
+    optimizer = getattr(tcfg, "optimizer", "adamw")
+    if optimizer != "adamw":
+        return f"optimizer={optimizer!r}: the fused optimizer implements AdamW (decoupled weight decay) only"
+    schedule = getattr(tcfg, "warmup_schedule", "linear")
+    if schedule != "linear" and getattr(tcfg, "warmup", 0) > 0:
+        return f"warmup_schedule={schedule!r}: the fused optimizer implements the linear warm-up lr * min(1, t / warmup) only"
+    return None
+
+
 def _per_model(name: str, value, M: int, device) -> torch.Tensor:
     t = torch.as_tensor(value, dtype=torch.float32).flatten()
     if t.numel() == 1:
@@ -291,10 +304,10 @@ class FusedOptimizer:
     def from_configs(cls, tcfgs: Sequence, N: int, device="cpu") -> "FusedOptimizer":
         """One model per TrainConfig; they may differ in lr, wd, alpha, lamb only."""
         first = tcfgs[0]
-        from grokfast.backends import fused_training_gap
         for c in tcfgs:
-            if fused_training_gap(c):
-                raise ConfigError(f"the fused backend cannot run this: {fused_training_gap(c)}; use --backend reference")
+            why = unsupported_training(c)
+            if why:
+                raise KernelConfigError(f"the fused optimizer cannot run this: {why}; use --backend reference")
         for c in tcfgs[1:]:
             for k in ("beta1", "beta2", "eps", "warmup", "grokfast", "window"):
                 if getattr(c, k) != getattr(first, k):

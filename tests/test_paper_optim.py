@@ -131,8 +131,9 @@ def test_fused_refuses_what_its_optimizer_does_not_compute(kw, msg):
     assert backend == "reference"
     with pytest.raises(ConfigError, match=msg):
         make_stepper("fused", grokfast.Transformer(TINY), tcfg)
+    from grokfast.kernels import KernelConfigError
     from grokfast.kernels.optimizer import FusedOptimizer   # the sweep's path into the kernels
-    with pytest.raises(ConfigError, match=msg):
+    with pytest.raises(KernelConfigError, match=msg):
         FusedOptimizer.from_configs([tcfg], 8)
 
 
