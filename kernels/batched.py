@@ -153,8 +153,9 @@ class BatchedStepper:
         # The graph bakes in the addresses of the kernels' workspace for this (M, B), its split buffers and
         # descriptor table: hold them, so that no cache eviction frees memory the graph uses.
         ws = fb._workspace(self.cfg, self.M, tok.shape[1], self.device, True)
+        index = fb.token_index(self.cfg, tok)           # built here (or by the eager steps), not inside the capture
         self._graph = capture_graph(self._run, self.device)
-        self._keep_ws = (ws, ws.deferred.held())
+        self._keep_ws = (ws, ws.deferred.held(), index)
         return True
 
     @property

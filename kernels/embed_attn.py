@@ -26,8 +26,9 @@ gradient at query positions, 0 elsewhere). In table mode token_scatter then sums
 
     Gtab[t * V + v] = sum_{b : tok[b, t] == v} G[b * T + t]
 
-computed as a GEMM with the one-hot token matrix (a fixed-order sum over examples: deterministic,
-no atomics), and embed_backward turns dX0 into dW_E[v] = sum_t dX0[t * V + v] and
+as a segmented sum over the examples sorted by token (token_index, built once per data set): each
+program adds its (position, token) segment's rows in a fixed order (deterministic, no atomics) and
+skips the columns that are zero at non-query positions; embed_backward turns dX0 into dW_E[v] = sum_t dX0[t * V + v] and
 dW_pos[t] = sum_v dX0[t * V + v].
 
 Limits: T = n_ctx <= 8 (BLOCK_T = next power of two >= T); d_head <= 256; d_model <= 256. Tokens
@@ -42,7 +43,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common, mlp
 from ._common import check, launch, pow2, pow2_floor
 
 
@@ -348,62 +348,84 @@ def attn_backward(qkv, tokens, sm, dz, dmid, G, n_heads, d_head, n_query, table,
 
 
 @triton.jit
-def token_scatter_kernel(G, TOK, OUT, WS, B, V, W, B_SPLIT, sg_m, sg_r, stok_m, so_m,
-                         T: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-                         BLOCK_V: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_B: tl.constexpr):
-    """OUT[m, t * V + v, c] = sum_b [tok[m, b, t] == v] * G[m, b * T + t, c] for a [BLOCK_V, BLOCK_W]
-    tile: a GEMM of the one-hot token matrix [BLOCK_V, BLOCK_B] with G, over the examples
-    b in [pid(2) * B_SPLIT, (pid(2) + 1) * B_SPLIT) in a fixed order. Grid
-    (cdiv(V, BLOCK_V) * cdiv(W, BLOCK_W), M * T, S). SPLIT: write the partial tile to
-    WS[pid(2), m * T + t] ([S, M * T, V, W]) for mlp.split_sum_kernel instead of OUT."""
+def token_scatter_kernel(G, PERM, STARTS, OUT, B, V, W, ZERO_T, LIVE_LO, LIVE_HI,
+                         sg_m, sg_r, sp_m, ss_m, so_m,
+                         T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    """OUT[m, t * V + v, c] = sum_{b : tok[m, b, t] == v} G[m, b * T + t, c] for one token v and BLOCK_W
+    columns c: a segmented sum over the examples listed by token_index (PERM[m, t, STARTS[m, t, v]:
+    STARTS[m, t, v + 1]], ascending b), BLOCK_R rows at a time into a [BLOCK_R, BLOCK_W] accumulator
+    (row i of the segment into lane i % BLOCK_R), then a sum over the lanes: a fixed order. Grid
+    (V * cdiv(W, BLOCK_W), M * T). Rows of G at positions t < ZERO_T are zero outside the columns
+    [LIVE_LO, LIVE_HI) (what attn_backward writes there): those columns are written as 0 unread."""
     pid = tl.program_id(0)
     t = tl.program_id(1) % T
     m = (tl.program_id(1) // T).to(tl.int64)
-    split = tl.program_id(2)
-    b_lo = split * B_SPLIT
-    b_hi = tl.minimum(b_lo + B_SPLIT, B)
     nw = tl.cdiv(W, BLOCK_W)
-    vs = (pid // nw) * BLOCK_V + tl.arange(0, BLOCK_V)
+    v = pid // nw
     cs = (pid % nw) * BLOCK_W + tl.arange(0, BLOCK_W)
     cmask = cs < W
-    bb = tl.arange(0, BLOCK_B).to(tl.int64)
-    acc = tl.zeros((BLOCK_V, BLOCK_W), dtype=tl.float32)
-    for b0 in range(b_lo, b_hi, BLOCK_B):
-        bs = b0 + bb
-        bmask = bs < b_hi
-        tok = tl.load(TOK + m * stok_m + bs * T + t, mask=bmask, other=-1)
-        onehot = tl.where(tok[None, :] == vs[:, None], 1.0, 0.0)
-        g = tl.load(G + m * sg_m + (bs * T + t)[:, None] * sg_r + cs[None, :], mask=bmask[:, None] & cmask[None, :],
-                    other=0.0)
-        acc += tl.dot(onehot, g, input_precision=PRECISION)
-    omask = (vs < V)[:, None] & cmask[None, :]
-    if SPLIT:
-        slot = split.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
-        tl.store(WS + (slot * V + vs[:, None]) * W + cs[None, :], acc, mask=omask)
-    else:
-        tl.store(OUT + m * so_m + (t * V + vs)[:, None] * W + cs[None, :], acc, mask=omask)
+    zero_here = t < ZERO_T
+    live = cmask & (cs >= tl.where(zero_here, LIVE_LO, 0)) & (cs < tl.where(zero_here, LIVE_HI, W))
+    seg = STARTS + m * ss_m + t * (V + 1) + v
+    lo = tl.load(seg)
+    hi = tl.load(seg + 1)
+    hi = tl.where(tl.max(live.to(tl.int32), axis=0) > 0, hi, lo)     # a block of zero columns: nothing to read
+    rs = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_R, BLOCK_W), dtype=tl.float32)
+    for r0 in range(lo, hi, BLOCK_R):
+        r = r0 + rs
+        rmask = r < hi
+        b = tl.load(PERM + m * sp_m + t * B + r, mask=rmask, other=0).to(tl.int64)
+        acc += tl.load(G + m * sg_m + (b * T + t)[:, None] * sg_r + cs[None, :],
+                       mask=rmask[:, None] & live[None, :], other=0.0)
+    tl.store(OUT + m * so_m + (t * V + v).to(tl.int64) * W + cs, tl.sum(acc, axis=0), mask=cmask)
 
 
-def token_scatter(G, tokens, out, precision=None):
-    """out [M, T * V, W] (contiguous) = per-(position, token) sums of G [M, B * T, W] (contiguous)."""
+def token_index(tokens, d_vocab: int, out=None):
+    """The examples of each (position, token) pair, for token_scatter: (perm, starts) with perm [M', T, B]
+    int32 the example numbers sorted by token at each position (stable: ascending b within a token) and
+    starts [M', T, V + 1] int32, starts[m, t, v] = #{b : tok[m, b, t] < v}, so that the examples holding v
+    at t are perm[m, t, starts[v]:starts[v + 1]] (tokens outside [0, V) are in no segment). tokens int64
+    [M', B, T]. A few torch operations on the device, no sync: build it once per data set (the tokens are
+    fixed for a run). out: a previous (perm, starts) of the same shapes to overwrite in place (a captured
+    CUDA graph keeps reading the same addresses)."""
+    Mt, B, T = tokens.shape
+    V = int(d_vocab)
+    sorted_tok, order = torch.sort(tokens.transpose(1, 2).contiguous(), dim=-1, stable=True)   # [M', T, B]
+    bounds = torch.arange(V + 1, dtype=sorted_tok.dtype, device=tokens.device).expand(Mt, T, V + 1).contiguous()
+    starts = torch.searchsorted(sorted_tok, bounds)
+    if out is None:
+        return order.to(torch.int32).contiguous(), starts.to(torch.int32).contiguous()
+    perm_out, starts_out = out
+    if tuple(perm_out.shape) != (Mt, T, B) or tuple(starts_out.shape) != (Mt, T, V + 1):
+        raise ValueError(f"token_index: out has shapes {list(perm_out.shape)}, {list(starts_out.shape)}; "
+                         f"need [{Mt}, {T}, {B}] and [{Mt}, {T}, {V + 1}]")
+    perm_out.copy_(order)
+    starts_out.copy_(starts)
+    return perm_out, starts_out
+
+
+def token_scatter(G, index, out, zero=None):
+    """out [M, T * V, W] (contiguous) = per-(position, token) sums of G [M, B * T, W] (contiguous) rows:
+    out[m, t * V + v] = sum over examples b holding token v at position t of G[m, b * T + t]. index:
+    token_index(tokens [1 or M, B, T], V). zero: None, or (t0, lo, hi) when G's rows at positions t < t0
+    are exactly zero outside the columns [lo, hi) (the query and residual blocks of attn_backward at
+    non-query positions): those sums are written as 0 without reading G. One launch, no workspace."""
+    perm, starts = index
     M, BT_, W = G.shape
-    _, B, T = tokens.shape
-    _tokens_check(tokens, M, B, T, G.device)
+    check("perm", perm, torch.int32, dims=3, device=G.device)
+    Mt, T, B = perm.shape
+    check("starts", starts, torch.int32, shape=(Mt, T, None), device=G.device)
+    V = starts.shape[2] - 1
     check("G", G, torch.float32, shape=(M, B * T, W))
-    check("out", out, torch.float32, dims=3, shape=(M, None, W))
-    if out.shape[1] % T or not (G.is_contiguous() and out.is_contiguous()):
-        raise ValueError("token_scatter: out must be a contiguous [M, T * V, W] table, G contiguous")
-    V = out.shape[1] // T
-    BV, BW, BB = pow2(V, 16, 32), pow2(W, 16, 64), 16
-    tiles = triton.cdiv(V, BV) * triton.cdiv(W, BW)
-    S = mlp._n_splits(tiles * M * T, B, 1)           # split the example sum like a GEMM's split-K
-    b_split = triton.cdiv(triton.cdiv(B, S), BB) * BB
-    S = triton.cdiv(B, b_split)
-    ws = torch.empty((S, M * T, V, W), dtype=torch.float32, device=G.device) if S > 1 else out
-    launch(token_scatter_kernel, (tiles, M * T, S),
-           dict(G=G, TOK=tokens, OUT=out, WS=ws, B=B, V=V, W=W, B_SPLIT=b_split, sg_m=G.stride(0), sg_r=G.stride(1),
-                stok_m=tokens.stride(0) if tokens.shape[0] > 1 else 0, so_m=out.stride(0)),
-           dict(T=T, SPLIT=S > 1, PRECISION=precision or _common.DOT_PRECISION, BLOCK_V=BV, BLOCK_W=BW, BLOCK_B=BB))
-    if S > 1:
-        mlp.split_sum(ws, out.view(M, T, V, W))
+    check("out", out, torch.float32, shape=(M, T * V, W))
+    if Mt not in (1, M) or not all(t.is_contiguous() for t in (perm, starts, G, out)):
+        raise ValueError(f"token_scatter: G, out and the index must be contiguous, the index for 1 or {M} models")
+    t0, lo, hi = zero if zero is not None else (0, 0, 0)
+    BW = pow2(W, 16, 32)
+    launch(token_scatter_kernel, (V * triton.cdiv(W, BW), M * T),
+           dict(G=G, PERM=perm, STARTS=starts, OUT=out, B=B, V=V, W=W, ZERO_T=int(t0), LIVE_LO=int(lo),
+                LIVE_HI=int(hi), sg_m=G.stride(0), sg_r=G.stride(1), sp_m=perm.stride(0) if Mt > 1 else 0,
+                ss_m=starts.stride(0) if Mt > 1 else 0, so_m=out.stride(0)),
+           dict(T=T, BLOCK_R=64, BLOCK_W=BW))
     return out

@@ -39,10 +39,11 @@ import math
 from collections import OrderedDict
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _common
 from ._common import check, record_launches, specialization
-from .embed_attn import attn_backward, attn_forward, embed_backward, embed_table, token_scatter
+from .embed_attn import attn_backward, attn_forward, embed_backward, embed_table, token_index as _build_index, token_scatter
 from .layernorm import layernorm_backward, layernorm_forward
 from .errors import KernelConfigError
 from .layout import ParamLayout
@@ -207,9 +208,9 @@ def _loss_head(cfg, lay, flat, xf, labels, loss_ex, correct_ex, dlogits=None):
                           loss_ex, correct_ex, dlogits)
 
 
-def _backward(cfg, lay, flat, tokens, ws: Workspace, xf, grad_out):
+def _backward(cfg, lay, flat, tokens, index, ws: Workspace, xf, grad_out):
     M = flat.shape[0]
-    D, H, Dh = cfg.d_model, cfg.n_heads, cfg.d_head
+    T, D, H, Dh = cfg.n_ctx, cfg.d_model, cfg.n_heads, cfg.d_head
     HD, LN = H * Dh, cfg.layernorm
     p, g = lay.views(flat), lay.views(grad_out)
     d = ws.deferred      # weight gradients are outputs only: their split-K sums wait for one launch at the end
@@ -241,7 +242,8 @@ def _backward(cfg, lay, flat, tokens, ws: Workspace, xf, grad_out):
                     *([colsum_plan(a.dmid, g[n + "attn.b_O"], defer=d)] if cfg.attn_bias else []))
         # attention per example, then into the (position, token) tables for layer 0
         attn_backward(a.qkv, tokens, a.sm, a.dz, a.dmid, a.G, H, Dh, a.TQ, a.table, cfg.attn_alpha)
-        src = token_scatter(a.G, tokens, a.Gtab) if a.table else a.G      # [M, R, 3 HD + D]
+        # (dq and dres are exactly zero at non-query positions: the scatter skips them)
+        src = token_scatter(a.G, index, a.Gtab, zero=(T - a.TQ, HD, 3 * HD)) if a.table else a.G   # [M, R, 3 HD + D]
         dqkv, dres = src[:, :, :3 * HD], src[:, :, 3 * HD:]
         W_qkv = _span(flat, lay, n + "attn.W_Q", 3 * H * D * Dh).view(M, 3 * H, D, Dh)
         gW_qkv = _span(grad_out, lay, n + "attn.W_Q", 3 * H * D * Dh).view(M, 3 * H, D, Dh)
@@ -328,6 +330,29 @@ def check_token_range(cfg, tokens, labels) -> None:
                          f"got [{int(labels.min())}, {int(labels.max())}]")
 
 
+_TOKEN_INDEX = WeakIdKeyDictionary()    # tokens tensor -> (its _version, shape, d_vocab, (perm, starts))
+
+
+def token_index(cfg, tokens):
+    """The layer-0 token scatter's index of ``tokens`` ([B, n_ctx] or [M, B, n_ctx] int64, as passed to
+    loss_and_grads_flat): embed_attn.token_index, built on the first step that sees this tensor and kept
+    while the tensor lives, so a step with the same, unmodified tokens does no host work for it. A tensor
+    modified in place (its _version moved: a training step feeding a new batch into a captured graph's
+    buffer) has its index rebuilt into the same buffers, whose addresses a captured graph keeps; such a
+    caller calls this after each feed, before the replay. Returns (perm, starts)."""
+    norm = tokens.unsqueeze(0) if tokens.dim() == 2 else tokens
+    key = (tokens._version, tuple(norm.shape), cfg.d_vocab, str(tokens.device))
+    hit = _TOKEN_INDEX.get(tokens)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    if hit is not None and hit[0][1:] == key[1:]:
+        index = _build_index(norm, cfg.d_vocab, out=hit[1])
+    else:
+        index = _build_index(norm, cfg.d_vocab)
+    _TOKEN_INDEX[tokens] = (key, index)
+    return index
+
+
 def _prepare(cfg, flat, tokens, labels):
     """The checks both entry points make: (layout, M, tokens [1 or M, B, T], labels [1 or M, B], B)."""
     _check_cfg(cfg)
@@ -343,7 +368,9 @@ def loss_and_grads_flat(cfg, flat, tokens, labels, grad_out=None, loss_out=None,
     and loss_out [M] float32 (mean cross-entropy per model); allocates them if None; returns (loss_out, grad_out).
     No host synchronisation (capturable in a CUDA graph once buffers are allocated). precision: the
     float32 dot mode (_common.PRECISIONS; None: the current default, "ieee" unless changed)."""
-    lay, M, tokens, labels, B = _prepare(cfg, flat, tokens, labels)
+    lay, M, tokens3, labels, B = _prepare(cfg, flat, tokens, labels)
+    index = token_index(cfg, tokens)          # cached per tokens tensor: no work while it is unchanged
+    tokens = tokens3
     grad_out = _out("grad_out", grad_out, (M, lay.numel), torch.float32, flat.device)
     loss_out = _out("loss_out", loss_out, (M,), torch.float32, flat.device)
     with _common.dot_precision(precision):
@@ -351,7 +378,7 @@ def loss_and_grads_flat(cfg, flat, tokens, labels, grad_out=None, loss_out=None,
         xf = _forward(cfg, lay, flat, tokens, ws)
         _loss_head(cfg, lay, flat, xf, labels, ws.loss_ex, ws.correct_ex, ws.dlogits)
         mean_reduce(ws.loss_ex, ws.correct_ex, loss_out, ws.correct)
-        _backward(cfg, lay, flat, tokens, ws, xf, grad_out)
+        _backward(cfg, lay, flat, tokens, index, ws, xf, grad_out)
     return loss_out, grad_out
 
 
@@ -409,7 +436,7 @@ def _recorded_step(cfg, M: int, B: int, eval_variant: bool = False) -> list:
         xf = _forward(cfg, lay, flat, tokens, ws)
         _loss_head(cfg, lay, flat, xf, labels, ws.loss_ex, ws.correct_ex, ws.dlogits)
         mean_reduce(ws.loss_ex, ws.correct_ex, torch.empty((M,), device=dev), ws.correct)
-        _backward(cfg, lay, flat, tokens, ws, xf, torch.empty_like(flat))
+        _backward(cfg, lay, flat, tokens, _build_index(tokens, cfg.d_vocab), ws, xf, torch.empty_like(flat))
         if eval_variant:
             _loss_head(cfg, lay, flat, xf, labels, ws.loss_ex, ws.correct_ex)
     return rec
@@ -423,6 +450,27 @@ def launches_per_step(cfg, M: int, B: int) -> dict[str, int]:
     for kernel, *_ in _recorded_step(cfg, M, B):
         counts[kernel.__name__] = counts.get(kernel.__name__, 0) + 1
     return counts
+
+
+def executed_flops(cfg, M: int, B: int) -> list[dict]:
+    """The tl.dot work of one training step's forward + backward at M models and B examples, per launch
+    in launch order, counted from the recorded launches (no GPU): [{"kernel", "problems" (GEMM problems
+    in the launch), "dot_flops" (executed: every program's padded tiles, 2 per multiply-add), "useful"
+    (the products' own 2 R N K)}]. Kernels without tl.dot (attention, LayerNorm, the scatter, the
+    reductions) count 0; the optimizer has none."""
+    from . import gemm_group, mlp, unembed_loss
+    grouped = {mlp.gemm_kernel: [""], **{k: [str(g) for g in range(n)] for n, k in gemm_group.KERNELS.items()}}
+    rows = []
+    for kernel, grid, args, cx, _ in _recorded_step(cfg, M, B):
+        if kernel in grouped:
+            parts = [mlp.dot_flops(args, cx, g) for g in grouped[kernel]]
+        elif kernel is unembed_loss.unembed_ce_kernel:
+            parts = [unembed_loss.dot_flops(grid, args, cx)]
+        else:
+            parts = []
+        rows.append({"kernel": kernel.__name__, "problems": len(parts), "dot_flops": sum(p[0] for p in parts),
+                     "useful": sum(p[1] for p in parts)})
+    return rows
 
 
 def aot_specs(cfg, M: int, B: int) -> list[dict]:

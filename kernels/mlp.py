@@ -1,5 +1,6 @@
 """Dense products: the MLP (and every other matrix product of the model) as one batched GEMM kernel
-with fused epilogues; bias gradients (column sums) are the same GEMM with a row of ones.
+with fused epilogues; bias gradients (column sums) are the same GEMM with a row of ones, which
+the program sums instead of multiplying (A_ONES).
 
 The GEMM computes, for every batch index (m, j) (m: the model, j: a second batch axis such as the
 head or the Q/K/V block),
@@ -29,7 +30,7 @@ buffer and the S partials are added in a fixed order, so the result is determini
 atomics (and bit-identical from run to run for the same shapes): right away by split_sum_kernel,
 or, with a ``Deferred``, later and for every weight gradient of the pass in one launch of
 split_sum_many_kernel (a device table of (buffer address, output address, shape, strides) rows).
-Block sizes: BLOCK_R in {16, 32}, BLOCK_N in {16, 32, 64}, BLOCK_K = 16, 8 warps; every dot
+Block sizes: BLOCK_R in {16, 32} (1 for column sums), BLOCK_N in {16, 32, 64}, BLOCK_K = 16, 8 warps; every dot
 dimension >= 16 (masks pad small operands), float32 accumulators, dots at
 ``_common.DOT_PRECISION`` ("ieee" by default). act: 0 none, 1 ReLU, 2 GELU (exact, erf form).
 """
@@ -72,7 +73,7 @@ GEMM_ARGS = ("A", "Bw", "C", "BIAS", "RES", "Z", "WS", "R", "N", "KI", "KO", "NJ
              "sa_m", "sa_j", "sa_r", "sa_ko", "sa_ki", "sb_m", "sb_j", "sb_ko", "sb_ki", "sb_n",
              "sc_m", "sc_j", "sc_r", "sc_n", "sbias_m", "sbias_j", "sbias_n",
              "sres_m", "sres_j", "sres_r", "sres_n", "sz_m", "sz_j", "sz_r", "sz_n")
-GEMM_CONSTEXPRS = ("HAS_BIAS", "HAS_RES", "ACT", "STORE_PRE", "DACT", "SPLIT", "PRECISION",
+GEMM_CONSTEXPRS = ("HAS_BIAS", "HAS_RES", "ACT", "STORE_PRE", "DACT", "SPLIT", "PRECISION", "A_ONES",
                    "BLOCK_R", "BLOCK_N", "BLOCK_K")
 
 
@@ -88,14 +89,15 @@ def _gemm_program(
     sres_m, sres_j, sres_r, sres_n,
     sz_m, sz_j, sz_r, sz_n,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr,
-    DACT: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    DACT: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, A_ONES: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program ``pid`` of one GEMM problem: pid = (split * MJ + pb) * n_tiles + tile, tile = one
     [BLOCK_R, BLOCK_N] tile of C for batch pb = m * NJ + j (MJ = M * NJ batches), contraction slice
     ki in [split * K_SPLIT, (split + 1) * K_SPLIT). SPLIT: write the raw partial sum to
     WS[split, pb] ([S, MJ, R, N] contiguous) for a fixed-order reduction (no epilogue); otherwise
-    S = 1 and the epilogue of the module docstring."""
+    S = 1 and the epilogue of the module docstring. A_ONES: A is a row of ones (R = 1, BLOCK_R = 1; column
+    sums of Bw, the bias gradients): sums instead of a dot on a 16-row tile with one real row."""
     n_tiles_n = tl.cdiv(N, BLOCK_N)
     n_tiles = tl.cdiv(R, BLOCK_R) * n_tiles_n
     tile = pid % n_tiles
@@ -120,9 +122,16 @@ def _gemm_program(
         for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + ks
             kmask = kk < k_hi
-            a = tl.load(a_base + ko * sa_ko + kk[None, :] * sa_ki, mask=rmask[:, None] & kmask[None, :], other=0.0)
-            b = tl.load(b_base + ko * sb_ko + kk[:, None] * sb_ki, mask=kmask[:, None] & nmask[None, :], other=0.0)
-            acc += tl.dot(a, b, input_precision=PRECISION)
+            if A_ONES:
+                b = tl.load(b_base + ko * sb_ko + kk[:, None] * sb_ki, mask=kmask[:, None] & nmask[None, :],
+                            other=0.0)
+                acc += tl.sum(b, axis=0)[None, :]
+            else:
+                a = tl.load(a_base + ko * sa_ko + kk[None, :] * sa_ki, mask=rmask[:, None] & kmask[None, :],
+                            other=0.0)
+                b = tl.load(b_base + ko * sb_ko + kk[:, None] * sb_ki, mask=kmask[:, None] & nmask[None, :],
+                            other=0.0)
+                acc += tl.dot(a, b, input_precision=PRECISION)
     cmask = rmask[:, None] & nmask[None, :]
     if SPLIT:
         slot = split.to(tl.int64) * MJ + pb
@@ -154,7 +163,7 @@ def gemm_kernel(
     sres_m, sres_j, sres_r, sres_n,
     sz_m, sz_j, sz_r, sz_n,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr,
-    DACT: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    DACT: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, A_ONES: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One GEMM problem (_gemm_program); grid (n_tiles * MJ * S,)."""
@@ -162,7 +171,7 @@ def gemm_kernel(
         tl.program_id(0), A, Bw, C, BIAS, RES, Z, WS, R, N, KI, KO, NJ, MJ, K_SPLIT,
         sa_m, sa_j, sa_r, sa_ko, sa_ki, sb_m, sb_j, sb_ko, sb_ki, sb_n, sc_m, sc_j, sc_r, sc_n,
         sbias_m, sbias_j, sbias_n, sres_m, sres_j, sres_r, sres_n, sz_m, sz_j, sz_r, sz_n,
-        HAS_BIAS, HAS_RES, ACT, STORE_PRE, DACT, SPLIT, PRECISION, BLOCK_R, BLOCK_N, BLOCK_K)
+        HAS_BIAS, HAS_RES, ACT, STORE_PRE, DACT, SPLIT, PRECISION, A_ONES, BLOCK_R, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -396,9 +405,10 @@ class GemmPlan:
 
 
 def gemm_plan(a, b, out, bias=None, res=None, act=None, pre_out=None, dact=None, z=None, precision=None,
-              defer: Deferred | None = None) -> GemmPlan:
+              defer: Deferred | None = None, ones: bool = False) -> GemmPlan:
     """The arguments of ``gemm`` checked and turned into a GemmPlan (nothing is launched): run it with
-    ``gemm_launch(plan, ...)``, alone or grouped with independent problems."""
+    ``gemm_launch(plan, ...)``, alone or grouped with independent problems. ones: a is a [M, 1, K] row of
+    ones (colsum_plan): the program sums b's columns instead of multiplying (A_ONES)."""
     A, Bw = _as5(a, "a"), None
     if b.dim() == 3:
         Bw = b.unsqueeze(1).unsqueeze(2)
@@ -432,6 +442,10 @@ def gemm_plan(a, b, out, bias=None, res=None, act=None, pre_out=None, dact=None,
     # TF32 modes hold split operands (3xTF32: hi and lo of each): 32 x 32 tiles keep the grouped kernels
     # free of spills on sm_90 with Triton 3.6 (32 x 64 spilled 12 bytes there)
     BR, BN, BK = pow2(R, 16, 32), pow2(N, 16, 64 if prec == "ieee" else 32), 16
+    if ones:
+        if R != 1 or KO != 1:
+            raise ValueError("gemm: ones=True needs a [M, 1, K] row of ones")
+        BR = 1
     tiles = triton.cdiv(R, BR) * triton.cdiv(N, BN)
     epilogue = Bi is not None or Rs is not None or act is not None or dact is not None
     S = 1 if epilogue else _n_splits(tiles * M * J, KI, KO)
@@ -456,9 +470,25 @@ def gemm_plan(a, b, out, bias=None, res=None, act=None, pre_out=None, dact=None,
                 sres_m=sr[0], sres_j=sr[1], sres_r=sr[2], sres_n=sr[3],
                 sz_m=sz[0], sz_j=sz[1], sz_r=sz[2], sz_n=sz[3])
     cx = dict(HAS_BIAS=Bi is not None, HAS_RES=Rs is not None, ACT=ACTS[act], STORE_PRE=act is not None,
-              DACT=ACTS[dact], SPLIT=S > 1, PRECISION=prec,
+              DACT=ACTS[dact], SPLIT=S > 1, PRECISION=prec, A_ONES=bool(ones),
               BLOCK_R=BR, BLOCK_N=BN, BLOCK_K=BK)
     return GemmPlan(args, cx, tiles * M * J * S, ws, C, defer)
+
+
+def dot_flops(args: dict, cx: dict, suffix: str = "") -> tuple[int, int]:
+    """(executed, useful) tl.dot FLOPs of one GEMM problem of a launch (its runtime arguments and
+    constexprs as recorded, names suffixed as in gemm_group for problem g of a grouped launch): executed
+    counts every program's dots on its padded [BLOCK_R, BLOCK_K] x [BLOCK_K, BLOCK_N] tiles (2 per
+    multiply-add), useful the 2 R N KI KO per batch the math needs."""
+    if cx["A_ONES" + suffix]:
+        return 0, 0                      # column sums: additions, no dot
+    a = {k: args[k + suffix] for k in ("R", "N", "KI", "KO", "MJ", "K_SPLIT")}
+    BR, BN, BK = (cx[k + suffix] for k in ("BLOCK_R", "BLOCK_N", "BLOCK_K"))
+    R, N, KI, KO, MJ, KS = a["R"], a["N"], a["KI"], a["KO"], a["MJ"], a["K_SPLIT"]
+    S = triton.cdiv(KI, KS)
+    k_steps = (S - 1) * triton.cdiv(KS, BK) + triton.cdiv(KI - (S - 1) * KS, BK)
+    tiles = triton.cdiv(R, BR) * triton.cdiv(N, BN)
+    return 2 * BR * BN * BK * tiles * MJ * KO * k_steps, 2 * R * N * KI * KO * MJ
 
 
 # Problems per grouped launch (gemm_group.py has a kernel for each count up to 3). GROKFAST_GEMM_GROUP=1
@@ -566,7 +596,7 @@ def colsum_plan(x, out, defer: Deferred | None = None) -> GemmPlan:
     if key not in _ONES:
         _ONES[key] = torch.ones(1, dtype=torch.float32, device=x.device)
     ones = _ONES[key].expand(M, 1, R)
-    return gemm_plan(ones, x, out.unsqueeze(1), defer=defer)
+    return gemm_plan(ones, x, out.unsqueeze(1), defer=defer, ones=True)
 
 
 def colsum(x, out, defer: Deferred | None = None):

@@ -190,6 +190,14 @@ def unembed_cross_entropy(x, W_U, b_U, labels, loss_ex, correct_ex, dlogits=None
                 BLOCK_B=BB, BLOCK_P=BP, BLOCK_K=16), num_warps=8)
 
 
+def dot_flops(grid, args: dict, cx: dict) -> tuple[int, int]:
+    """(executed, useful) tl.dot FLOPs of one recorded unembed_ce_kernel launch: every program's
+    [BLOCK_B, BLOCK_K] x [BLOCK_K, BLOCK_P] products over cdiv(D, BLOCK_K) steps; useful 2 B D P per model."""
+    BB, BP, BK = cx["BLOCK_B"], cx["BLOCK_P"], cx["BLOCK_K"]
+    n_prog = grid[0] * grid[1]
+    return 2 * BB * BP * BK * triton.cdiv(args["D"], BK) * n_prog, 2 * args["B"] * args["D"] * args["P"] * grid[1]
+
+
 def mean_reduce(loss_ex, correct_ex, loss_out, correct_out):
     """loss_out [M] = mean over examples of loss_ex [M, B]; correct_out [M] int32 = count of correct_ex."""
     M, B = loss_ex.shape

@@ -24,7 +24,7 @@ from grokfast.config import ConfigError, ModelConfig
 from grokfast.model import Transformer, loss_and_grads_reference
 from grokfast.kernels import KernelConfigError, forward_backward as fb
 from grokfast.kernels import mlp
-from grokfast.kernels.embed_attn import token_scatter
+from grokfast.kernels.embed_attn import token_index, token_scatter
 from grokfast.kernels.layout import ParamLayout
 from grokfast.kernels.mlp import gemm
 from grokfast.kernels.unembed_loss import cross_entropy, unembed_cross_entropy
@@ -284,21 +284,33 @@ def test_launches_per_step(name):
     assert counts["split_sum_many_kernel"] == 1          # every weight gradient's split-K sum in one launch
 
 
-@pytest.mark.parametrize("split_min_k", [16, 10**9])
-def test_token_scatter_sums_rows_by_position_and_token(monkeypatch, split_min_k):
-    """out[m, t * V + v] = sum over examples b with tok[m, b, t] == v of G[m, b * T + t], per-model tokens.
-    Bound: 1e-6 relative (float32 sums of ~20 O(1) terms)."""
-    monkeypatch.setattr(mlp, "SPLIT_MIN_K", split_min_k)
+@pytest.mark.parametrize("shared", [False, True])
+def test_token_scatter_sums_rows_by_position_and_token(shared):
+    """out[m, t * V + v] = sum over examples b with tok[m, b, t] == v of G[m, b * T + t] (per-model or shared
+    tokens; a token absent at a position gives a zero row; tokens V-1 never used). With zero=(t0, lo, hi)
+    the columns outside [lo, hi) at positions t < t0, zero in G, are written as 0 unread: here G holds NaN
+    there, so a read would show. Bound: 1e-6 relative (float32 sums of ~20 O(1) terms)."""
     g = torch.Generator().manual_seed(4)
-    M, B, T, V, W = 2, 70, 3, 5, 20
+    M, B, T, V, W = 2, 70, 3, 6, 40
     G = torch.randn(M, B * T, W, generator=g)
-    tok = torch.randint(0, V, (M, B, T), generator=g)
+    tok = torch.randint(0, V - 1, (1 if shared else M, B, T), generator=g)
+    tok[:, :, 2] = torch.randint(0, 2, (tok.shape[0], B), generator=g)       # long segments at t = 2
     out = torch.full((M, T * V, W), float("nan"), device=DEVICE)
-    token_scatter(G.to(DEVICE), tok.to(DEVICE), out)
-    out = out.cpu()
-    onehot = torch.nn.functional.one_hot(tok, V).double()                    # [M, B, T, V]
+    index = token_index(tok.to(DEVICE), V)
+    token_scatter(G.to(DEVICE), index, out)
+    onehot = torch.nn.functional.one_hot(tok, V).double().expand(M, B, T, V)      # [M, B, T, V]
     ref = torch.einsum("mbtv,mbtw->mtvw", onehot, G.double().view(M, B, T, W)).reshape(M, T * V, W)
-    assert rel(out, ref) <= 1e-6
+    assert rel(out.cpu(), ref) <= 1e-6
+    t0, lo, hi = 2, 8, 24
+    Gz = G.view(M, B, T, W).clone()
+    Gz[:, :, :t0, :lo] = float("nan")
+    Gz[:, :, :t0, hi:] = float("nan")
+    out.fill_(float("nan"))
+    token_scatter(Gz.view(M, B * T, W).to(DEVICE), index, out, zero=(t0, lo, hi))
+    refz = ref.view(M, T, V, W).clone()
+    refz[:, :t0, :, :lo] = 0
+    refz[:, :t0, :, hi:] = 0
+    assert rel(out.cpu(), refz.view(M, T * V, W)) <= 1e-6
 
 
 if given is None:
@@ -497,11 +509,11 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_aot_specs_cover_every_kernel_with_full_signatures():
     cfg = ModelConfig.preset("power")
-    specs = fb.aot_specs(cfg, M=1, B=4096)   # long enough that the token scatter splits too
+    specs = fb.aot_specs(cfg, M=1, B=4096)
     names = {s["fn"].__name__ for s in specs}
     assert names == {"embed_table_kernel", "ln_fwd_kernel", "gemm_kernel", "gemm2_kernel", "gemm3_kernel",
                      "attn_fwd_kernel", "ln_bwd_kernel",
-                     "split_sum_kernel", "split_sum_many_kernel", "unembed_ce_kernel", "mean_reduce_kernel",
+                     "split_sum_many_kernel", "unembed_ce_kernel", "mean_reduce_kernel",
                      "attn_bwd_kernel", "token_scatter_kernel", "embed_bwd_kernel"}
     for s in specs:
         assert list(s["signature"]) == list(s["fn"].arg_names), s["name"]
