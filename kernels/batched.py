@@ -129,8 +129,8 @@ class BatchedStepper:
     def _run(self):
         tok, lab = self.train_data
         fb.loss_and_grads_flat(self.cfg, self.flat, tok, lab, grad_out=self.grad, loss_out=self.loss,
-                               precision=self.tcfgs[0].precision)
-        self.opt.step(self.flat, self.grad)
+                               precision=self.tcfgs[0].precision, flush_tasks=(self.opt.scalars_task(),))
+        self.opt.step(self.flat, self.grad, scalars=False)     # its scalars ran in the pass's last launch
         bad = ~torch.isfinite(self.loss) & (self.first_bad < 0)
         self.first_bad.copy_(torch.where(bad, self.opt.counters[0], self.first_bad))
 

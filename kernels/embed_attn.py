@@ -67,32 +67,40 @@ def embed_table_kernel(WE, WPOS, X0, V, D, swe_m, swp_m, sx_m,
 
 
 @triton.jit
-def embed_bwd_kernel(DX0, DWE, DWPOS, V, D, sdx_m, sdwe_m, sdwp_m,
-                     T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Programs pid < cdiv(V, BLOCK_V): dW_E[v] = sum_t dX0[t * V + v] for a block of tokens;
-    program cdiv(V, BLOCK_V) + t: dW_pos[t] = sum_v dX0[t * V + v]. Grid (cdiv(V, BLOCK_V) + T, M)."""
-    m = tl.program_id(1).to(tl.int64)
-    pid = tl.program_id(0)
-    nvb = tl.cdiv(V, BLOCK_V)
-    ds = tl.arange(0, BLOCK_D)
-    dmask = ds < D
-    vs = tl.arange(0, BLOCK_V)
-    base = DX0 + m * sdx_m
-    if pid < nvb:
-        v = pid * BLOCK_V + vs
-        mask = (v < V)[:, None] & dmask[None, :]
-        acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32)
-        for t in tl.static_range(T):
-            acc += tl.load(base + (t * V + v)[:, None] * D + ds[None, :], mask=mask, other=0.0)
-        tl.store(DWE + m * sdwe_m + v[:, None] * D + ds[None, :], acc, mask=mask)
+def _embed_grad_block(row, local, BLOCK: tl.constexpr):
+    """Program ``local`` of the embedding gradient (a task of flush.flush_kernel), from the table row
+    (int64: dX0, dW_E, dW_pos addresses, V, D, T, their model strides, M): per model, cdiv(V * D, BLOCK)
+    programs dW_E[v, d] = sum_t dX0[t * V + v, d] (flat index v * D + d), then T programs dW_pos[t] =
+    sum_v dX0[t * V + v] ([16, 256] tiles over v, then a sum over the tile's rows; D <= 256)."""
+    dx = tl.load(row + 0).to(tl.pointer_type(tl.float32))
+    dwe = tl.load(row + 1).to(tl.pointer_type(tl.float32))
+    dwp = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+    V = tl.load(row + 3)
+    D = tl.load(row + 4)
+    T = tl.load(row + 5)
+    n_e = (V * D + BLOCK - 1) // BLOCK
+    per_model = n_e + T
+    m = local // per_model
+    k = local % per_model
+    base = dx + m * tl.load(row + 6)
+    if k < n_e:
+        idx = k * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        mask = idx < V * D
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for t in range(0, T):
+            acc += tl.load(base + t * V * D + idx, mask=mask, other=0.0)
+        tl.store(dwe + m * tl.load(row + 7) + idx, acc, mask=mask)
     else:
-        t = pid - nvb
-        acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32)
-        for v0 in range(0, V, BLOCK_V):
+        t = k - n_e
+        vs = tl.arange(0, 16)
+        ds = tl.arange(0, 256)
+        dmask = ds < D
+        acc2 = tl.zeros((16, 256), dtype=tl.float32)
+        for v0 in range(0, V, 16):
             v = v0 + vs
-            mask = (v < V)[:, None] & dmask[None, :]
-            acc += tl.load(base + (t * V + v)[:, None] * D + ds[None, :], mask=mask, other=0.0)
-        tl.store(DWPOS + m * sdwp_m + t * D + ds, tl.sum(acc, axis=0), mask=dmask)
+            acc2 += tl.load(base + (t * V + v)[:, None] * D + ds[None, :], mask=(v < V)[:, None] & dmask[None, :],
+                            other=0.0)
+        tl.store(dwp + m * tl.load(row + 8) + t * D + ds, tl.sum(acc2, axis=0), mask=dmask)
 
 
 def _param_check(name, t, M, shape):
@@ -119,8 +127,10 @@ def embed_table(W_E, W_pos, X0):
     return X0
 
 
-def embed_backward(dX0, dW_E, dW_pos):
-    """dW_E[v] = sum_t dX0[t * V + v], dW_pos[t] = sum_v dX0[t * V + v]. dX0 [M, T * V, D] contiguous."""
+def embed_backward(dX0, dW_E, dW_pos, defer):
+    """dW_E[v] = sum_t dX0[t * V + v], dW_pos[t] = sum_v dX0[t * V + v]. dX0 [M, T * V, D] contiguous.
+    A task of the pass's last launch: complete after ``defer.flush()`` (defer: an mlp.Deferred)."""
+    from .flush import EMBED_GRAD
     M, V, D = dW_E.shape
     T = dW_pos.shape[1]
     _param_check("dW_E", dW_E, M, (V, D))
@@ -128,12 +138,10 @@ def embed_backward(dX0, dW_E, dW_pos):
     check("dX0", dX0, torch.float32, shape=(M, T * V, D))
     if not dX0.is_contiguous():
         raise ValueError("dX0 must be contiguous")
-    BD = pow2(D, 16)
-    BV = max(1, min(32, 4096 // BD))
-    launch(embed_bwd_kernel, (triton.cdiv(V, BV) + T, M),
-           dict(DX0=dX0, DWE=dW_E, DWPOS=dW_pos, V=V, D=D, sdx_m=dX0.stride(0), sdwe_m=dW_E.stride(0),
-                sdwp_m=dW_pos.stride(0)),
-           dict(T=T, BLOCK_V=BV, BLOCK_D=BD))
+    if D > 256:
+        raise ValueError(f"embed_backward handles d_model <= 256, got {D}")
+    defer.add_task(EMBED_GRAD, [dX0, dW_E, dW_pos, V, D, T, dX0.stride(0), dW_E.stride(0), dW_pos.stride(0), M],
+                   M * (triton.cdiv(V * D, defer.BLOCK) + T))
 
 
 # ----------------------------------------------------------------------------------------------

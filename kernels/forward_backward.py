@@ -213,8 +213,7 @@ def _backward(cfg, lay, flat, tokens, index, ws: Workspace, xf, grad_out):
     T, D, H, Dh = cfg.n_ctx, cfg.d_model, cfg.n_heads, cfg.d_head
     HD, LN = H * Dh, cfg.layernorm
     p, g = lay.views(flat), lay.views(grad_out)
-    d = ws.deferred      # weight gradients are outputs only: their split-K sums wait for one launch at the end
-    d.start()
+    d = ws.deferred      # weight gradients are outputs only: their split-K sums wait for the last launch
     # independent products share a launch (gemm_launch): {dxf, dW_U, db_U}
     gemm_launch(gemm_plan(ws.dlogits, p["unembed.W_U"].transpose(1, 2), ws.dxf),
                 gemm_plan(xf.transpose(1, 2), ws.dlogits, g["unembed.W_U"], defer=d),
@@ -260,8 +259,7 @@ def _backward(cfg, lay, flat, tokens, index, ws: Workspace, xf, grad_out):
             layernorm_backward(x_in, p[n + "ln1.w"], a.mu1, a.rs1, a.dhn, a.dx, g[n + "ln1.w"], g[n + "ln1.b"],
                                res=dres, defer=d)
         dout = a.dx
-    embed_backward(ws.layers[0].dx, g["embed.W_E"], g["pos_embed.W_pos"])
-    d.flush()
+    embed_backward(ws.layers[0].dx, g["embed.W_E"], g["pos_embed.W_pos"], d)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,12 +360,29 @@ def _prepare(cfg, flat, tokens, labels):
     return lay, M, tokens, labels, B
 
 
-def loss_and_grads_flat(cfg, flat, tokens, labels, grad_out=None, loss_out=None, precision=None):
+def _step(cfg, lay, flat, tokens, index, labels, ws, grad_out, loss_out, flush_tasks=()):
+    """The launches of one forward + backward; the last one (ws.deferred's flush) also carries the loss
+    mean, the embedding gradients, the weight gradients' split-K sums and ``flush_tasks``."""
+    d = ws.deferred
+    d.start()
+    xf = _forward(cfg, lay, flat, tokens, ws)
+    _loss_head(cfg, lay, flat, xf, labels, ws.loss_ex, ws.correct_ex, ws.dlogits)
+    mean_reduce(ws.loss_ex, ws.correct_ex, loss_out, ws.correct, defer=d)
+    _backward(cfg, lay, flat, tokens, index, ws, xf, grad_out)
+    for task in flush_tasks:
+        d.add_task(*task)
+    d.flush()
+    return xf
+
+
+def loss_and_grads_flat(cfg, flat, tokens, labels, grad_out=None, loss_out=None, precision=None, flush_tasks=()):
     """flat [M, N] float32 contiguous (ParamLayout(cfg)); tokens [B, n_ctx] int64 (shared by all M models) or
     [M, B, n_ctx]; labels [B] or [M, B] int64. Writes grad_out [M, N] float32 (every entry; the mean-loss gradient)
     and loss_out [M] float32 (mean cross-entropy per model); allocates them if None; returns (loss_out, grad_out).
     No host synchronisation (capturable in a CUDA graph once buffers are allocated). precision: the
-    float32 dot mode (_common.PRECISIONS; None: the current default, "ieee" unless changed)."""
+    float32 dot mode (_common.PRECISIONS; None: the current default, "ieee" unless changed). flush_tasks:
+    (kind, fields, programs) tasks of flush.flush_kernel to run in the step's last launch (the optimizer's
+    scalars: FusedOptimizer.scalars_task)."""
     lay, M, tokens3, labels, B = _prepare(cfg, flat, tokens, labels)
     index = token_index(cfg, tokens)          # cached per tokens tensor: no work while it is unchanged
     tokens = tokens3
@@ -375,10 +390,7 @@ def loss_and_grads_flat(cfg, flat, tokens, labels, grad_out=None, loss_out=None,
     loss_out = _out("loss_out", loss_out, (M,), torch.float32, flat.device)
     with _common.dot_precision(precision):
         ws = _workspace(cfg, M, B, flat.device, True)
-        xf = _forward(cfg, lay, flat, tokens, ws)
-        _loss_head(cfg, lay, flat, xf, labels, ws.loss_ex, ws.correct_ex, ws.dlogits)
-        mean_reduce(ws.loss_ex, ws.correct_ex, loss_out, ws.correct)
-        _backward(cfg, lay, flat, tokens, index, ws, xf, grad_out)
+        _step(cfg, lay, flat, tokens, index, labels, ws, grad_out, loss_out, flush_tasks)
     return loss_out, grad_out
 
 
@@ -424,7 +436,7 @@ def loss_and_grads(model, tokens, labels):
 def _recorded_step(cfg, M: int, B: int, eval_variant: bool = False) -> list:
     """The launches of one loss_and_grads_flat at M models and B examples, recorded instead of run
     (the orchestration runs on ``meta`` tensors; no GPU needed): [(kernel, grid, args, constexprs,
-    num_warps)]. eval_variant adds eval_flat's loss launch (no gradient)."""
+    num_warps)]. eval_variant adds eval_flat's loss launch (no gradient) and its mean_reduce launch."""
     _check_cfg(cfg)
     lay = ParamLayout(cfg)
     dev = torch.device("meta")
@@ -433,19 +445,18 @@ def _recorded_step(cfg, M: int, B: int, eval_variant: bool = False) -> list:
     labels = torch.empty((1, B), dtype=torch.int64, device=dev)
     with record_launches() as rec:
         ws = Workspace(cfg, M, B, dev, True)
-        xf = _forward(cfg, lay, flat, tokens, ws)
-        _loss_head(cfg, lay, flat, xf, labels, ws.loss_ex, ws.correct_ex, ws.dlogits)
-        mean_reduce(ws.loss_ex, ws.correct_ex, torch.empty((M,), device=dev), ws.correct)
-        _backward(cfg, lay, flat, tokens, _build_index(tokens, cfg.d_vocab), ws, xf, torch.empty_like(flat))
+        xf = _step(cfg, lay, flat, tokens, _build_index(tokens, cfg.d_vocab), labels, ws, torch.empty_like(flat),
+                   torch.empty((M,), device=dev))
         if eval_variant:
             _loss_head(cfg, lay, flat, xf, labels, ws.loss_ex, ws.correct_ex)
+            mean_reduce(ws.loss_ex, ws.correct_ex, torch.empty((M,), device=dev), ws.correct)
     return rec
 
 
 def launches_per_step(cfg, M: int, B: int) -> dict[str, int]:
     """{kernel name: launches} of one training step's forward + backward (loss_and_grads_flat) for M
-    models and B examples, counted without a GPU; the optimizer step adds optimizer.LAUNCHES
-    (adamw_scalars_kernel, then grokfast_adamw_kernel)."""
+    models and B examples, counted without a GPU; the optimizer adds optimizer.STEP_LAUNCHES (its
+    element kernel: the steppers run its scalars in this pass's last launch)."""
     counts: dict[str, int] = {}
     for kernel, *_ in _recorded_step(cfg, M, B):
         counts[kernel.__name__] = counts.get(kernel.__name__, 0) + 1

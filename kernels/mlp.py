@@ -28,8 +28,9 @@ Weight gradients contract over the examples. With few output tiles and a long co
 contraction is split into S slices (split-K): each program writes its partial tile to a scratch
 buffer and the S partials are added in a fixed order, so the result is deterministic without
 atomics (and bit-identical from run to run for the same shapes): right away by split_sum_kernel,
-or, with a ``Deferred``, later and for every weight gradient of the pass in one launch of
-split_sum_many_kernel (a device table of (buffer address, output address, shape, strides) rows).
+or, with a ``Deferred``, later and for every weight gradient of the pass in the pass's last launch
+(flush.flush_kernel, driven by a device table of (buffer address, output address, shape, strides)
+rows, which also carries the pass's other put-off work).
 Block sizes: BLOCK_R in {16, 32} (1 for column sums), BLOCK_N in {16, 32, 64}, BLOCK_K = 16, 8 warps; every dot
 dimension >= 16 (masks pad small operands), float32 accumulators, dots at
 ``_common.DOT_PRECISION`` ("ieee" by default). act: 0 none, 1 ReLU, 2 GELU (exact, erf form).
@@ -196,17 +197,12 @@ def split_sum_kernel(WS, C, S, R, N, NJ, sc_m, sc_j, sc_r, sc_n,
 
 
 @triton.jit
-def split_sum_many_kernel(TAB, PROG, BLOCK: tl.constexpr):
-    """The deferred form of split_sum_kernel: many reductions in one launch, described by a table.
-
-    TAB [n_seg, 12] int64, one row per reduction: (ws address, out address, S, MJ, R, N, NJ,
-    sc_m, sc_j, sc_r, sc_n, first program). ws holds [S, MJ, R, N] contiguous partials; out[m, j, r, n]
-    (strides sc_*) = sum_{s < S} ws[s, m * NJ + j, r, n] in the order s = 0, 1, ... (the same float
-    operations as split_sum_kernel, so the same bits). PROG [n_programs] int32: the segment of each
-    program. A segment has MJ * cdiv(R * N, BLOCK) programs; grid (n_programs,)."""
-    pid = tl.program_id(0)
-    seg = tl.load(PROG + pid).to(tl.int64)
-    row = TAB + seg * 12
+def _split_sum_segment(row, local, BLOCK: tl.constexpr):
+    """Program ``local`` of one deferred split-K sum (a task of flush.flush_kernel), described by the table
+    row ``row`` (int64: ws address, out address, S, MJ, R, N, NJ, sc_m, sc_j, sc_r, sc_n): ws holds
+    [S, MJ, R, N] contiguous partials; out[m, j, r, n] (strides sc_*) = sum_{s < S} ws[s, m * NJ + j, r, n]
+    in the order s = 0, 1, ... (the float operations of split_sum_kernel, so its bits). A task has
+    MJ * cdiv(R * N, BLOCK) programs."""
     ws = tl.load(row + 0).to(tl.pointer_type(tl.float32))
     out = tl.load(row + 1).to(tl.pointer_type(tl.float32))
     S = tl.load(row + 2)
@@ -214,7 +210,6 @@ def split_sum_many_kernel(TAB, PROG, BLOCK: tl.constexpr):
     R = tl.load(row + 4)
     N = tl.load(row + 5)
     NJ = tl.load(row + 6)
-    local = pid - tl.load(row + 11)
     RN = R * N
     per_slab = (RN + BLOCK - 1) // BLOCK
     pb = local // per_slab
@@ -232,7 +227,9 @@ def split_sum_many_kernel(TAB, PROG, BLOCK: tl.constexpr):
 
 
 class Deferred:
-    """Split-K reductions put off to the end of a pass and done in one launch (split_sum_many_kernel).
+    """Work put off to the end of a pass and done in one launch (flush.flush_kernel): split-K reductions,
+    and tasks of the other kinds flush_kernel knows (``add_task``: the loss mean, the embedding
+    gradients, the optimizer's scalars).
 
     The weight and bias gradients of the backward are outputs only: nothing in the pass reads them,
     so their partial sums can wait. ``gemm(..., defer=d)`` writes its partials into a buffer that ``d``
@@ -247,7 +244,7 @@ class Deferred:
     shapes or precisions do to this object. ``tables_built`` counts descriptor tables made (each a
     host-to-device copy): it stays constant over the passes of one shape."""
 
-    SEG_FIELDS = 12
+    SEG_FIELDS = 13
     BLOCK = 1024
     TABLE_CACHE = 8
 
@@ -278,7 +275,17 @@ class Deferred:
         return buf
 
     def add(self, ws: torch.Tensor, out4: torch.Tensor) -> None:
-        self._pending.append((ws, out4))
+        """A split-K reduction: out4[m, j] = sum_s ws[s, m * J + j] (ws [S, M * J, R, N] contiguous)."""
+        S, MJ, R, N = ws.shape
+        self._pending.append((0, [ws, out4, S, MJ, R, N, out4.shape[1], *out4.stride()],
+                              MJ * triton.cdiv(R * N, self.BLOCK)))
+
+    def add_task(self, kind: int, fields: list, n_programs: int) -> None:
+        """A task of flush_kernel's ``kind`` with up to 11 fields (ints, or tensors for their addresses) on
+        ``n_programs`` programs."""
+        if len(fields) > 11 or n_programs < 1:
+            raise ValueError(f"a flush task has at most 11 fields and >= 1 program, got {len(fields)}, {n_programs}")
+        self._pending.append((kind, list(fields), n_programs))
 
     def held(self) -> tuple:
         """What a replay of the last pass reads besides its inputs and outputs: the split buffers and the
@@ -288,11 +295,9 @@ class Deferred:
     def _table(self, device):
         meta = device.type == "meta"
         rows, prog, first = [], [], 0
-        for seg, (ws, C) in enumerate(self._pending):
-            S, MJ, R, N = ws.shape
-            n = MJ * triton.cdiv(R * N, self.BLOCK)
-            rows.append([0 if meta else ws.data_ptr(), 0 if meta else C.data_ptr(), S, MJ, R, N, C.shape[1],
-                         *C.stride(), first])
+        for seg, (kind, fields, n) in enumerate(self._pending):
+            vals = [(0 if meta else f.data_ptr()) if isinstance(f, torch.Tensor) else int(f) for f in fields]
+            rows.append(vals + [0] * (11 - len(vals)) + [first, kind])
             prog += [seg] * n
             first += n
         key = (str(device),) + tuple(map(tuple, rows))
@@ -314,13 +319,15 @@ class Deferred:
         return hit, first
 
     def flush(self) -> None:
+        from . import flush, optimizer
         self._next = 0
         if not self._pending:
             return
-        device = self._pending[0][0].device
+        device = next(f for _, fields, _ in self._pending for f in fields if isinstance(f, torch.Tensor)).device
         (tab, prog), n = self._table(device)
         self.last_table = (tab, prog)
-        launch(split_sum_many_kernel, (n,), dict(TAB=tab, PROG=prog), dict(BLOCK=self.BLOCK), num_warps=4)
+        launch(flush.flush_kernel, (n,), dict(TAB=tab, PROG=prog),
+               dict(BLOCK=self.BLOCK, SCALARS=optimizer.SCALARS, BLOCK_M=optimizer.BLOCK_M), num_warps=4)
         self._pending = []
 
 

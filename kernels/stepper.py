@@ -153,8 +153,8 @@ class FusedStepper:
     def _run(self, tokens, labels):
         tokens, labels = self._contiguous(tokens, labels)
         _fb().loss_and_grads_flat(self.cfg, self.flat, tokens, labels, grad_out=self.grad, loss_out=self.loss,
-                                  precision=self.tcfg.precision)
-        self.opt.step(self.flat, self.grad)
+                                  precision=self.tcfg.precision, flush_tasks=(self.opt.scalars_task(),))
+        self.opt.step(self.flat, self.grad, scalars=False)     # its scalars ran in the pass's last launch
 
     def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self._use_graph and self._eager_steps >= WARMUP_STEPS and self._graph_ready(tokens, labels):

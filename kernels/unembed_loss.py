@@ -111,7 +111,13 @@ def unembed_ce_kernel(X, WU, BU, LAB, LOSS, CORRECT, DLOG, B, P, D, inv_B,
 @triton.jit
 def mean_reduce_kernel(LOSS, CORRECT, LOSS_OUT, CORRECT_OUT, B, sloss_m, BLOCK: tl.constexpr):
     """LOSS_OUT[m] = sum_b LOSS[m, b] / B, CORRECT_OUT[m] = sum_b CORRECT[m, b]; fixed order; grid (M,)."""
-    m = tl.program_id(0).to(tl.int64)
+    _mean_rows(LOSS, CORRECT, LOSS_OUT, CORRECT_OUT, tl.program_id(0), B, sloss_m, BLOCK)
+
+
+@triton.jit
+def _mean_rows(LOSS, CORRECT, LOSS_OUT, CORRECT_OUT, m, B, sloss_m, BLOCK: tl.constexpr):
+    """Model m's mean loss and correct count (mean_reduce_kernel; also a task of flush.flush_kernel)."""
+    m = m.to(tl.int64)
     offs = tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     cnt = tl.zeros((BLOCK,), dtype=tl.int32)
@@ -198,8 +204,9 @@ def dot_flops(grid, args: dict, cx: dict) -> tuple[int, int]:
     return 2 * BB * BP * BK * triton.cdiv(args["D"], BK) * n_prog, 2 * args["B"] * args["D"] * args["P"] * grid[1]
 
 
-def mean_reduce(loss_ex, correct_ex, loss_out, correct_out):
-    """loss_out [M] = mean over examples of loss_ex [M, B]; correct_out [M] int32 = count of correct_ex."""
+def mean_reduce(loss_ex, correct_ex, loss_out, correct_out, defer=None):
+    """loss_out [M] = mean over examples of loss_ex [M, B]; correct_out [M] int32 = count of correct_ex.
+    With defer (an mlp.Deferred), done in its flush (the same bits) instead of a launch of its own."""
     M, B = loss_ex.shape
     check("loss_ex", loss_ex, torch.float32, shape=(M, B))
     check("correct_ex", correct_ex, torch.int32, shape=(M, B))
@@ -209,6 +216,10 @@ def mean_reduce(loss_ex, correct_ex, loss_out, correct_out):
         raise ValueError("mean_reduce: loss_ex and correct_ex must be contiguous [M, B]")
     if not (loss_out.is_contiguous() and correct_out.is_contiguous()):
         raise ValueError("mean_reduce: loss_out and correct_out must be contiguous")
+    if defer is not None:
+        from .flush import MEAN
+        defer.add_task(MEAN, [loss_ex, correct_ex, loss_out, correct_out, B, loss_ex.stride(0)], M)
+        return
     launch(mean_reduce_kernel, (M,),
            dict(LOSS=loss_ex, CORRECT=correct_ex, LOSS_OUT=loss_out, CORRECT_OUT=correct_out, B=B,
                 sloss_m=loss_ex.stride(0)),

@@ -194,8 +194,8 @@ def fused_launches(wl: Workload, cost: dict | None = None) -> dict:
     except Exception as e:  # no triton here: say so
         return {"unavailable": f"{type(e).__name__}: {e}"}
     from grokfast.kernels import optimizer
-    out = {"forward_backward": counts, "optimizer": optimizer.LAUNCHES,
-           "total": sum(counts.values()) + optimizer.LAUNCHES, "per_launch": per_launch,
+    out = {"forward_backward": counts, "optimizer": optimizer.STEP_LAUNCHES,
+           "total": sum(counts.values()) + optimizer.STEP_LAUNCHES, "per_launch": per_launch,
            "dot_flops": sum(r["dot_flops"] for r in per_launch),
            "useful_dot_flops": sum(r["useful"] for r in per_launch)}
     if cost is not None and cost.get("matmul_flops"):
