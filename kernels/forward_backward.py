@@ -41,7 +41,7 @@ from collections import OrderedDict
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import _common
+from . import _common, mlp
 from ._common import check, record_launches, specialization
 from .embed_attn import attn_backward, attn_forward, embed_backward, embed_table, token_index as _build_index, token_scatter
 from .layernorm import layernorm_backward, layernorm_forward
@@ -200,12 +200,21 @@ def _forward(cfg, lay, flat, tokens, ws: Workspace):
     return ws.xf if LN else x_in        # the unembedding runs fused with the loss (_loss_head)
 
 
-def _loss_head(cfg, lay, flat, xf, labels, loss_ex, correct_ex, dlogits=None):
-    """Per-example loss and correct flags (and dlogits) of logits = xf W_U (+ b_U), in one launch: the
-    logits never reach memory (unembed_loss.unembed_cross_entropy)."""
+def _loss_head(cfg, lay, flat, xf, labels, loss_ex, correct_ex, dlogits=None, dxf=None):
+    """Per-example loss and correct flags (and dlogits, and dxf = dlogits W_U^T) of logits = xf W_U (+ b_U),
+    in one launch: the logits never reach memory (unembed_loss.unembed_cross_entropy)."""
     p = lay.views(flat)
     unembed_cross_entropy(xf, p["unembed.W_U"], p["unembed.b_U"] if cfg.unembed_bias else None, labels,
-                          loss_ex, correct_ex, dlogits)
+                          loss_ex, correct_ex, dlogits, dx=dxf)
+
+
+def _launch(spare: list, *plans):
+    """gemm_launch(*plans), the free slots of its last group filled from ``spare`` (weight-gradient
+    products that nothing in the pass reads, so they may run in any later launch)."""
+    plans = list(plans)
+    while spare and len(plans) % mlp.MAX_GROUP:
+        plans.append(spare.pop(0))
+    gemm_launch(*plans)
 
 
 def _backward(cfg, lay, flat, tokens, index, ws: Workspace, xf, grad_out):
@@ -214,10 +223,9 @@ def _backward(cfg, lay, flat, tokens, index, ws: Workspace, xf, grad_out):
     HD, LN = H * Dh, cfg.layernorm
     p, g = lay.views(flat), lay.views(grad_out)
     d = ws.deferred      # weight gradients are outputs only: their split-K sums wait for the last launch
-    # independent products share a launch (gemm_launch): {dxf, dW_U, db_U}
-    gemm_launch(gemm_plan(ws.dlogits, p["unembed.W_U"].transpose(1, 2), ws.dxf),
-                gemm_plan(xf.transpose(1, 2), ws.dlogits, g["unembed.W_U"], defer=d),
-                *([colsum_plan(ws.dlogits, g["unembed.b_U"], defer=d)] if cfg.unembed_bias else []))
+    # dxf came with the loss (_loss_head); dW_U and db_U ride in later launches' free slots (_launch)
+    spare = [gemm_plan(xf.transpose(1, 2), ws.dlogits, g["unembed.W_U"], defer=d),
+             *([colsum_plan(ws.dlogits, g["unembed.b_U"], defer=d)] if cfg.unembed_bias else [])]
     if LN:
         layernorm_backward(ws.layers[-1].out, p["ln_final.w"], ws.muf, ws.rsf, ws.dxf, ws.dres,
                            g["ln_final.w"], g["ln_final.b"], defer=d)
@@ -236,9 +244,9 @@ def _backward(cfg, lay, flat, tokens, index, ws: Workspace, xf, grad_out):
             layernorm_backward(a.mid, p[n + "ln2.w"], a.mu2, a.rs2, a.dh2, a.dmid, g[n + "ln2.w"], g[n + "ln2.b"],
                                res=dout, defer=d)
         # output projection: {dz, dW_O, db_O} in one launch
-        gemm_launch(gemm_plan(a.dmid, p[n + "attn.W_O"].reshape(M, HD, D).transpose(1, 2), a.dz),
-                    gemm_plan(a.z.transpose(1, 2), a.dmid, g[n + "attn.W_O"].reshape(M, HD, D), defer=d),
-                    *([colsum_plan(a.dmid, g[n + "attn.b_O"], defer=d)] if cfg.attn_bias else []))
+        _launch(spare, gemm_plan(a.dmid, p[n + "attn.W_O"].reshape(M, HD, D).transpose(1, 2), a.dz),
+                gemm_plan(a.z.transpose(1, 2), a.dmid, g[n + "attn.W_O"].reshape(M, HD, D), defer=d),
+                *([colsum_plan(a.dmid, g[n + "attn.b_O"], defer=d)] if cfg.attn_bias else []))
         # attention per example, then into the (position, token) tables for layer 0
         attn_backward(a.qkv, tokens, a.sm, a.dz, a.dmid, a.G, H, Dh, a.TQ, a.table, cfg.attn_alpha)
         # (dq and dres are exactly zero at non-query positions: the scatter skips them)
@@ -250,15 +258,17 @@ def _backward(cfg, lay, flat, tokens, index, ws: Workspace, xf, grad_out):
         # dhn[r, d] = sum_{j, e} dqkv[r, j * Dh + e] W[j, d, e]: contraction over (heads x d_head); one launch
         a_op = dqkv.view(M, R, 3 * H, Dh).unsqueeze(1)
         b_op = W_qkv.permute(0, 1, 3, 2).unsqueeze(1)
-        gemm_launch(gemm_plan(hn.transpose(1, 2).unsqueeze(1).unsqueeze(3).expand(M, 3 * H, D, 1, R),
-                              dqkv.view(M, R, 3 * H, Dh).permute(0, 2, 1, 3).unsqueeze(2), gW_qkv, defer=d),
-                    *([colsum_plan(dqkv, _span(grad_out, lay, n + "attn.b_Q", 3 * HD), defer=d)]
-                      if cfg.attn_bias else []),
-                    gemm_plan(a_op, b_op, a.dhn) if LN else gemm_plan(a_op, b_op, a.dx, res=dres))
+        _launch(spare, gemm_plan(hn.transpose(1, 2).unsqueeze(1).unsqueeze(3).expand(M, 3 * H, D, 1, R),
+                                 dqkv.view(M, R, 3 * H, Dh).permute(0, 2, 1, 3).unsqueeze(2), gW_qkv, defer=d),
+                *([colsum_plan(dqkv, _span(grad_out, lay, n + "attn.b_Q", 3 * HD), defer=d)]
+                  if cfg.attn_bias else []),
+                gemm_plan(a_op, b_op, a.dhn) if LN else gemm_plan(a_op, b_op, a.dx, res=dres))
         if LN:
             layernorm_backward(x_in, p[n + "ln1.w"], a.mu1, a.rs1, a.dhn, a.dx, g[n + "ln1.w"], g[n + "ln1.b"],
                                res=dres, defer=d)
         dout = a.dx
+    if spare:
+        gemm_launch(*spare)
     embed_backward(ws.layers[0].dx, g["embed.W_E"], g["pos_embed.W_pos"], d)
 
 
@@ -366,7 +376,7 @@ def _step(cfg, lay, flat, tokens, index, labels, ws, grad_out, loss_out, flush_t
     d = ws.deferred
     d.start()
     xf = _forward(cfg, lay, flat, tokens, ws)
-    _loss_head(cfg, lay, flat, xf, labels, ws.loss_ex, ws.correct_ex, ws.dlogits)
+    _loss_head(cfg, lay, flat, xf, labels, ws.loss_ex, ws.correct_ex, ws.dlogits, ws.dxf)
     mean_reduce(ws.loss_ex, ws.correct_ex, loss_out, ws.correct, defer=d)
     _backward(cfg, lay, flat, tokens, index, ws, xf, grad_out)
     for task in flush_tasks:

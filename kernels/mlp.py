@@ -400,6 +400,7 @@ class GemmPlan:
 
     def __init__(self, args, cx, n_programs, ws, out4, defer):
         self.args, self.cx, self.n_programs = args, cx, n_programs
+        self.k_steps = args["KO"] * triton.cdiv(min(args["K_SPLIT"], args["KI"]), cx["BLOCK_K"])   # per program
         self._ws, self._out4, self._defer = ws, out4, defer
 
     def finish(self) -> None:
@@ -512,7 +513,8 @@ def gemm_launch(*plans: GemmPlan) -> None:
     from . import gemm_group
     plans = [p for p in plans if p.n_programs > 0]
     for i in range(0, len(plans), MAX_GROUP):
-        group = plans[i:i + MAX_GROUP]
+        # the problems whose programs run longest (most contraction steps) first, so they do not form a tail
+        group = sorted(plans[i:i + MAX_GROUP], key=lambda p: -p.k_steps)
         if len(group) == 1:
             kernel, args, cx = gemm_kernel, dict(group[0].args), dict(group[0].cx)
         else:
