@@ -3,7 +3,8 @@
 The vocabulary is tiny and n_ctx is 2-5, so the first layer works on tables indexed by
 (position t, token v), row t * V + v (V = d_vocab):
 
-    X0[t * V + v] = W_E[v] + W_pos[t]                                 (embed_table)
+    X0[t * V + v] = W_E[v] + W_pos[t]     (formed by its first reader: the QKV product's operand load,
+                                           or LayerNorm 1 with LayerNorm: mlp.gemm_plan / layernorm_forward)
 
 and the first layer's Q, K, V are tables too (LayerNorm and the projections run on T * V rows, not
 on every example). Attention then reads rows by token. A layer in "plain" mode (the second layer)
@@ -51,22 +52,6 @@ from ._common import check, launch, pow2, pow2_floor
 
 
 @triton.jit
-def embed_table_kernel(WE, WPOS, X0, V, D, swe_m, swp_m, sx_m,
-                       T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """X0[m, t * V + v, :] = W_E[m, v, :] + W_pos[m, t, :] for BLOCK_R table rows; grid (cdiv(T * V, BLOCK_R), M)."""
-    m = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    ds = tl.arange(0, BLOCK_D)
-    rmask = rows < T * V
-    mask = rmask[:, None] & (ds < D)[None, :]
-    t = rows // V
-    v = rows % V
-    we = tl.load(WE + m * swe_m + v[:, None] * D + ds[None, :], mask=mask, other=0.0)
-    wp = tl.load(WPOS + m * swp_m + t[:, None] * D + ds[None, :], mask=mask, other=0.0)
-    tl.store(X0 + m * sx_m + rows[:, None] * D + ds[None, :], we + wp, mask=mask)
-
-
-@triton.jit
 def _embed_grad_block(row, local, BLOCK: tl.constexpr):
     """Program ``local`` of the embedding gradient (a task of flush.flush_kernel), from the table row
     (int64: dX0, dW_E, dW_pos addresses, V, D, T, their model strides, M): per model, cdiv(V * D, BLOCK)
@@ -108,23 +93,6 @@ def _param_check(name, t, M, shape):
     inner = t[0] if t.shape[0] > 0 else t
     if t.dim() > 1 and not inner.is_contiguous():
         raise ValueError(f"{name} must be contiguous within each model (a ParamLayout view)")
-
-
-def embed_table(W_E, W_pos, X0):
-    """X0 [M, T * V, D] (contiguous) = W_E[v] + W_pos[t] at row t * V + v. W_E [M, V, D], W_pos [M, T, D]."""
-    M, V, D = W_E.shape
-    T = W_pos.shape[1]
-    _param_check("W_E", W_E, M, (V, D))
-    _param_check("W_pos", W_pos, M, (T, D))
-    check("X0", X0, torch.float32, shape=(M, T * V, D))
-    if not X0.is_contiguous():
-        raise ValueError("X0 must be contiguous")
-    BD = pow2(D, 16)
-    BR = max(1, min(64, 4096 // BD))
-    launch(embed_table_kernel, (triton.cdiv(T * V, BR), M),
-           dict(WE=W_E, WPOS=W_pos, X0=X0, V=V, D=D, swe_m=W_E.stride(0), swp_m=W_pos.stride(0), sx_m=X0.stride(0)),
-           dict(T=T, BLOCK_R=BR, BLOCK_D=BD))
-    return X0
 
 
 def embed_backward(dX0, dW_E, dW_pos, defer):

@@ -43,7 +43,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _common, mlp
 from ._common import check, record_launches, specialization
-from .embed_attn import attn_backward, attn_forward, embed_backward, embed_table, token_index as _build_index, token_scatter
+from .embed_attn import attn_backward, attn_forward, embed_backward, token_index as _build_index, token_scatter
 from .layernorm import layernorm_backward, layernorm_forward
 from .errors import KernelConfigError
 from .layout import ParamLayout
@@ -174,19 +174,21 @@ def _forward(cfg, lay, flat, tokens, ws: Workspace):
     T, D, H, Dh = cfg.n_ctx, cfg.d_model, cfg.n_heads, cfg.d_head
     HD, LN = H * Dh, cfg.layernorm
     p = lay.views(flat)
-    embed_table(p["embed.W_E"], p["pos_embed.W_pos"], ws.X0)
+    embed = (p["embed.W_E"], p["pos_embed.W_pos"])    # X0 = W_E[v] + W_pos[t], formed by layer 0's first reader
     x_in = ws.X0
     for l, a in enumerate(ws.layers):
         n = f"blocks.{l}."
         R = a.R_in
         if LN:
-            layernorm_forward(x_in, p[n + "ln1.w"], p[n + "ln1.b"], a.hn, a.mu1, a.rs1, cfg.ln_eps)
+            layernorm_forward(x_in, p[n + "ln1.w"], p[n + "ln1.b"], a.hn, a.mu1, a.rs1, cfg.ln_eps,
+                              embed=embed if l == 0 else None)
         hn = a.hn if LN else x_in
         W_qkv = _span(flat, lay, n + "attn.W_Q", 3 * H * D * Dh).view(M, 3 * H, D, Dh)
         b_qkv = _span(flat, lay, n + "attn.b_Q", 3 * HD).view(M, 3 * H, Dh) if cfg.attn_bias else None
         # qkv[r, j * Dh + e] = sum_d hn[r, d] W_{Q|K|V}[h, d, e] (+ b), j = which * H + h: one launch
         gemm(hn.unsqueeze(1).unsqueeze(3).expand(M, 3 * H, R, 1, D), W_qkv.unsqueeze(2),
-             a.qkv.view(M, R, 3 * H, Dh).permute(0, 2, 1, 3), bias=b_qkv)
+             a.qkv.view(M, R, 3 * H, Dh).permute(0, 2, 1, 3), bias=b_qkv,
+             embed=embed if l == 0 and not LN else None)
         attn_forward(a.qkv, tokens, x_in, a.z, a.sm, a.xres, H, Dh, a.TQ, a.table, cfg.attn_alpha)
         gemm(a.z, p[n + "attn.W_O"].reshape(M, HD, D), a.mid,
              bias=p[n + "attn.b_O"] if cfg.attn_bias else None, res=a.xres)

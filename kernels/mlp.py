@@ -73,8 +73,9 @@ def _dact(x, ACT: tl.constexpr):
 GEMM_ARGS = ("A", "Bw", "C", "BIAS", "RES", "Z", "WS", "R", "N", "KI", "KO", "NJ", "MJ", "K_SPLIT",
              "sa_m", "sa_j", "sa_r", "sa_ko", "sa_ki", "sb_m", "sb_j", "sb_ko", "sb_ki", "sb_n",
              "sc_m", "sc_j", "sc_r", "sc_n", "sbias_m", "sbias_j", "sbias_n",
-             "sres_m", "sres_j", "sres_r", "sres_n", "sz_m", "sz_j", "sz_r", "sz_n")
-GEMM_CONSTEXPRS = ("HAS_BIAS", "HAS_RES", "ACT", "STORE_PRE", "DACT", "SPLIT", "PRECISION", "A_ONES",
+             "sres_m", "sres_j", "sres_r", "sres_n", "sz_m", "sz_j", "sz_r", "sz_n",
+             "A2", "A_DIV", "sa2_m", "sa2_r", "AOUT", "sao_m", "sao_r")
+GEMM_CONSTEXPRS = ("HAS_BIAS", "HAS_RES", "ACT", "STORE_PRE", "DACT", "SPLIT", "PRECISION", "A_ONES", "A_SUM",
                    "BLOCK_R", "BLOCK_N", "BLOCK_K")
 
 
@@ -89,8 +90,9 @@ def _gemm_program(
     sbias_m, sbias_j, sbias_n,
     sres_m, sres_j, sres_r, sres_n,
     sz_m, sz_j, sz_r, sz_n,
+    A2, A_DIV, sa2_m, sa2_r, AOUT, sao_m, sao_r,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr,
-    DACT: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, A_ONES: tl.constexpr,
+    DACT: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, A_ONES: tl.constexpr, A_SUM: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program ``pid`` of one GEMM problem: pid = (split * MJ + pb) * n_tiles + tile, tile = one
@@ -98,7 +100,10 @@ def _gemm_program(
     ki in [split * K_SPLIT, (split + 1) * K_SPLIT). SPLIT: write the raw partial sum to
     WS[split, pb] ([S, MJ, R, N] contiguous) for a fixed-order reduction (no epilogue); otherwise
     S = 1 and the epilogue of the module docstring. A_ONES: A is a row of ones (R = 1, BLOCK_R = 1; column
-    sums of Bw, the bias gradients): sums instead of a dot on a 16-row tile with one real row."""
+    sums of Bw, the bias gradients): sums instead of a dot on a 16-row tile with one real row. A_SUM (KO = 1,
+    no split): row r of A is A[m, r % A_DIV] + A2[m, r // A_DIV] (the embedding table X0[t * V + v] =
+    W_E[v] + W_pos[t] formed in the operand load), which the programs of batch j = 0 and column tile 0
+    also write to AOUT[m, r] (strides sao_*; every k), for the pass's later readers of X0."""
     n_tiles_n = tl.cdiv(N, BLOCK_N)
     n_tiles = tl.cdiv(R, BLOCK_R) * n_tiles_n
     tile = pid % n_tiles
@@ -114,7 +119,12 @@ def _gemm_program(
     ks = tl.arange(0, BLOCK_K).to(tl.int64)
     rmask = rows < R
     nmask = cols < N
-    a_base = A + m * sa_m + j * sa_j + rows[:, None] * sa_r
+    if A_SUM:
+        a_base = A + m * sa_m + j * sa_j + (rows % A_DIV)[:, None] * sa_r
+        a2_base = A2 + m * sa2_m + (rows // A_DIV)[:, None] * sa2_r
+        keep = (j == 0) & (pid_n == 0)
+    else:
+        a_base = A + m * sa_m + j * sa_j + rows[:, None] * sa_r
     b_base = Bw + m * sb_m + j * sb_j + cols[None, :] * sb_n
     k_lo = split * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, KI)
@@ -130,6 +140,11 @@ def _gemm_program(
             else:
                 a = tl.load(a_base + ko * sa_ko + kk[None, :] * sa_ki, mask=rmask[:, None] & kmask[None, :],
                             other=0.0)
+                if A_SUM:
+                    a += tl.load(a2_base + kk[None, :] * sa_ki, mask=rmask[:, None] & kmask[None, :], other=0.0)
+                    if keep:
+                        tl.store(AOUT + m * sao_m + rows[:, None] * sao_r + kk[None, :], a,
+                                 mask=rmask[:, None] & kmask[None, :])
                 b = tl.load(b_base + ko * sb_ko + kk[:, None] * sb_ki, mask=kmask[:, None] & nmask[None, :],
                             other=0.0)
                 acc += tl.dot(a, b, input_precision=PRECISION)
@@ -163,8 +178,9 @@ def gemm_kernel(
     sbias_m, sbias_j, sbias_n,
     sres_m, sres_j, sres_r, sres_n,
     sz_m, sz_j, sz_r, sz_n,
+    A2, A_DIV, sa2_m, sa2_r, AOUT, sao_m, sao_r,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr,
-    DACT: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, A_ONES: tl.constexpr,
+    DACT: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, A_ONES: tl.constexpr, A_SUM: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One GEMM problem (_gemm_program); grid (n_tiles * MJ * S,)."""
@@ -172,7 +188,8 @@ def gemm_kernel(
         tl.program_id(0), A, Bw, C, BIAS, RES, Z, WS, R, N, KI, KO, NJ, MJ, K_SPLIT,
         sa_m, sa_j, sa_r, sa_ko, sa_ki, sb_m, sb_j, sb_ko, sb_ki, sb_n, sc_m, sc_j, sc_r, sc_n,
         sbias_m, sbias_j, sbias_n, sres_m, sres_j, sres_r, sres_n, sz_m, sz_j, sz_r, sz_n,
-        HAS_BIAS, HAS_RES, ACT, STORE_PRE, DACT, SPLIT, PRECISION, A_ONES, BLOCK_R, BLOCK_N, BLOCK_K)
+        A2, A_DIV, sa2_m, sa2_r, AOUT, sao_m, sao_r,
+        HAS_BIAS, HAS_RES, ACT, STORE_PRE, DACT, SPLIT, PRECISION, A_ONES, A_SUM, BLOCK_R, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -413,10 +430,13 @@ class GemmPlan:
 
 
 def gemm_plan(a, b, out, bias=None, res=None, act=None, pre_out=None, dact=None, z=None, precision=None,
-              defer: Deferred | None = None, ones: bool = False) -> GemmPlan:
+              defer: Deferred | None = None, ones: bool = False, embed=None) -> GemmPlan:
     """The arguments of ``gemm`` checked and turned into a GemmPlan (nothing is launched): run it with
     ``gemm_launch(plan, ...)``, alone or grouped with independent problems. ones: a is a [M, 1, K] row of
-    ones (colsum_plan): the program sums b's columns instead of multiplying (A_ONES)."""
+    ones (colsum_plan): the program sums b's columns instead of multiplying (A_ONES). embed: (W_E [M, V, K],
+    W_pos [M, T, K]) when a is [M, J, T * V, 1, K] views of the embedding table X0 (any J, stride 0 across
+    J, unit stride along K): the operand load forms X0[t * V + v] = W_E[v] + W_pos[t] and writes it into
+    a's storage (A_SUM), so X0 needs no launch of its own."""
     A, Bw = _as5(a, "a"), None
     if b.dim() == 3:
         Bw = b.unsqueeze(1).unsqueeze(2)
@@ -454,9 +474,16 @@ def gemm_plan(a, b, out, bias=None, res=None, act=None, pre_out=None, dact=None,
         if R != 1 or KO != 1:
             raise ValueError("gemm: ones=True needs a [M, 1, K] row of ones")
         BR = 1
+    if embed is not None:
+        W_E, W_pos = embed
+        V, T = W_E.shape[1], W_pos.shape[1]
+        if (KO != 1 or R != T * V or tuple(W_E.shape) != (M, V, KI) or tuple(W_pos.shape) != (M, T, KI)
+                or A.stride(4) != 1 or W_E.stride(2) != 1 or W_pos.stride(2) != 1 or A.stride(1) != 0):
+            raise ValueError("gemm: embed needs a [M, J, T * V, 1, K] view of X0 (stride 0 across J, unit along K) "
+                             "and W_E [M, V, K], W_pos [M, T, K] unit-stride along K")
     tiles = triton.cdiv(R, BR) * triton.cdiv(N, BN)
     epilogue = Bi is not None or Rs is not None or act is not None or dact is not None
-    S = 1 if epilogue else _n_splits(tiles * M * J, KI, KO)
+    S = 1 if epilogue or embed is not None else _n_splits(tiles * M * J, KI, KO)
     k_split = triton.cdiv(triton.cdiv(KI, S), BK) * BK
     S = triton.cdiv(KI, k_split)
     if S == 1:
@@ -476,9 +503,13 @@ def gemm_plan(a, b, out, bias=None, res=None, act=None, pre_out=None, dact=None,
                 sc_m=C.stride(0), sc_j=C.stride(1), sc_r=C.stride(2), sc_n=C.stride(3),
                 sbias_m=sb[0], sbias_j=sb[1], sbias_n=sb[2],
                 sres_m=sr[0], sres_j=sr[1], sres_r=sr[2], sres_n=sr[3],
-                sz_m=sz[0], sz_j=sz[1], sz_r=sz[2], sz_n=sz[3])
+                sz_m=sz[0], sz_j=sz[1], sz_r=sz[2], sz_n=sz[3],
+                A2=dummy, A_DIV=1, sa2_m=0, sa2_r=0, AOUT=dummy, sao_m=0, sao_r=0)
+    if embed is not None:
+        args.update(A=W_E, sa_m=W_E.stride(0), sa_j=0, sa_r=W_E.stride(1), A2=W_pos, A_DIV=V,
+                    sa2_m=W_pos.stride(0), sa2_r=W_pos.stride(1), AOUT=A, sao_m=A.stride(0), sao_r=A.stride(2))
     cx = dict(HAS_BIAS=Bi is not None, HAS_RES=Rs is not None, ACT=ACTS[act], STORE_PRE=act is not None,
-              DACT=ACTS[dact], SPLIT=S > 1, PRECISION=prec, A_ONES=bool(ones),
+              DACT=ACTS[dact], SPLIT=S > 1, PRECISION=prec, A_ONES=bool(ones), A_SUM=embed is not None,
               BLOCK_R=BR, BLOCK_N=BN, BLOCK_K=BK)
     return GemmPlan(args, cx, tiles * M * J * S, ws, C, defer)
 
@@ -534,7 +565,7 @@ def gemm_launch(*plans: GemmPlan) -> None:
 
 
 def gemm(a, b, out, bias=None, res=None, act=None, pre_out=None, dact=None, z=None, precision=None,
-         defer: Deferred | None = None):
+         defer: Deferred | None = None, embed=None):
     """out = act(a @ b + bias (* act'(z)) + res), batched over models (and an optional axis J).
 
     a [M, R, K] or [M, J, R, KO, KI]; b [M, K, N] or [M, J, KO, KI, N]; out [M, R, N] or
@@ -542,10 +573,10 @@ def gemm(a, b, out, bias=None, res=None, act=None, pre_out=None, dact=None, z=No
     transposes, expand). act in (None, "relu", "gelu") with pre_out receiving a @ b + bias;
     dact in (None, "relu", "gelu") multiplies by act'(z) (backward through the activation).
     float32 only. Returns out. defer: a Deferred that receives the split-K partials (when the
-    contraction is split) so that out is complete only after ``defer.flush()``.
+    contraction is split) so that out is complete only after ``defer.flush()``. embed: see gemm_plan.
     """
     gemm_launch(gemm_plan(a, b, out, bias=bias, res=res, act=act, pre_out=pre_out, dact=dact, z=z,
-                          precision=precision, defer=defer))
+                          precision=precision, defer=defer, embed=embed))
     return out
 
 
