@@ -274,7 +274,7 @@ def test_group_kernels_file_is_generated_from_mlp():
 # weight-gradient partials and the unembedding fused with the loss brought nanda from 31 to 18; the
 # segmented token scatter (no split launch) and the flush carrying the loss mean and the embedding
 # gradients, the unembedding's input gradient formed with the loss, and X0 formed by its first reader, to 13.
-MAX_LAUNCHES = {"nanda": 13, "pizza": 13, "power": 37}
+MAX_LAUNCHES = {"nanda": 13, "pizza": 13, "power": 38}
 
 
 @pytest.mark.parametrize("name", sorted(MAX_LAUNCHES))
