@@ -18,7 +18,8 @@ reads per-example rows b * T + t instead. For query position tq of example b and
 The output projection z W_O + b_O and the residual are a GEMM (kernels.mlp.gemm); the forward kernel
 also copies the residual stream x[row(b, tq)] into the block's residual buffer.
 
-Backward (attn_backward), with dz = dL/dz and the saved sm:
+Backward (attn_backward), with dz = dL/dz = dmid W_O^T (formed in the kernel from dmid = dL/d(block
+residual after attention), d_model at a time; it never reaches memory) and the saved sm:
     dp_t = dz . v_t,  dscore_t = alpha * sm_t * (dp_t - sum_s sm_s dp_s),
     dq = sum_t dscore_t k_t / sqrt(d_head),  dk_t += dscore_t q / sqrt(d_head),  dv_t += pattern_t dz
 written per example and position into G[b * T + t] = [dq | dk | dv | dres] (columns
@@ -179,14 +180,16 @@ def attn_fwd_kernel(QKV, TOK, XIN, Z, SM, XRES,
 
 
 @triton.jit
-def attn_bwd_kernel(QKV, TOK, SM, DZ, DMID, G,
+def attn_bwd_kernel(QKV, TOK, SM, WO, DMID, G,
                     B, V, D, NH, scale, alpha,
-                    sqkv_m, sqkv_r, stok_m, ssm_m, sdz_m, sdm_m, sg_m, sg_r,
+                    sqkv_m, sqkv_r, stok_m, ssm_m, swo_m, sdm_m, sg_m, sg_r,
                     T: tl.constexpr, TQ: tl.constexpr, TABLE: tl.constexpr, DH: tl.constexpr,
                     BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_D: tl.constexpr):
     """Per-example attention backward of head h for BLOCK_B examples, all TQ query positions;
     grid (cdiv(B, BLOCK_B), M * NH). Writes G[m, b * T + t] blocks dq, dk, dv of head h for every t
-    (dq = 0 where t holds no query) and (head 0) the residual block: DMID[b * TQ + qi] at t = tq, else 0."""
+    (dq = 0 where t holds no query) and (head 0) the residual block: DMID[b * TQ + qi] at t = tq, else 0.
+    dz[b, qi, h] = DMID[b * TQ + qi] W_O[h]^T (WO [M, NH, DH, D], contiguous per model), 16 columns of
+    d_model at a time (products summed in a fixed order)."""
     pid_b = tl.program_id(0)
     pmh = tl.program_id(1)
     m = (pmh // NH).to(tl.int64)
@@ -220,7 +223,14 @@ def attn_bwd_kernel(QKV, TOK, SM, DZ, DMID, G,
         sm = tl.load(SM + m * ssm_m + (out_row * NH + h)[:, None] * T + ts[None, :],
                      mask=bmask[:, None] & allowed, other=0.0)
         pattern = alpha * sm + (1.0 - alpha) * tl.where(allowed, 1.0, 0.0)
-        dz = tl.load(DZ + m * sdz_m + out_row[:, None] * HD + h * DH + es[None, :], mask=bt_mask, other=0.0)
+        dz = tl.zeros((BLOCK_B, BLOCK_DH), dtype=tl.float32)
+        for d0 in range(0, D, 16):
+            dd = d0 + tl.arange(0, 16)
+            dm = tl.load(DMID + m * sdm_m + out_row[:, None] * D + dd[None, :],
+                         mask=bmask[:, None] & (dd < D)[None, :], other=0.0)                   # [BB, 16]
+            wo = tl.load(WO + m * swo_m + (h * DH + es)[:, None] * D + dd[None, :],
+                         mask=emask[:, None] & (dd < D)[None, :], other=0.0)                   # [BDH, 16]
+            dz += tl.sum(dm[:, None, :] * wo[None, :, :], axis=2)
         dp = tl.sum(dz[:, None, :] * v, axis=2)                                     # [BB, BT]
         dscore = alpha * sm * (dp - tl.sum(sm * dp, axis=1)[:, None])
         dq = tl.sum(dscore[:, :, None] * k, axis=1) * scale
@@ -292,10 +302,11 @@ def attn_forward(qkv, tokens, x_in, z, sm, x_res, n_heads, d_head, n_query, tabl
            dict(T=T, TQ=TQ, TABLE=bool(table), DH=Dh, BLOCK_B=BB, BLOCK_T=BT, BLOCK_DH=BDH, BLOCK_D=BD))
 
 
-def attn_backward(qkv, tokens, sm, dz, dmid, G, n_heads, d_head, n_query, table, alpha):
+def attn_backward(qkv, tokens, sm, W_O, dmid, G, n_heads, d_head, n_query, table, alpha):
     """Per-example attention backward into G [M, B * T, 3 * H * Dh + D] (row b * T + t; blocks
-    dq | dk | dv | dres, every entry written). dz [M, B * n_query, H * Dh] = dL/dz; dmid
-    [M, B * n_query, D] = dL/d(block residual after attention), copied into dres at query rows."""
+    dq | dk | dv | dres, every entry written). dmid [M, B * n_query, D] = dL/d(block residual after
+    attention), copied into dres at query rows; dL/dz = dmid W_O^T is formed on chip (W_O [M, H, Dh, D],
+    contiguous per model)."""
     M, R_in, _ = qkv.shape
     H, Dh = n_heads, d_head
     _, B, T = tokens.shape
@@ -304,18 +315,20 @@ def attn_backward(qkv, tokens, sm, dz, dmid, G, n_heads, d_head, n_query, table,
     check("qkv", qkv, torch.float32, shape=(M, R_in, 3 * H * Dh))
     _tokens_check(tokens, M, B, T, qkv.device)
     check("sm", sm, torch.float32, shape=(M, B * TQ * H * T))
-    check("dz", dz, torch.float32, shape=(M, B * TQ, H * Dh))
+    check("W_O", W_O, torch.float32, shape=(M, H, Dh, D))
+    if not W_O[0].is_contiguous():
+        raise ValueError("attn_backward: W_O must be contiguous within each model (a ParamLayout view)")
     check("dmid", dmid, torch.float32, shape=(M, B * TQ, D))
     check("G", G, torch.float32, shape=(M, B * T, 3 * H * Dh + D))
-    if not all(t.is_contiguous() for t in (qkv, sm, dz, dmid, G)):
-        raise ValueError("attn_backward: qkv, sm, dz, dmid, G must be contiguous")
+    if not all(t.is_contiguous() for t in (qkv, sm, dmid, G)):
+        raise ValueError("attn_backward: qkv, sm, dmid, G must be contiguous")
     # five live [BB, BT, BDH] tiles, and the query loop unrolled n_query times: no spills on sm_80/sm_90
     BB, BT, BDH, BD = _attn_blocks(T, Dh, D, 1024 if TQ == 1 else 512)
     launch(attn_bwd_kernel, (triton.cdiv(B, BB), M * H),
-           dict(QKV=qkv, TOK=tokens, SM=sm, DZ=dz, DMID=dmid, G=G, B=B, V=R_in // T, D=D, NH=H,
+           dict(QKV=qkv, TOK=tokens, SM=sm, WO=W_O, DMID=dmid, G=G, B=B, V=R_in // T, D=D, NH=H,
                 scale=1.0 / math.sqrt(Dh), alpha=float(alpha),
                 sqkv_m=qkv.stride(0), sqkv_r=qkv.stride(1), stok_m=tokens.stride(0) if tokens.shape[0] > 1 else 0,
-                ssm_m=sm.stride(0), sdz_m=dz.stride(0), sdm_m=dmid.stride(0), sg_m=G.stride(0), sg_r=G.stride(1)),
+                ssm_m=sm.stride(0), swo_m=W_O.stride(0), sdm_m=dmid.stride(0), sg_m=G.stride(0), sg_r=G.stride(1)),
            dict(T=T, TQ=TQ, TABLE=bool(table), DH=Dh, BLOCK_B=BB, BLOCK_T=BT, BLOCK_DH=BDH, BLOCK_D=BD))
 
 

@@ -16,13 +16,17 @@ How the work is laid out (DESIGN.md, "The fused training step"), T = n_ctx, V = 
             (accurate on confident data) from logits that never reach memory
   backward  mirrors it: GEMMs for every weight gradient (a fixed-order sum over examples), the
             attention backward per example into G = [dq | dk | dv | dresid] rows, G summed into the
-            (position, token) tables by a one-hot GEMM for layer 0, then the table gradients flow to
-            W_Q, W_K, W_V (table-sized products), LN1, and dW_E, dW_pos.
-Launches: independent products share one launch (mlp.gemm_launch: {dX, dW, db} of each linear map),
-the split-K sums of every weight gradient wait for one launch at the end (mlp.Deferred), and the
-unembedding is fused with the loss (unembed_loss.unembed_cross_entropy), so a
-step's forward + backward is 18 launches for the nanda and pizza presets and 42 for power (the
-optimizer adds two; tests/test_kernels_model.py::test_launches_per_step keeps these as ceilings).
+            (position, token) tables for layer 0 by a segmented sum over the examples sorted by token
+            (token_index: built once per tokens tensor), then the table gradients flow to W_Q, W_K, W_V
+            (table-sized products), LN1, and dW_E, dW_pos.
+Launches: independent products share one launch (mlp.gemm_launch: {dX, dW, db} of each linear map, and
+weight gradients that nothing reads in later launches' free slots), everything nothing in the pass reads
+waits for its last launch (flush.flush_kernel via mlp.Deferred: split-K sums, loss mean, embedding
+gradients, the optimizer's scalars), X0 is formed by its first reader, the unembedding is fused with the
+loss and dxf (unembed_loss.unembed_cross_entropy), and dz with the attention backward, so a step's
+forward + backward is 12 launches for the nanda and pizza presets and 36 for power (the optimizer adds
+optimizer.STEP_LAUNCHES = 1; tests/test_kernels_model.py::test_launches_per_step keeps these as ceilings;
+executed_flops counts each launch's dot work).
 One departure from DESIGN.md's sketch: there is no value-output table VO = x0 W_V W_O; attention
 sums V rows (d_head wide) and z W_O is one GEMM over the examples, because the backward would
 otherwise scatter n_heads x d_model wide gradients into the VO table (n_heads times more work).
@@ -109,7 +113,7 @@ class Workspace:
             a.z, a.sm, a.xres, a.mid = e(M, Ro, HD), e(M, Ro * H * T), e(M, Ro, D), e(M, Ro, D)
             a.pre, a.post, a.out = e(M, Ro, F), e(M, Ro, F), e(M, Ro, D)
             if grads:
-                a.dpre, a.dmid, a.dz = e(M, Ro, F), e(M, Ro, D), e(M, Ro, HD)
+                a.dpre, a.dmid = e(M, Ro, F), e(M, Ro, D)
                 a.dh2 = e(M, Ro, D) if LN else None
                 a.G = e(M, B * T, 3 * HD + D)
                 a.Gtab = e(M, T * V, 3 * HD + D) if a.table else None
@@ -134,7 +138,7 @@ class Workspace:
             TQ = 1 if l == cfg.n_layers - 1 else T
             n += TQ * (2 * F + HD + cfg.n_heads * T + 5 * D) + (0 if l == 0 else T * (3 * HD + 2 * D))
             if grads:
-                n += TQ * (F + 3 * D + HD) + T * (3 * HD + D) + (0 if l == 0 else 2 * T * D)
+                n += TQ * (F + 3 * D) + T * (3 * HD + D) + (0 if l == 0 else 2 * T * D)
         return n + 3 * P + 4 * D + 4
 
 
@@ -245,12 +249,11 @@ def _backward(cfg, lay, flat, tokens, index, ws: Workspace, xf, grad_out):
         if LN:
             layernorm_backward(a.mid, p[n + "ln2.w"], a.mu2, a.rs2, a.dh2, a.dmid, g[n + "ln2.w"], g[n + "ln2.b"],
                                res=dout, defer=d)
-        # output projection: {dz, dW_O, db_O} in one launch
-        _launch(spare, gemm_plan(a.dmid, p[n + "attn.W_O"].reshape(M, HD, D).transpose(1, 2), a.dz),
-                gemm_plan(a.z.transpose(1, 2), a.dmid, g[n + "attn.W_O"].reshape(M, HD, D), defer=d),
-                *([colsum_plan(a.dmid, g[n + "attn.b_O"], defer=d)] if cfg.attn_bias else []))
+        # output projection: dz = dmid W_O^T is formed inside the attention backward; dW_O, db_O ride later
+        spare += [gemm_plan(a.z.transpose(1, 2), a.dmid, g[n + "attn.W_O"].reshape(M, HD, D), defer=d),
+                  *([colsum_plan(a.dmid, g[n + "attn.b_O"], defer=d)] if cfg.attn_bias else [])]
         # attention per example, then into the (position, token) tables for layer 0
-        attn_backward(a.qkv, tokens, a.sm, a.dz, a.dmid, a.G, H, Dh, a.TQ, a.table, cfg.attn_alpha)
+        attn_backward(a.qkv, tokens, a.sm, p[n + "attn.W_O"], a.dmid, a.G, H, Dh, a.TQ, a.table, cfg.attn_alpha)
         # (dq and dres are exactly zero at non-query positions: the scatter skips them)
         src = token_scatter(a.G, index, a.Gtab, zero=(T - a.TQ, HD, 3 * HD)) if a.table else a.G   # [M, R, 3 HD + D]
         dqkv, dres = src[:, :, :3 * HD], src[:, :, 3 * HD:]
@@ -479,9 +482,10 @@ def executed_flops(cfg, M: int, B: int) -> list[dict]:
     """The tl.dot work of one training step's forward + backward at M models and B examples, per launch
     in launch order, counted from the recorded launches (no GPU): [{"kernel", "problems" (GEMM problems
     in the launch), "dot_flops" (executed: every program's padded tiles, 2 per multiply-add), "useful"
-    (the products' own 2 R N K)}]. Kernels without tl.dot (attention, LayerNorm, the scatter, the
-    reductions) count 0; the optimizer has none."""
-    from . import gemm_group, mlp, unembed_loss
+    (the products' own 2 R N K), "core_flops" (products done as elementwise multiply-adds instead: the
+    attention backward's dz = dmid W_O^T, padding included)}]. Kernels without tl.dot (attention,
+    LayerNorm, the scatter, the reductions) count 0 dot FLOPs; the optimizer has none."""
+    from . import embed_attn, gemm_group, mlp, unembed_loss
     grouped = {mlp.gemm_kernel: [""], **{k: [str(g) for g in range(n)] for n, k in gemm_group.KERNELS.items()}}
     rows = []
     for kernel, grid, args, cx, _ in _recorded_step(cfg, M, B):
@@ -491,8 +495,12 @@ def executed_flops(cfg, M: int, B: int) -> list[dict]:
             parts = [unembed_loss.dot_flops(grid, args, cx)]
         else:
             parts = []
+        core = 0
+        if kernel is embed_attn.attn_bwd_kernel:     # dz[b, qi, h] = dmid[b * TQ + qi] W_O[h]^T, 16 columns a step
+            core = (2 * grid[0] * grid[1] * cx["TQ"] * cx["BLOCK_B"] * cx["BLOCK_DH"] * 16
+                    * -(-args["D"] // 16))
         rows.append({"kernel": kernel.__name__, "problems": len(parts), "dot_flops": sum(p[0] for p in parts),
-                     "useful": sum(p[1] for p in parts)})
+                     "useful": sum(p[1] for p in parts), "core_flops": core})
     return rows
 
 

@@ -19,7 +19,7 @@ grouped launches ({dpre = (dout W_out^T) * act'(pre), dW_out = post^T dout, db_o
 {dW_in = h^T dpre, db_in, dh = dpre W_in^T}).
 
 Grouped launches: problems that do not depend on one another (the backward's dX = dY W^T and
-dW = X^T dY, and the bias sums, all read dY) run in one launch of gemm{2,3}_kernel (gemm_group.py,
+dW = X^T dY, and the bias sums, all read dY) run in one launch of gemm{2,3,4}_kernel (gemm_group.py,
 generated from GEMM_ARGS): ``gemm_plan`` checks one problem, ``gemm_launch(*plans)`` runs up to
 MAX_GROUP of them per launch, problem g on its own range of programs with its own constexprs (so each
 keeps the code it would have alone: the same bits).
@@ -530,11 +530,11 @@ def dot_flops(args: dict, cx: dict, suffix: str = "") -> tuple[int, int]:
     return 2 * BR * BN * BK * tiles * MJ * KO * k_steps, 2 * R * N * KI * KO * MJ
 
 
-# Problems per grouped launch (gemm_group.py has a kernel for each count up to 3). GROKFAST_GEMM_GROUP=1
+# Problems per grouped launch (gemm_group.py has a kernel for each count up to 4). GROKFAST_GEMM_GROUP=1
 # launches every problem alone (for benchmarking the grouping: grouped kernels hold more registers).
-MAX_GROUP = int(os.environ.get("GROKFAST_GEMM_GROUP", "3"))
-if MAX_GROUP not in (1, 2, 3):
-    raise ValueError(f"GROKFAST_GEMM_GROUP must be 1, 2 or 3, got {MAX_GROUP}")
+MAX_GROUP = int(os.environ.get("GROKFAST_GEMM_GROUP", "4"))
+if MAX_GROUP not in (1, 2, 3, 4):
+    raise ValueError(f"GROKFAST_GEMM_GROUP must be 1 to 4, got {MAX_GROUP}")
 
 
 def gemm_launch(*plans: GemmPlan) -> None:
@@ -580,7 +580,7 @@ def gemm(a, b, out, bias=None, res=None, act=None, pre_out=None, dact=None, z=No
     return out
 
 
-def group_kernels_source(max_group: int = 3) -> str:
+def group_kernels_source(max_group: int = 4) -> str:
     """The text of kernels/gemm_group.py: for n = 2..max_group, gemm{n}_kernel runs n GEMM problems
     in one launch (the arguments of each suffixed with its index; NP0 < NP1 < ... the first program
     of each next problem). Generated because a Triton kernel's parameters must be spelled out;

@@ -179,8 +179,9 @@ def measure_ceilings(device, quick: bool) -> dict:
 def fused_launches(wl: Workload, cost: dict | None = None) -> dict:
     """The fused step's kernel launches for the workload, counted on meta tensors (no GPU needed):
     {"forward_backward": {kernel: n}, "optimizer": n, "total": n, "per_launch": [{"kernel", "problems",
-    "dot_flops", "useful"}] (forward_backward.executed_flops: the tl.dot FLOPs each launch executes,
-    padding to its tiles included, and the products' own), "dot_flops", "useful_dot_flops" (their sums)}
+    "dot_flops", "useful", "core_flops"}] (forward_backward.executed_flops: the tl.dot FLOPs each launch
+    executes, padding to its tiles included, the products' own, and products done as elementwise
+    multiply-adds), "dot_flops", "useful_dot_flops", "core_product_flops" (their sums)}
     and, given the step's ``cost`` (step_cost), "dot_flops_over_floor" = dot_flops / cost["matmul_flops"];
     or {"unavailable": reason}."""
     try:
@@ -197,7 +198,8 @@ def fused_launches(wl: Workload, cost: dict | None = None) -> dict:
     out = {"forward_backward": counts, "optimizer": optimizer.STEP_LAUNCHES,
            "total": sum(counts.values()) + optimizer.STEP_LAUNCHES, "per_launch": per_launch,
            "dot_flops": sum(r["dot_flops"] for r in per_launch),
-           "useful_dot_flops": sum(r["useful"] for r in per_launch)}
+           "useful_dot_flops": sum(r["useful"] for r in per_launch),
+           "core_product_flops": sum(r["core_flops"] for r in per_launch)}
     if cost is not None and cost.get("matmul_flops"):
         out["dot_flops_over_floor"] = out["dot_flops"] / cost["matmul_flops"]
     return out
