@@ -557,9 +557,13 @@ def gemm_launch(*plans: GemmPlan) -> None:
             for g, p in enumerate(group[:-1]):
                 first += p.n_programs
                 args[f"NP{g}"] = first
-        # 32 x 64 x 16 tiles, 8 warps: <= 128 registers and no spills on sm_80 and sm_90 with every
-        # epilogue (4 warps, or 64 x 64 tiles, spill a little)
-        launch(kernel, (sum(p.n_programs for p in group),), args, cx, num_warps=8)
+        # 32 x 64 x 16 tiles. Warps: whatever compiles with no spill on sm_80 and sm_90 at the presets'
+        # shapes (python -m grokfast.aot): 8 for one problem or a group with an activation epilogue (at 4
+        # warps the GELU backward's group spilled 4 bytes); 4 for the other groups (at 8 warps they spilled
+        # 16-20 bytes: ptxas held them to 80-88 registers)
+        act = any(p.cx["ACT"] or p.cx["DACT"] for p in group)
+        warps = 8 if len(group) == 1 or act else 4
+        launch(kernel, (sum(p.n_programs for p in group),), args, cx, num_warps=warps)
         for p in group:
             p.finish()
 
