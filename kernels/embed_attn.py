@@ -15,8 +15,8 @@ reads per-example rows b * T + t instead. For query position tq of example b and
     pattern_t = alpha * sm_t + (1 - alpha) * [t <= tq]         (the attention rate of Zhong et al.)
     z[b, tq, h] = sum_t pattern_t v_t
 
-The output projection z W_O + b_O and the residual are a GEMM (kernels.mlp.gemm); the forward kernel
-also copies the residual stream x[row(b, tq)] into the block's residual buffer.
+The forward kernel goes on to the output projection and the residual in the same launch:
+out = z W_O + b_O + x[row(b, tq)] (one tl.dot per head; z and sm are kept for the backward).
 
 Backward (attn_backward), with dz = dL/dz = dmid W_O^T (formed in the kernel from dmid = dL/d(block
 residual after attention), d_model at a time; it never reaches memory) and the saved sm:
@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import check, launch, pow2, pow2_floor
 
 
@@ -130,53 +131,67 @@ def _rows_of(TOK, tok_base, bs, ts, bmask, tmask, V, T: tl.constexpr, TABLE: tl.
 
 
 @triton.jit
-def attn_fwd_kernel(QKV, TOK, XIN, Z, SM, XRES,
+def attn_fwd_kernel(QKV, TOK, XIN, WO, BO, Z, SM, OUT,
                     B, V, D, NH, scale, alpha,
-                    sqkv_m, sqkv_r, stok_m, sx_m, sx_r, sz_m, ssm_m, sxr_m,
+                    sqkv_m, sqkv_r, stok_m, sx_m, sx_r, swo_m, sbo_m, sz_m, ssm_m, so_m,
                     T: tl.constexpr, TQ: tl.constexpr, TABLE: tl.constexpr, DH: tl.constexpr,
-                    BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Attention of query position tq = T - TQ + pid(1), head h, for BLOCK_B examples; grid
-    (cdiv(B, BLOCK_B), TQ, M * NH). Writes Z[m, b * TQ + qi, h * DH:(h+1) * DH], SM[m, b * TQ + qi, h, :T]
-    and (head 0) XRES[m, b * TQ + qi, :] = XIN[row(b, tq)]."""
-    pid_b = tl.program_id(0)
+                    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Attention of query position tq = T - TQ + pid(1) for BLOCK_B examples, every head, and the output
+    projection with the residual: OUT[m, b * TQ + qi, n] = sum_h z[b, qi, h] W_O[h][:, n] (+ b_O[n]) +
+    XIN[row(b, tq), n] for BLOCK_N columns n (z W_O as one tl.dot per head, heads in order). Grid
+    (cdiv(B, BLOCK_B) * cdiv(D, BLOCK_N), TQ, M). The programs of column tile 0 also write
+    Z[m, b * TQ + qi, h * DH:(h+1) * DH] and SM[m, b * TQ + qi, h, :T] for the backward."""
+    nt = tl.cdiv(D, BLOCK_N)
+    pid_b = tl.program_id(0) // nt
+    pid_n = tl.program_id(0) % nt
     qi = tl.program_id(1)
-    pmh = tl.program_id(2)
-    m = (pmh // NH).to(tl.int64)
-    h = pmh % NH
+    m = tl.program_id(2).to(tl.int64)
     tq = T - TQ + qi
     bs = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     ts = tl.arange(0, BLOCK_T)
     es = tl.arange(0, BLOCK_DH)
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     bmask = bs < B
     tmask = ts < T
     emask = es < DH
+    nmask = ns < D
     rows, ok = _rows_of(TOK, m * stok_m, bs, ts, bmask, tmask, V, T, TABLE)       # [BB, BT]
     is_q = (ts == tq)[None, :]
     row_q = tl.sum(tl.where(is_q, rows, 0), axis=1)                                # [BB]
     ok_q = tl.sum(tl.where(is_q & ok, 1, 0), axis=1) > 0
     base = QKV + m * sqkv_m
     HD = NH * DH
-    q = tl.load(base + row_q[:, None] * sqkv_r + h * DH + es[None, :], mask=ok_q[:, None] & emask[None, :], other=0.0)
     kv_off = rows[:, :, None] * sqkv_r + es[None, None, :]
     kv_mask = ok[:, :, None] & emask[None, None, :]
-    k = tl.load(base + kv_off + HD + h * DH, mask=kv_mask, other=0.0)               # [BB, BT, BDH]
     allowed = (ts <= tq)[None, :]
-    s = tl.sum(q[:, None, :] * k, axis=2) * scale
-    s = tl.where(allowed, s, float("-inf"))
-    e = tl.exp(s - tl.max(s, axis=1)[:, None])
-    e = tl.where(allowed, e, 0.0)
-    sm = e / tl.sum(e, axis=1)[:, None]
-    pattern = alpha * sm + (1.0 - alpha) * tl.where(allowed, 1.0, 0.0)
-    v = tl.load(base + kv_off + 2 * HD + h * DH, mask=kv_mask, other=0.0)
-    z = tl.sum(pattern[:, :, None] * v, axis=1)                                     # [BB, BDH]
     out_row = bs * TQ + qi
-    tl.store(Z + m * sz_m + out_row[:, None] * HD + h * DH + es[None, :], z, mask=bmask[:, None] & emask[None, :])
-    tl.store(SM + m * ssm_m + (out_row * NH + h)[:, None] * T + ts[None, :], sm, mask=bmask[:, None] & tmask[None, :])
-    if h == 0:
-        ds = tl.arange(0, BLOCK_D)
-        dmask = ds < D
-        x = tl.load(XIN + m * sx_m + row_q[:, None] * sx_r + ds[None, :], mask=ok_q[:, None] & dmask[None, :], other=0.0)
-        tl.store(XRES + m * sxr_m + out_row[:, None] * D + ds[None, :], x, mask=bmask[:, None] & dmask[None, :])
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    for h in range(0, NH):
+        q = tl.load(base + row_q[:, None] * sqkv_r + h * DH + es[None, :], mask=ok_q[:, None] & emask[None, :],
+                    other=0.0)
+        k = tl.load(base + kv_off + HD + h * DH, mask=kv_mask, other=0.0)           # [BB, BT, BDH]
+        s = tl.sum(q[:, None, :] * k, axis=2) * scale
+        s = tl.where(allowed, s, float("-inf"))
+        e = tl.exp(s - tl.max(s, axis=1)[:, None])
+        e = tl.where(allowed, e, 0.0)
+        sm = e / tl.sum(e, axis=1)[:, None]
+        pattern = alpha * sm + (1.0 - alpha) * tl.where(allowed, 1.0, 0.0)
+        v = tl.load(base + kv_off + 2 * HD + h * DH, mask=kv_mask, other=0.0)
+        z = tl.sum(pattern[:, :, None] * v, axis=1)                                 # [BB, BDH]
+        if pid_n == 0:
+            tl.store(Z + m * sz_m + out_row[:, None] * HD + h * DH + es[None, :], z,
+                     mask=bmask[:, None] & emask[None, :])
+            tl.store(SM + m * ssm_m + (out_row * NH + h)[:, None] * T + ts[None, :], sm,
+                     mask=bmask[:, None] & tmask[None, :])
+        w = tl.load(WO + m * swo_m + (h * DH + es)[:, None] * D + ns[None, :], mask=emask[:, None] & nmask[None, :],
+                    other=0.0)                                                      # [BDH, BN]
+        acc += tl.dot(z, w, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(BO + m * sbo_m + ns, mask=nmask, other=0.0)[None, :]
+    acc += tl.load(XIN + m * sx_m + row_q[:, None] * sx_r + ns[None, :], mask=ok_q[:, None] & nmask[None, :],
+                   other=0.0)
+    tl.store(OUT + m * so_m + out_row[:, None] * D + ns[None, :], acc, mask=bmask[:, None] & nmask[None, :])
 
 
 @triton.jit
@@ -269,14 +284,15 @@ def _tokens_check(tokens, M, B, T, device):
         raise ValueError(f"tokens must be a contiguous int64 [1 or {M}, {B}, {T}] tensor, got {list(tokens.shape)}")
 
 
-def attn_forward(qkv, tokens, x_in, z, sm, x_res, n_heads, d_head, n_query, table, alpha):
-    """Attention of the query positions T - n_query .. T - 1 (causal) for every example.
+def attn_forward(qkv, tokens, x_in, W_O, b_O, z, sm, out, n_heads, d_head, n_query, table, alpha, precision=None):
+    """Attention of the query positions T - n_query .. T - 1 (causal) for every example, and the output
+    projection with the residual, in one launch: out = z W_O (+ b_O) + x_in[query rows].
 
     qkv [M, R_in, 3 * H * Dh] contiguous (rows: table rows t * V + v when ``table``, else b * T + t);
     tokens int64 [1 or M, B, T] contiguous; x_in [M, R_in, D] the residual stream the rows index
-    (d_model contiguous). Writes z [M, B * n_query, H * Dh], sm [M, B * n_query * H * T] (the softmax
-    before the attention-rate mix) and x_res [M, B * n_query, D] = x_in at the query rows.
-    V (for table rows) is R_in // T."""
+    (d_model contiguous); W_O [M, H, Dh, D] (contiguous per model); b_O [M, D] or None. Writes
+    z [M, B * n_query, H * Dh], sm [M, B * n_query * H * T] (the softmax before the attention-rate mix) and
+    out [M, B * n_query, D]. V (for table rows) is R_in // T. precision: the dot mode (None: the default)."""
     M, R_in, W3 = qkv.shape
     H, Dh = n_heads, d_head
     _, B, T = tokens.shape
@@ -285,21 +301,29 @@ def attn_forward(qkv, tokens, x_in, z, sm, x_res, n_heads, d_head, n_query, tabl
     check("qkv", qkv, torch.float32, shape=(M, R_in, 3 * H * Dh))
     _tokens_check(tokens, M, B, T, qkv.device)
     check("x_in", x_in, torch.float32, shape=(M, R_in, D))
+    check("W_O", W_O, torch.float32, shape=(M, H, Dh, D))
+    if b_O is not None:
+        check("b_O", b_O, torch.float32, shape=(M, D))
     check("z", z, torch.float32, shape=(M, B * TQ, H * Dh))
     check("sm", sm, torch.float32, shape=(M, B * TQ * H * T))
-    check("x_res", x_res, torch.float32, shape=(M, B * TQ, D))
-    if not (qkv.is_contiguous() and z.is_contiguous() and sm.is_contiguous() and x_res.is_contiguous()
-            and x_in.stride(2) == 1):
-        raise ValueError("attn_forward: qkv, z, sm, x_res must be contiguous (x_in along d_model)")
+    check("out", out, torch.float32, shape=(M, B * TQ, D))
+    if not (qkv.is_contiguous() and z.is_contiguous() and sm.is_contiguous() and out.is_contiguous()
+            and x_in.stride(2) == 1 and W_O[0].is_contiguous() and (b_O is None or b_O.stride(1) == 1)):
+        raise ValueError("attn_forward: qkv, z, sm, out must be contiguous (x_in along d_model, W_O per model)")
     if not 1 <= TQ <= T or (not table and R_in != B * T) or (table and R_in % T):
         raise ValueError(f"attn_forward: inconsistent n_query {TQ}, rows {R_in}, B {B}, T {T}")
-    BB, BT, BDH, BD = _attn_blocks(T, Dh, D, 2048)      # [BB, BT, BDH] tiles of 2048: no spills
-    launch(attn_fwd_kernel, (triton.cdiv(B, BB), TQ, M * H),
-           dict(QKV=qkv, TOK=tokens, XIN=x_in, Z=z, SM=sm, XRES=x_res, B=B, V=R_in // T, D=D, NH=H,
-                scale=1.0 / math.sqrt(Dh), alpha=float(alpha),
+    BT, BDH = pow2(T, 2), pow2(Dh, 16)
+    BB = max(16, min(64, pow2_floor(max(1, 2048 // (BT * BDH)))))   # >= 16: a tl.dot operand
+    BN = pow2(D, 16, 64)
+    launch(attn_fwd_kernel, (triton.cdiv(B, BB) * triton.cdiv(D, BN), TQ, M),
+           dict(QKV=qkv, TOK=tokens, XIN=x_in, WO=W_O, BO=b_O if b_O is not None else x_in, Z=z, SM=sm, OUT=out,
+                B=B, V=R_in // T, D=D, NH=H, scale=1.0 / math.sqrt(Dh), alpha=float(alpha),
                 sqkv_m=qkv.stride(0), sqkv_r=qkv.stride(1), stok_m=tokens.stride(0) if tokens.shape[0] > 1 else 0,
-                sx_m=x_in.stride(0), sx_r=x_in.stride(1), sz_m=z.stride(0), ssm_m=sm.stride(0), sxr_m=x_res.stride(0)),
-           dict(T=T, TQ=TQ, TABLE=bool(table), DH=Dh, BLOCK_B=BB, BLOCK_T=BT, BLOCK_DH=BDH, BLOCK_D=BD))
+                sx_m=x_in.stride(0), sx_r=x_in.stride(1), swo_m=W_O.stride(0),
+                sbo_m=b_O.stride(0) if b_O is not None else 0, sz_m=z.stride(0), ssm_m=sm.stride(0),
+                so_m=out.stride(0)),
+           dict(T=T, TQ=TQ, TABLE=bool(table), DH=Dh, HAS_BIAS=b_O is not None,
+                PRECISION=precision or _common.DOT_PRECISION, BLOCK_B=BB, BLOCK_T=BT, BLOCK_DH=BDH, BLOCK_N=BN))
 
 
 def attn_backward(qkv, tokens, sm, W_O, dmid, G, n_heads, d_head, n_query, table, alpha):

@@ -23,8 +23,9 @@ Launches: independent products share one launch (mlp.gemm_launch: {dX, dW, db} o
 weight gradients that nothing reads in later launches' free slots), everything nothing in the pass reads
 waits for its last launch (flush.flush_kernel via mlp.Deferred: split-K sums, loss mean, embedding
 gradients, the optimizer's scalars), X0 is formed by its first reader, the unembedding is fused with the
-loss and dxf (unembed_loss.unembed_cross_entropy), and dz with the attention backward, so a step's
-forward + backward is 12 launches for the nanda and pizza presets and 36 for power (the optimizer adds
+loss and dxf (unembed_loss.unembed_cross_entropy), z W_O with the attention forward and dz with the
+attention backward, so a step's forward + backward is 11 launches for the nanda and pizza presets and
+34 for power (the optimizer adds
 optimizer.STEP_LAUNCHES = 1; tests/test_kernels_model.py::test_launches_per_step keeps these as ceilings;
 executed_flops counts each launch's dot work).
 One departure from DESIGN.md's sketch: there is no value-output table VO = x0 W_V W_O; attention
@@ -110,7 +111,7 @@ class Workspace:
                 a.hn, a.mu1, a.rs1 = e(M, a.R_in, D), e(M, a.R_in), e(M, a.R_in)
                 a.hn2, a.mu2, a.rs2 = e(M, Ro, D), e(M, Ro), e(M, Ro)
             a.qkv = e(M, a.R_in, 3 * HD)
-            a.z, a.sm, a.xres, a.mid = e(M, Ro, HD), e(M, Ro * H * T), e(M, Ro, D), e(M, Ro, D)
+            a.z, a.sm, a.mid = e(M, Ro, HD), e(M, Ro * H * T), e(M, Ro, D)
             a.pre, a.post, a.out = e(M, Ro, F), e(M, Ro, F), e(M, Ro, D)
             if grads:
                 a.dpre, a.dmid = e(M, Ro, F), e(M, Ro, D)
@@ -193,9 +194,9 @@ def _forward(cfg, lay, flat, tokens, ws: Workspace):
         gemm(hn.unsqueeze(1).unsqueeze(3).expand(M, 3 * H, R, 1, D), W_qkv.unsqueeze(2),
              a.qkv.view(M, R, 3 * H, Dh).permute(0, 2, 1, 3), bias=b_qkv,
              embed=embed if l == 0 and not LN else None)
-        attn_forward(a.qkv, tokens, x_in, a.z, a.sm, a.xres, H, Dh, a.TQ, a.table, cfg.attn_alpha)
-        gemm(a.z, p[n + "attn.W_O"].reshape(M, HD, D), a.mid,
-             bias=p[n + "attn.b_O"] if cfg.attn_bias else None, res=a.xres)
+        # attention, z W_O + b_O and the residual in one launch
+        attn_forward(a.qkv, tokens, x_in, p[n + "attn.W_O"], p[n + "attn.b_O"] if cfg.attn_bias else None,
+                     a.z, a.sm, a.mid, H, Dh, a.TQ, a.table, cfg.attn_alpha)
         if LN:
             layernorm_forward(a.mid, p[n + "ln2.w"], p[n + "ln2.b"], a.hn2, a.mu2, a.rs2, cfg.ln_eps)
         mlp_forward(a.hn2 if LN else a.mid, p[n + "mlp.W_in"], p[n + "mlp.b_in"], p[n + "mlp.W_out"],
@@ -493,6 +494,11 @@ def executed_flops(cfg, M: int, B: int) -> list[dict]:
             parts = [mlp.dot_flops(args, cx, g) for g in grouped[kernel]]
         elif kernel is unembed_loss.unembed_ce_kernel:
             parts = [unembed_loss.dot_flops(grid, args, cx)]
+        elif kernel is embed_attn.attn_fwd_kernel:      # z W_O: one [BB, BDH] x [BDH, BN] dot per head
+            BB, BDH, BN = cx["BLOCK_B"], cx["BLOCK_DH"], cx["BLOCK_N"]
+            n_rows = args["B"] * cx["TQ"] * grid[2]
+            parts = [(2 * BB * BDH * BN * args["NH"] * grid[0] * grid[1] * grid[2],
+                      2 * n_rows * args["NH"] * cx["DH"] * args["D"])]
         else:
             parts = []
         core = 0

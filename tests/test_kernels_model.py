@@ -275,9 +275,9 @@ def test_group_kernels_file_is_generated_from_mlp():
 # its scalars ride in the flush). A regression guard: grouped GEMMs, one deferred reduction of the
 # weight-gradient partials and the unembedding fused with the loss brought nanda from 31 to 18; the
 # segmented token scatter (no split launch) and the flush carrying the loss mean and the embedding
-# gradients, the unembedding's input gradient formed with the loss, X0 formed by its first reader and dz
-# formed inside the attention backward, to 12.
-MAX_LAUNCHES = {"nanda": 12, "pizza": 12, "power": 36}
+# gradients, the unembedding's input gradient formed with the loss, X0 formed by its first reader, dz
+# formed inside the attention backward and z W_O inside the attention forward, to 11.
+MAX_LAUNCHES = {"nanda": 11, "pizza": 11, "power": 34}
 
 
 @pytest.mark.parametrize("name", sorted(MAX_LAUNCHES))
