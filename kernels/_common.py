@@ -85,11 +85,6 @@ FP_FUSION = True
 
 _in_launch = False
 
-# Register ceilings per kernel (ptxas --maxrregcount through Triton's maxnreg option), set where a kernel is
-# defined. Without one, ptxas trades registers for occupancy and can spill: the grouped GEMMs at 8 warps
-# spilled 12-20 bytes at 70-88 registers once the JIT's specialisation was compiled in; with 128 they do not.
-MAXNREG: dict = {}
-
 
 def in_launch() -> bool:
     """True while ``launch`` runs a kernel: lets a test tell the host work of the step's orchestration
@@ -108,15 +103,9 @@ def launch(kernel, grid, args: dict, constexprs: dict, num_warps: int = 4) -> No
         return
     _in_launch = True
     try:
-        options = {"maxnreg": MAXNREG[kernel]} if kernel in MAXNREG else {}
-        kernel[grid](**args, **constexprs, num_warps=num_warps, enable_fp_fusion=FP_FUSION, **options)
+        kernel[grid](**args, **constexprs, num_warps=num_warps, enable_fp_fusion=FP_FUSION)
     finally:
         _in_launch = False
-
-# Register ceilings per kernel (ptxas --maxrregcount through Triton's maxnreg option), set where a kernel is
-# defined. Without one, ptxas trades registers for occupancy and can spill: the grouped GEMMs at 8 warps
-# spilled 12-20 bytes at 70-88 registers once the JIT's specialisation was compiled in; with 128 they do not.
-MAXNREG: dict = {}
 
 
 _TYPES = {torch.float32: "*fp32", torch.float64: "*fp64", torch.int64: "*i64", torch.int32: "*i32"}

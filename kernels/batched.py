@@ -129,8 +129,8 @@ class BatchedStepper:
     def _run(self):
         tok, lab = self.train_data
         fb.loss_and_grads_flat(self.cfg, self.flat, tok, lab, grad_out=self.grad, loss_out=self.loss,
-                               precision=self.tcfgs[0].precision)
-        self.opt.step(self.flat, self.grad)
+                               precision=self.tcfgs[0].precision, flush_tasks=(self.opt.scalars_task(),))
+        self.opt.step(self.flat, self.grad, scalars=False)     # its scalars ran in the pass's last launch
         bad = ~torch.isfinite(self.loss) & (self.first_bad < 0)
         self.first_bad.copy_(torch.where(bad, self.opt.counters[0], self.first_bad))
 
@@ -153,8 +153,9 @@ class BatchedStepper:
         # The graph bakes in the addresses of the kernels' workspace for this (M, B), its split buffers and
         # descriptor table: hold them, so that no cache eviction frees memory the graph uses.
         ws = fb._workspace(self.cfg, self.M, tok.shape[1], self.device, True)
+        index = fb.token_index(self.cfg, tok)           # built here (or by the eager steps), not inside the capture
         self._graph = capture_graph(self._run, self.device)
-        self._keep_ws = (ws, ws.deferred.held())
+        self._keep_ws = (ws, ws.deferred.held(), index)
         return True
 
     @property

@@ -3,7 +3,8 @@
 The vocabulary is tiny and n_ctx is 2-5, so the first layer works on tables indexed by
 (position t, token v), row t * V + v (V = d_vocab):
 
-    X0[t * V + v] = W_E[v] + W_pos[t]                                 (embed_table)
+    X0[t * V + v] = W_E[v] + W_pos[t]     (formed by its first reader: the QKV product's operand load,
+                                           or LayerNorm 1 with LayerNorm: mlp.gemm_plan / layernorm_forward)
 
 and the first layer's Q, K, V are tables too (LayerNorm and the projections run on T * V rows, not
 on every example). Attention then reads rows by token. A layer in "plain" mode (the second layer)
@@ -14,10 +15,11 @@ reads per-example rows b * T + t instead. For query position tq of example b and
     pattern_t = alpha * sm_t + (1 - alpha) * [t <= tq]         (the attention rate of Zhong et al.)
     z[b, tq, h] = sum_t pattern_t v_t
 
-The output projection z W_O + b_O and the residual are a GEMM (kernels.mlp.gemm); the forward kernel
-also copies the residual stream x[row(b, tq)] into the block's residual buffer.
+The forward kernel goes on to the output projection and the residual in the same launch:
+out = z W_O + b_O + x[row(b, tq)] (one tl.dot per head; z and sm are kept for the backward).
 
-Backward (attn_backward), with dz = dL/dz and the saved sm:
+Backward (attn_backward), with dz = dL/dz = dmid W_O^T (formed in the kernel from dmid = dL/d(block
+residual after attention), d_model at a time; it never reaches memory) and the saved sm:
     dp_t = dz . v_t,  dscore_t = alpha * sm_t * (dp_t - sum_s sm_s dp_s),
     dq = sum_t dscore_t k_t / sqrt(d_head),  dk_t += dscore_t q / sqrt(d_head),  dv_t += pattern_t dz
 written per example and position into G[b * T + t] = [dq | dk | dv | dres] (columns
@@ -26,8 +28,9 @@ gradient at query positions, 0 elsewhere). In table mode token_scatter then sums
 
     Gtab[t * V + v] = sum_{b : tok[b, t] == v} G[b * T + t]
 
-computed as a GEMM with the one-hot token matrix (a fixed-order sum over examples: deterministic,
-no atomics), and embed_backward turns dX0 into dW_E[v] = sum_t dX0[t * V + v] and
+as a segmented sum over the examples sorted by token (token_index, built once per data set): each
+program adds its (position, token) segment's rows in a fixed order (deterministic, no atomics) and
+skips the columns that are zero at non-query positions; embed_backward turns dX0 into dW_E[v] = sum_t dX0[t * V + v] and
 dW_pos[t] = sum_v dX0[t * V + v].
 
 Limits: T = n_ctx <= 8 (BLOCK_T = next power of two >= T); d_head <= 256; d_model <= 256. Tokens
@@ -42,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common, mlp
+from . import _common
 from ._common import check, launch, pow2, pow2_floor
 
 
@@ -51,48 +54,40 @@ from ._common import check, launch, pow2, pow2_floor
 
 
 @triton.jit
-def embed_table_kernel(WE, WPOS, X0, V, D, swe_m, swp_m, sx_m,
-                       T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """X0[m, t * V + v, :] = W_E[m, v, :] + W_pos[m, t, :] for BLOCK_R table rows; grid (cdiv(T * V, BLOCK_R), M)."""
-    m = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    ds = tl.arange(0, BLOCK_D)
-    rmask = rows < T * V
-    mask = rmask[:, None] & (ds < D)[None, :]
-    t = rows // V
-    v = rows % V
-    we = tl.load(WE + m * swe_m + v[:, None] * D + ds[None, :], mask=mask, other=0.0)
-    wp = tl.load(WPOS + m * swp_m + t[:, None] * D + ds[None, :], mask=mask, other=0.0)
-    tl.store(X0 + m * sx_m + rows[:, None] * D + ds[None, :], we + wp, mask=mask)
-
-
-@triton.jit
-def embed_bwd_kernel(DX0, DWE, DWPOS, V, D, sdx_m, sdwe_m, sdwp_m,
-                     T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Programs pid < cdiv(V, BLOCK_V): dW_E[v] = sum_t dX0[t * V + v] for a block of tokens;
-    program cdiv(V, BLOCK_V) + t: dW_pos[t] = sum_v dX0[t * V + v]. Grid (cdiv(V, BLOCK_V) + T, M)."""
-    m = tl.program_id(1).to(tl.int64)
-    pid = tl.program_id(0)
-    nvb = tl.cdiv(V, BLOCK_V)
-    ds = tl.arange(0, BLOCK_D)
-    dmask = ds < D
-    vs = tl.arange(0, BLOCK_V)
-    base = DX0 + m * sdx_m
-    if pid < nvb:
-        v = pid * BLOCK_V + vs
-        mask = (v < V)[:, None] & dmask[None, :]
-        acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32)
-        for t in tl.static_range(T):
-            acc += tl.load(base + (t * V + v)[:, None] * D + ds[None, :], mask=mask, other=0.0)
-        tl.store(DWE + m * sdwe_m + v[:, None] * D + ds[None, :], acc, mask=mask)
+def _embed_grad_block(row, local, BLOCK: tl.constexpr):
+    """Program ``local`` of the embedding gradient (a task of flush.flush_kernel), from the table row
+    (int64: dX0, dW_E, dW_pos addresses, V, D, T, their model strides, M): per model, cdiv(V * D, BLOCK)
+    programs dW_E[v, d] = sum_t dX0[t * V + v, d] (flat index v * D + d), then T programs dW_pos[t] =
+    sum_v dX0[t * V + v] ([16, 256] tiles over v, then a sum over the tile's rows; D <= 256)."""
+    dx = tl.load(row + 0).to(tl.pointer_type(tl.float32))
+    dwe = tl.load(row + 1).to(tl.pointer_type(tl.float32))
+    dwp = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+    V = tl.load(row + 3)
+    D = tl.load(row + 4)
+    T = tl.load(row + 5)
+    n_e = (V * D + BLOCK - 1) // BLOCK
+    per_model = n_e + T
+    m = local // per_model
+    k = local % per_model
+    base = dx + m * tl.load(row + 6)
+    if k < n_e:
+        idx = k * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        mask = idx < V * D
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for t in range(0, T):
+            acc += tl.load(base + t * V * D + idx, mask=mask, other=0.0)
+        tl.store(dwe + m * tl.load(row + 7) + idx, acc, mask=mask)
     else:
-        t = pid - nvb
-        acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32)
-        for v0 in range(0, V, BLOCK_V):
+        t = k - n_e
+        vs = tl.arange(0, 16)
+        ds = tl.arange(0, 256)
+        dmask = ds < D
+        acc2 = tl.zeros((16, 256), dtype=tl.float32)
+        for v0 in range(0, V, 16):
             v = v0 + vs
-            mask = (v < V)[:, None] & dmask[None, :]
-            acc += tl.load(base + (t * V + v)[:, None] * D + ds[None, :], mask=mask, other=0.0)
-        tl.store(DWPOS + m * sdwp_m + t * D + ds, tl.sum(acc, axis=0), mask=dmask)
+            acc2 += tl.load(base + (t * V + v)[:, None] * D + ds[None, :], mask=(v < V)[:, None] & dmask[None, :],
+                            other=0.0)
+        tl.store(dwp + m * tl.load(row + 8) + t * D + ds, tl.sum(acc2, axis=0), mask=dmask)
 
 
 def _param_check(name, t, M, shape):
@@ -102,25 +97,10 @@ def _param_check(name, t, M, shape):
         raise ValueError(f"{name} must be contiguous within each model (a ParamLayout view)")
 
 
-def embed_table(W_E, W_pos, X0):
-    """X0 [M, T * V, D] (contiguous) = W_E[v] + W_pos[t] at row t * V + v. W_E [M, V, D], W_pos [M, T, D]."""
-    M, V, D = W_E.shape
-    T = W_pos.shape[1]
-    _param_check("W_E", W_E, M, (V, D))
-    _param_check("W_pos", W_pos, M, (T, D))
-    check("X0", X0, torch.float32, shape=(M, T * V, D))
-    if not X0.is_contiguous():
-        raise ValueError("X0 must be contiguous")
-    BD = pow2(D, 16)
-    BR = max(1, min(64, 4096 // BD))
-    launch(embed_table_kernel, (triton.cdiv(T * V, BR), M),
-           dict(WE=W_E, WPOS=W_pos, X0=X0, V=V, D=D, swe_m=W_E.stride(0), swp_m=W_pos.stride(0), sx_m=X0.stride(0)),
-           dict(T=T, BLOCK_R=BR, BLOCK_D=BD))
-    return X0
-
-
-def embed_backward(dX0, dW_E, dW_pos):
-    """dW_E[v] = sum_t dX0[t * V + v], dW_pos[t] = sum_v dX0[t * V + v]. dX0 [M, T * V, D] contiguous."""
+def embed_backward(dX0, dW_E, dW_pos, defer):
+    """dW_E[v] = sum_t dX0[t * V + v], dW_pos[t] = sum_v dX0[t * V + v]. dX0 [M, T * V, D] contiguous.
+    A task of the pass's last launch: complete after ``defer.flush()`` (defer: an mlp.Deferred)."""
+    from .flush import EMBED_GRAD
     M, V, D = dW_E.shape
     T = dW_pos.shape[1]
     _param_check("dW_E", dW_E, M, (V, D))
@@ -128,12 +108,10 @@ def embed_backward(dX0, dW_E, dW_pos):
     check("dX0", dX0, torch.float32, shape=(M, T * V, D))
     if not dX0.is_contiguous():
         raise ValueError("dX0 must be contiguous")
-    BD = pow2(D, 16)
-    BV = max(1, min(32, 4096 // BD))
-    launch(embed_bwd_kernel, (triton.cdiv(V, BV) + T, M),
-           dict(DX0=dX0, DWE=dW_E, DWPOS=dW_pos, V=V, D=D, sdx_m=dX0.stride(0), sdwe_m=dW_E.stride(0),
-                sdwp_m=dW_pos.stride(0)),
-           dict(T=T, BLOCK_V=BV, BLOCK_D=BD))
+    if D > 256:
+        raise ValueError(f"embed_backward handles d_model <= 256, got {D}")
+    defer.add_task(EMBED_GRAD, [dX0, dW_E, dW_pos, V, D, T, dX0.stride(0), dW_E.stride(0), dW_pos.stride(0), M],
+                   M * (triton.cdiv(V * D, defer.BLOCK) + T))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,64 +131,80 @@ def _rows_of(TOK, tok_base, bs, ts, bmask, tmask, V, T: tl.constexpr, TABLE: tl.
 
 
 @triton.jit
-def attn_fwd_kernel(QKV, TOK, XIN, Z, SM, XRES,
+def attn_fwd_kernel(QKV, TOK, XIN, WO, BO, Z, SM, OUT,
                     B, V, D, NH, scale, alpha,
-                    sqkv_m, sqkv_r, stok_m, sx_m, sx_r, sz_m, ssm_m, sxr_m,
+                    sqkv_m, sqkv_r, stok_m, sx_m, sx_r, swo_m, sbo_m, sz_m, ssm_m, so_m,
                     T: tl.constexpr, TQ: tl.constexpr, TABLE: tl.constexpr, DH: tl.constexpr,
-                    BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Attention of query position tq = T - TQ + pid(1), head h, for BLOCK_B examples; grid
-    (cdiv(B, BLOCK_B), TQ, M * NH). Writes Z[m, b * TQ + qi, h * DH:(h+1) * DH], SM[m, b * TQ + qi, h, :T]
-    and (head 0) XRES[m, b * TQ + qi, :] = XIN[row(b, tq)]."""
-    pid_b = tl.program_id(0)
+                    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Attention of query position tq = T - TQ + pid(1) for BLOCK_B examples, every head, and the output
+    projection with the residual: OUT[m, b * TQ + qi, n] = sum_h z[b, qi, h] W_O[h][:, n] (+ b_O[n]) +
+    XIN[row(b, tq), n] for BLOCK_N columns n (z W_O as one tl.dot per head, heads in order). Grid
+    (cdiv(B, BLOCK_B) * cdiv(D, BLOCK_N), TQ, M). The programs of column tile 0 also write
+    Z[m, b * TQ + qi, h * DH:(h+1) * DH] and SM[m, b * TQ + qi, h, :T] for the backward."""
+    nt = tl.cdiv(D, BLOCK_N)
+    pid_b = tl.program_id(0) // nt
+    pid_n = tl.program_id(0) % nt
     qi = tl.program_id(1)
-    pmh = tl.program_id(2)
-    m = (pmh // NH).to(tl.int64)
-    h = pmh % NH
+    m = tl.program_id(2).to(tl.int64)
     tq = T - TQ + qi
     bs = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     ts = tl.arange(0, BLOCK_T)
     es = tl.arange(0, BLOCK_DH)
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     bmask = bs < B
     tmask = ts < T
     emask = es < DH
+    nmask = ns < D
     rows, ok = _rows_of(TOK, m * stok_m, bs, ts, bmask, tmask, V, T, TABLE)       # [BB, BT]
     is_q = (ts == tq)[None, :]
     row_q = tl.sum(tl.where(is_q, rows, 0), axis=1)                                # [BB]
     ok_q = tl.sum(tl.where(is_q & ok, 1, 0), axis=1) > 0
     base = QKV + m * sqkv_m
     HD = NH * DH
-    q = tl.load(base + row_q[:, None] * sqkv_r + h * DH + es[None, :], mask=ok_q[:, None] & emask[None, :], other=0.0)
     kv_off = rows[:, :, None] * sqkv_r + es[None, None, :]
     kv_mask = ok[:, :, None] & emask[None, None, :]
-    k = tl.load(base + kv_off + HD + h * DH, mask=kv_mask, other=0.0)               # [BB, BT, BDH]
     allowed = (ts <= tq)[None, :]
-    s = tl.sum(q[:, None, :] * k, axis=2) * scale
-    s = tl.where(allowed, s, float("-inf"))
-    e = tl.exp(s - tl.max(s, axis=1)[:, None])
-    e = tl.where(allowed, e, 0.0)
-    sm = e / tl.sum(e, axis=1)[:, None]
-    pattern = alpha * sm + (1.0 - alpha) * tl.where(allowed, 1.0, 0.0)
-    v = tl.load(base + kv_off + 2 * HD + h * DH, mask=kv_mask, other=0.0)
-    z = tl.sum(pattern[:, :, None] * v, axis=1)                                     # [BB, BDH]
     out_row = bs * TQ + qi
-    tl.store(Z + m * sz_m + out_row[:, None] * HD + h * DH + es[None, :], z, mask=bmask[:, None] & emask[None, :])
-    tl.store(SM + m * ssm_m + (out_row * NH + h)[:, None] * T + ts[None, :], sm, mask=bmask[:, None] & tmask[None, :])
-    if h == 0:
-        ds = tl.arange(0, BLOCK_D)
-        dmask = ds < D
-        x = tl.load(XIN + m * sx_m + row_q[:, None] * sx_r + ds[None, :], mask=ok_q[:, None] & dmask[None, :], other=0.0)
-        tl.store(XRES + m * sxr_m + out_row[:, None] * D + ds[None, :], x, mask=bmask[:, None] & dmask[None, :])
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    for h in range(0, NH):
+        q = tl.load(base + row_q[:, None] * sqkv_r + h * DH + es[None, :], mask=ok_q[:, None] & emask[None, :],
+                    other=0.0)
+        k = tl.load(base + kv_off + HD + h * DH, mask=kv_mask, other=0.0)           # [BB, BT, BDH]
+        s = tl.sum(q[:, None, :] * k, axis=2) * scale
+        s = tl.where(allowed, s, float("-inf"))
+        e = tl.exp(s - tl.max(s, axis=1)[:, None])
+        e = tl.where(allowed, e, 0.0)
+        sm = e / tl.sum(e, axis=1)[:, None]
+        pattern = alpha * sm + (1.0 - alpha) * tl.where(allowed, 1.0, 0.0)
+        v = tl.load(base + kv_off + 2 * HD + h * DH, mask=kv_mask, other=0.0)
+        z = tl.sum(pattern[:, :, None] * v, axis=1)                                 # [BB, BDH]
+        if pid_n == 0:
+            tl.store(Z + m * sz_m + out_row[:, None] * HD + h * DH + es[None, :], z,
+                     mask=bmask[:, None] & emask[None, :])
+            tl.store(SM + m * ssm_m + (out_row * NH + h)[:, None] * T + ts[None, :], sm,
+                     mask=bmask[:, None] & tmask[None, :])
+        w = tl.load(WO + m * swo_m + (h * DH + es)[:, None] * D + ns[None, :], mask=emask[:, None] & nmask[None, :],
+                    other=0.0)                                                      # [BDH, BN]
+        acc += tl.dot(z, w, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(BO + m * sbo_m + ns, mask=nmask, other=0.0)[None, :]
+    acc += tl.load(XIN + m * sx_m + row_q[:, None] * sx_r + ns[None, :], mask=ok_q[:, None] & nmask[None, :],
+                   other=0.0)
+    tl.store(OUT + m * so_m + out_row[:, None] * D + ns[None, :], acc, mask=bmask[:, None] & nmask[None, :])
 
 
 @triton.jit
-def attn_bwd_kernel(QKV, TOK, SM, DZ, DMID, G,
+def attn_bwd_kernel(QKV, TOK, SM, WO, DMID, G,
                     B, V, D, NH, scale, alpha,
-                    sqkv_m, sqkv_r, stok_m, ssm_m, sdz_m, sdm_m, sg_m, sg_r,
+                    sqkv_m, sqkv_r, stok_m, ssm_m, swo_m, sdm_m, sg_m, sg_r,
                     T: tl.constexpr, TQ: tl.constexpr, TABLE: tl.constexpr, DH: tl.constexpr,
                     BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_D: tl.constexpr):
     """Per-example attention backward of head h for BLOCK_B examples, all TQ query positions;
     grid (cdiv(B, BLOCK_B), M * NH). Writes G[m, b * T + t] blocks dq, dk, dv of head h for every t
-    (dq = 0 where t holds no query) and (head 0) the residual block: DMID[b * TQ + qi] at t = tq, else 0."""
+    (dq = 0 where t holds no query) and (head 0) the residual block: DMID[b * TQ + qi] at t = tq, else 0.
+    dz[b, qi, h] = DMID[b * TQ + qi] W_O[h]^T (WO [M, NH, DH, D], contiguous per model), 16 columns of
+    d_model at a time (products summed in a fixed order)."""
     pid_b = tl.program_id(0)
     pmh = tl.program_id(1)
     m = (pmh // NH).to(tl.int64)
@@ -244,7 +238,14 @@ def attn_bwd_kernel(QKV, TOK, SM, DZ, DMID, G,
         sm = tl.load(SM + m * ssm_m + (out_row * NH + h)[:, None] * T + ts[None, :],
                      mask=bmask[:, None] & allowed, other=0.0)
         pattern = alpha * sm + (1.0 - alpha) * tl.where(allowed, 1.0, 0.0)
-        dz = tl.load(DZ + m * sdz_m + out_row[:, None] * HD + h * DH + es[None, :], mask=bt_mask, other=0.0)
+        dz = tl.zeros((BLOCK_B, BLOCK_DH), dtype=tl.float32)
+        for d0 in range(0, D, 16):
+            dd = d0 + tl.arange(0, 16)
+            dm = tl.load(DMID + m * sdm_m + out_row[:, None] * D + dd[None, :],
+                         mask=bmask[:, None] & (dd < D)[None, :], other=0.0)                   # [BB, 16]
+            wo = tl.load(WO + m * swo_m + (h * DH + es)[:, None] * D + dd[None, :],
+                         mask=emask[:, None] & (dd < D)[None, :], other=0.0)                   # [BDH, 16]
+            dz += tl.sum(dm[:, None, :] * wo[None, :, :], axis=2)
         dp = tl.sum(dz[:, None, :] * v, axis=2)                                     # [BB, BT]
         dscore = alpha * sm * (dp - tl.sum(sm * dp, axis=1)[:, None])
         dq = tl.sum(dscore[:, :, None] * k, axis=1) * scale
@@ -283,14 +284,15 @@ def _tokens_check(tokens, M, B, T, device):
         raise ValueError(f"tokens must be a contiguous int64 [1 or {M}, {B}, {T}] tensor, got {list(tokens.shape)}")
 
 
-def attn_forward(qkv, tokens, x_in, z, sm, x_res, n_heads, d_head, n_query, table, alpha):
-    """Attention of the query positions T - n_query .. T - 1 (causal) for every example.
+def attn_forward(qkv, tokens, x_in, W_O, b_O, z, sm, out, n_heads, d_head, n_query, table, alpha, precision=None):
+    """Attention of the query positions T - n_query .. T - 1 (causal) for every example, and the output
+    projection with the residual, in one launch: out = z W_O (+ b_O) + x_in[query rows].
 
     qkv [M, R_in, 3 * H * Dh] contiguous (rows: table rows t * V + v when ``table``, else b * T + t);
     tokens int64 [1 or M, B, T] contiguous; x_in [M, R_in, D] the residual stream the rows index
-    (d_model contiguous). Writes z [M, B * n_query, H * Dh], sm [M, B * n_query * H * T] (the softmax
-    before the attention-rate mix) and x_res [M, B * n_query, D] = x_in at the query rows.
-    V (for table rows) is R_in // T."""
+    (d_model contiguous); W_O [M, H, Dh, D] (contiguous per model); b_O [M, D] or None. Writes
+    z [M, B * n_query, H * Dh], sm [M, B * n_query * H * T] (the softmax before the attention-rate mix) and
+    out [M, B * n_query, D]. V (for table rows) is R_in // T. precision: the dot mode (None: the default)."""
     M, R_in, W3 = qkv.shape
     H, Dh = n_heads, d_head
     _, B, T = tokens.shape
@@ -299,27 +301,36 @@ def attn_forward(qkv, tokens, x_in, z, sm, x_res, n_heads, d_head, n_query, tabl
     check("qkv", qkv, torch.float32, shape=(M, R_in, 3 * H * Dh))
     _tokens_check(tokens, M, B, T, qkv.device)
     check("x_in", x_in, torch.float32, shape=(M, R_in, D))
+    check("W_O", W_O, torch.float32, shape=(M, H, Dh, D))
+    if b_O is not None:
+        check("b_O", b_O, torch.float32, shape=(M, D))
     check("z", z, torch.float32, shape=(M, B * TQ, H * Dh))
     check("sm", sm, torch.float32, shape=(M, B * TQ * H * T))
-    check("x_res", x_res, torch.float32, shape=(M, B * TQ, D))
-    if not (qkv.is_contiguous() and z.is_contiguous() and sm.is_contiguous() and x_res.is_contiguous()
-            and x_in.stride(2) == 1):
-        raise ValueError("attn_forward: qkv, z, sm, x_res must be contiguous (x_in along d_model)")
+    check("out", out, torch.float32, shape=(M, B * TQ, D))
+    if not (qkv.is_contiguous() and z.is_contiguous() and sm.is_contiguous() and out.is_contiguous()
+            and x_in.stride(2) == 1 and W_O[0].is_contiguous() and (b_O is None or b_O.stride(1) == 1)):
+        raise ValueError("attn_forward: qkv, z, sm, out must be contiguous (x_in along d_model, W_O per model)")
     if not 1 <= TQ <= T or (not table and R_in != B * T) or (table and R_in % T):
         raise ValueError(f"attn_forward: inconsistent n_query {TQ}, rows {R_in}, B {B}, T {T}")
-    BB, BT, BDH, BD = _attn_blocks(T, Dh, D, 2048)      # [BB, BT, BDH] tiles of 2048: no spills
-    launch(attn_fwd_kernel, (triton.cdiv(B, BB), TQ, M * H),
-           dict(QKV=qkv, TOK=tokens, XIN=x_in, Z=z, SM=sm, XRES=x_res, B=B, V=R_in // T, D=D, NH=H,
-                scale=1.0 / math.sqrt(Dh), alpha=float(alpha),
+    BT, BDH = pow2(T, 2), pow2(Dh, 16)
+    BB = max(16, min(64, pow2_floor(max(1, 2048 // (BT * BDH)))))   # >= 16: a tl.dot operand
+    BN = pow2(D, 16, 64)
+    launch(attn_fwd_kernel, (triton.cdiv(B, BB) * triton.cdiv(D, BN), TQ, M),
+           dict(QKV=qkv, TOK=tokens, XIN=x_in, WO=W_O, BO=b_O if b_O is not None else x_in, Z=z, SM=sm, OUT=out,
+                B=B, V=R_in // T, D=D, NH=H, scale=1.0 / math.sqrt(Dh), alpha=float(alpha),
                 sqkv_m=qkv.stride(0), sqkv_r=qkv.stride(1), stok_m=tokens.stride(0) if tokens.shape[0] > 1 else 0,
-                sx_m=x_in.stride(0), sx_r=x_in.stride(1), sz_m=z.stride(0), ssm_m=sm.stride(0), sxr_m=x_res.stride(0)),
-           dict(T=T, TQ=TQ, TABLE=bool(table), DH=Dh, BLOCK_B=BB, BLOCK_T=BT, BLOCK_DH=BDH, BLOCK_D=BD))
+                sx_m=x_in.stride(0), sx_r=x_in.stride(1), swo_m=W_O.stride(0),
+                sbo_m=b_O.stride(0) if b_O is not None else 0, sz_m=z.stride(0), ssm_m=sm.stride(0),
+                so_m=out.stride(0)),
+           dict(T=T, TQ=TQ, TABLE=bool(table), DH=Dh, HAS_BIAS=b_O is not None,
+                PRECISION=precision or _common.DOT_PRECISION, BLOCK_B=BB, BLOCK_T=BT, BLOCK_DH=BDH, BLOCK_N=BN))
 
 
-def attn_backward(qkv, tokens, sm, dz, dmid, G, n_heads, d_head, n_query, table, alpha):
+def attn_backward(qkv, tokens, sm, W_O, dmid, G, n_heads, d_head, n_query, table, alpha):
     """Per-example attention backward into G [M, B * T, 3 * H * Dh + D] (row b * T + t; blocks
-    dq | dk | dv | dres, every entry written). dz [M, B * n_query, H * Dh] = dL/dz; dmid
-    [M, B * n_query, D] = dL/d(block residual after attention), copied into dres at query rows."""
+    dq | dk | dv | dres, every entry written). dmid [M, B * n_query, D] = dL/d(block residual after
+    attention), copied into dres at query rows; dL/dz = dmid W_O^T is formed on chip (W_O [M, H, Dh, D],
+    contiguous per model)."""
     M, R_in, _ = qkv.shape
     H, Dh = n_heads, d_head
     _, B, T = tokens.shape
@@ -328,18 +339,20 @@ def attn_backward(qkv, tokens, sm, dz, dmid, G, n_heads, d_head, n_query, table,
     check("qkv", qkv, torch.float32, shape=(M, R_in, 3 * H * Dh))
     _tokens_check(tokens, M, B, T, qkv.device)
     check("sm", sm, torch.float32, shape=(M, B * TQ * H * T))
-    check("dz", dz, torch.float32, shape=(M, B * TQ, H * Dh))
+    check("W_O", W_O, torch.float32, shape=(M, H, Dh, D))
+    if not W_O[0].is_contiguous():
+        raise ValueError("attn_backward: W_O must be contiguous within each model (a ParamLayout view)")
     check("dmid", dmid, torch.float32, shape=(M, B * TQ, D))
     check("G", G, torch.float32, shape=(M, B * T, 3 * H * Dh + D))
-    if not all(t.is_contiguous() for t in (qkv, sm, dz, dmid, G)):
-        raise ValueError("attn_backward: qkv, sm, dz, dmid, G must be contiguous")
+    if not all(t.is_contiguous() for t in (qkv, sm, dmid, G)):
+        raise ValueError("attn_backward: qkv, sm, dmid, G must be contiguous")
     # five live [BB, BT, BDH] tiles, and the query loop unrolled n_query times: no spills on sm_80/sm_90
     BB, BT, BDH, BD = _attn_blocks(T, Dh, D, 1024 if TQ == 1 else 512)
     launch(attn_bwd_kernel, (triton.cdiv(B, BB), M * H),
-           dict(QKV=qkv, TOK=tokens, SM=sm, DZ=dz, DMID=dmid, G=G, B=B, V=R_in // T, D=D, NH=H,
+           dict(QKV=qkv, TOK=tokens, SM=sm, WO=W_O, DMID=dmid, G=G, B=B, V=R_in // T, D=D, NH=H,
                 scale=1.0 / math.sqrt(Dh), alpha=float(alpha),
                 sqkv_m=qkv.stride(0), sqkv_r=qkv.stride(1), stok_m=tokens.stride(0) if tokens.shape[0] > 1 else 0,
-                ssm_m=sm.stride(0), sdz_m=dz.stride(0), sdm_m=dmid.stride(0), sg_m=G.stride(0), sg_r=G.stride(1)),
+                ssm_m=sm.stride(0), swo_m=W_O.stride(0), sdm_m=dmid.stride(0), sg_m=G.stride(0), sg_r=G.stride(1)),
            dict(T=T, TQ=TQ, TABLE=bool(table), DH=Dh, BLOCK_B=BB, BLOCK_T=BT, BLOCK_DH=BDH, BLOCK_D=BD))
 
 
@@ -348,62 +361,84 @@ def attn_backward(qkv, tokens, sm, dz, dmid, G, n_heads, d_head, n_query, table,
 
 
 @triton.jit
-def token_scatter_kernel(G, TOK, OUT, WS, B, V, W, B_SPLIT, sg_m, sg_r, stok_m, so_m,
-                         T: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-                         BLOCK_V: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_B: tl.constexpr):
-    """OUT[m, t * V + v, c] = sum_b [tok[m, b, t] == v] * G[m, b * T + t, c] for a [BLOCK_V, BLOCK_W]
-    tile: a GEMM of the one-hot token matrix [BLOCK_V, BLOCK_B] with G, over the examples
-    b in [pid(2) * B_SPLIT, (pid(2) + 1) * B_SPLIT) in a fixed order. Grid
-    (cdiv(V, BLOCK_V) * cdiv(W, BLOCK_W), M * T, S). SPLIT: write the partial tile to
-    WS[pid(2), m * T + t] ([S, M * T, V, W]) for mlp.split_sum_kernel instead of OUT."""
+def token_scatter_kernel(G, PERM, STARTS, OUT, B, V, W, ZERO_T, LIVE_LO, LIVE_HI,
+                         sg_m, sg_r, sp_m, ss_m, so_m,
+                         T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    """OUT[m, t * V + v, c] = sum_{b : tok[m, b, t] == v} G[m, b * T + t, c] for one token v and BLOCK_W
+    columns c: a segmented sum over the examples listed by token_index (PERM[m, t, STARTS[m, t, v]:
+    STARTS[m, t, v + 1]], ascending b), BLOCK_R rows at a time into a [BLOCK_R, BLOCK_W] accumulator
+    (row i of the segment into lane i % BLOCK_R), then a sum over the lanes: a fixed order. Grid
+    (V * cdiv(W, BLOCK_W), M * T). Rows of G at positions t < ZERO_T are zero outside the columns
+    [LIVE_LO, LIVE_HI) (what attn_backward writes there): those columns are written as 0 unread."""
     pid = tl.program_id(0)
     t = tl.program_id(1) % T
     m = (tl.program_id(1) // T).to(tl.int64)
-    split = tl.program_id(2)
-    b_lo = split * B_SPLIT
-    b_hi = tl.minimum(b_lo + B_SPLIT, B)
     nw = tl.cdiv(W, BLOCK_W)
-    vs = (pid // nw) * BLOCK_V + tl.arange(0, BLOCK_V)
+    v = pid // nw
     cs = (pid % nw) * BLOCK_W + tl.arange(0, BLOCK_W)
     cmask = cs < W
-    bb = tl.arange(0, BLOCK_B).to(tl.int64)
-    acc = tl.zeros((BLOCK_V, BLOCK_W), dtype=tl.float32)
-    for b0 in range(b_lo, b_hi, BLOCK_B):
-        bs = b0 + bb
-        bmask = bs < b_hi
-        tok = tl.load(TOK + m * stok_m + bs * T + t, mask=bmask, other=-1)
-        onehot = tl.where(tok[None, :] == vs[:, None], 1.0, 0.0)
-        g = tl.load(G + m * sg_m + (bs * T + t)[:, None] * sg_r + cs[None, :], mask=bmask[:, None] & cmask[None, :],
-                    other=0.0)
-        acc += tl.dot(onehot, g, input_precision=PRECISION)
-    omask = (vs < V)[:, None] & cmask[None, :]
-    if SPLIT:
-        slot = split.to(tl.int64) * tl.num_programs(1) + tl.program_id(1)
-        tl.store(WS + (slot * V + vs[:, None]) * W + cs[None, :], acc, mask=omask)
-    else:
-        tl.store(OUT + m * so_m + (t * V + vs)[:, None] * W + cs[None, :], acc, mask=omask)
+    zero_here = t < ZERO_T
+    live = cmask & (cs >= tl.where(zero_here, LIVE_LO, 0)) & (cs < tl.where(zero_here, LIVE_HI, W))
+    seg = STARTS + m * ss_m + t * (V + 1) + v
+    lo = tl.load(seg)
+    hi = tl.load(seg + 1)
+    hi = tl.where(tl.max(live.to(tl.int32), axis=0) > 0, hi, lo)     # a block of zero columns: nothing to read
+    rs = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_R, BLOCK_W), dtype=tl.float32)
+    for r0 in range(lo, hi, BLOCK_R):
+        r = r0 + rs
+        rmask = r < hi
+        b = tl.load(PERM + m * sp_m + t * B + r, mask=rmask, other=0).to(tl.int64)
+        acc += tl.load(G + m * sg_m + (b * T + t)[:, None] * sg_r + cs[None, :],
+                       mask=rmask[:, None] & live[None, :], other=0.0)
+    tl.store(OUT + m * so_m + (t * V + v).to(tl.int64) * W + cs, tl.sum(acc, axis=0), mask=cmask)
 
 
-def token_scatter(G, tokens, out, precision=None):
-    """out [M, T * V, W] (contiguous) = per-(position, token) sums of G [M, B * T, W] (contiguous)."""
+def token_index(tokens, d_vocab: int, out=None):
+    """The examples of each (position, token) pair, for token_scatter: (perm, starts) with perm [M', T, B]
+    int32 the example numbers sorted by token at each position (stable: ascending b within a token) and
+    starts [M', T, V + 1] int32, starts[m, t, v] = #{b : tok[m, b, t] < v}, so that the examples holding v
+    at t are perm[m, t, starts[v]:starts[v + 1]] (tokens outside [0, V) are in no segment). tokens int64
+    [M', B, T]. A few torch operations on the device, no sync: build it once per data set (the tokens are
+    fixed for a run). out: a previous (perm, starts) of the same shapes to overwrite in place (a captured
+    CUDA graph keeps reading the same addresses)."""
+    Mt, B, T = tokens.shape
+    V = int(d_vocab)
+    sorted_tok, order = torch.sort(tokens.transpose(1, 2).contiguous(), dim=-1, stable=True)   # [M', T, B]
+    bounds = torch.arange(V + 1, dtype=sorted_tok.dtype, device=tokens.device).expand(Mt, T, V + 1).contiguous()
+    starts = torch.searchsorted(sorted_tok, bounds)
+    if out is None:
+        return order.to(torch.int32).contiguous(), starts.to(torch.int32).contiguous()
+    perm_out, starts_out = out
+    if tuple(perm_out.shape) != (Mt, T, B) or tuple(starts_out.shape) != (Mt, T, V + 1):
+        raise ValueError(f"token_index: out has shapes {list(perm_out.shape)}, {list(starts_out.shape)}; "
+                         f"need [{Mt}, {T}, {B}] and [{Mt}, {T}, {V + 1}]")
+    perm_out.copy_(order)
+    starts_out.copy_(starts)
+    return perm_out, starts_out
+
+
+def token_scatter(G, index, out, zero=None):
+    """out [M, T * V, W] (contiguous) = per-(position, token) sums of G [M, B * T, W] (contiguous) rows:
+    out[m, t * V + v] = sum over examples b holding token v at position t of G[m, b * T + t]. index:
+    token_index(tokens [1 or M, B, T], V). zero: None, or (t0, lo, hi) when G's rows at positions t < t0
+    are exactly zero outside the columns [lo, hi) (the query and residual blocks of attn_backward at
+    non-query positions): those sums are written as 0 without reading G. One launch, no workspace."""
+    perm, starts = index
     M, BT_, W = G.shape
-    _, B, T = tokens.shape
-    _tokens_check(tokens, M, B, T, G.device)
+    check("perm", perm, torch.int32, dims=3, device=G.device)
+    Mt, T, B = perm.shape
+    check("starts", starts, torch.int32, shape=(Mt, T, None), device=G.device)
+    V = starts.shape[2] - 1
     check("G", G, torch.float32, shape=(M, B * T, W))
-    check("out", out, torch.float32, dims=3, shape=(M, None, W))
-    if out.shape[1] % T or not (G.is_contiguous() and out.is_contiguous()):
-        raise ValueError("token_scatter: out must be a contiguous [M, T * V, W] table, G contiguous")
-    V = out.shape[1] // T
-    BV, BW, BB = pow2(V, 16, 32), pow2(W, 16, 64), 16
-    tiles = triton.cdiv(V, BV) * triton.cdiv(W, BW)
-    S = mlp._n_splits(tiles * M * T, B, 1)           # split the example sum like a GEMM's split-K
-    b_split = triton.cdiv(triton.cdiv(B, S), BB) * BB
-    S = triton.cdiv(B, b_split)
-    ws = torch.empty((S, M * T, V, W), dtype=torch.float32, device=G.device) if S > 1 else out
-    launch(token_scatter_kernel, (tiles, M * T, S),
-           dict(G=G, TOK=tokens, OUT=out, WS=ws, B=B, V=V, W=W, B_SPLIT=b_split, sg_m=G.stride(0), sg_r=G.stride(1),
-                stok_m=tokens.stride(0) if tokens.shape[0] > 1 else 0, so_m=out.stride(0)),
-           dict(T=T, SPLIT=S > 1, PRECISION=precision or _common.DOT_PRECISION, BLOCK_V=BV, BLOCK_W=BW, BLOCK_B=BB))
-    if S > 1:
-        mlp.split_sum(ws, out.view(M, T, V, W))
+    check("out", out, torch.float32, shape=(M, T * V, W))
+    if Mt not in (1, M) or not all(t.is_contiguous() for t in (perm, starts, G, out)):
+        raise ValueError(f"token_scatter: G, out and the index must be contiguous, the index for 1 or {M} models")
+    t0, lo, hi = zero if zero is not None else (0, 0, 0)
+    BW = pow2(W, 16, 32)
+    launch(token_scatter_kernel, (V * triton.cdiv(W, BW), M * T),
+           dict(G=G, PERM=perm, STARTS=starts, OUT=out, B=B, V=V, W=W, ZERO_T=int(t0), LIVE_LO=int(lo),
+                LIVE_HI=int(hi), sg_m=G.stride(0), sg_r=G.stride(1), sp_m=perm.stride(0) if Mt > 1 else 0,
+                ss_m=starts.stride(0) if Mt > 1 else 0, so_m=out.stride(0)),
+           dict(T=T, BLOCK_R=64, BLOCK_W=BW))
     return out

@@ -16,13 +16,18 @@ How the work is laid out (DESIGN.md, "The fused training step"), T = n_ctx, V = 
             (accurate on confident data) from logits that never reach memory
   backward  mirrors it: GEMMs for every weight gradient (a fixed-order sum over examples), the
             attention backward per example into G = [dq | dk | dv | dresid] rows, G summed into the
-            (position, token) tables by a one-hot GEMM for layer 0, then the table gradients flow to
-            W_Q, W_K, W_V (table-sized products), LN1, and dW_E, dW_pos.
-Launches: independent products share one launch (mlp.gemm_launch: {dX, dW, db} of each linear map),
-the split-K sums of every weight gradient wait for one launch at the end (mlp.Deferred), and the
-unembedding is fused with the loss (unembed_loss.unembed_cross_entropy), so a
-step's forward + backward is 18 launches for the nanda and pizza presets and 42 for power (the
-optimizer adds two; tests/test_kernels_model.py::test_launches_per_step keeps these as ceilings).
+            (position, token) tables for layer 0 by a segmented sum over the examples sorted by token
+            (token_index: built once per tokens tensor), then the table gradients flow to W_Q, W_K, W_V
+            (table-sized products), LN1, and dW_E, dW_pos.
+Launches: independent products share one launch (mlp.gemm_launch: {dX, dW, db} of each linear map, and
+weight gradients that nothing reads in later launches' free slots), everything nothing in the pass reads
+waits for its last launch (flush.flush_kernel via mlp.Deferred: split-K sums, loss mean, embedding
+gradients, the optimizer's scalars), X0 is formed by its first reader, the unembedding is fused with the
+loss and dxf (unembed_loss.unembed_cross_entropy), z W_O with the attention forward and dz with the
+attention backward, so a step's forward + backward is 11 launches for the nanda and pizza presets and
+34 for power (the optimizer adds
+optimizer.STEP_LAUNCHES = 1; tests/test_kernels_model.py::test_launches_per_step keeps these as ceilings;
+executed_flops counts each launch's dot work).
 One departure from DESIGN.md's sketch: there is no value-output table VO = x0 W_V W_O; attention
 sums V rows (d_head wide) and z W_O is one GEMM over the examples, because the backward would
 otherwise scatter n_heads x d_model wide gradients into the VO table (n_heads times more work).
@@ -39,10 +44,11 @@ import math
 from collections import OrderedDict
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
-from . import _common
+from . import _common, mlp
 from ._common import check, record_launches, specialization
-from .embed_attn import attn_backward, attn_forward, embed_backward, embed_table, token_scatter
+from .embed_attn import attn_backward, attn_forward, embed_backward, token_index as _build_index, token_scatter
 from .layernorm import layernorm_backward, layernorm_forward
 from .errors import KernelConfigError
 from .layout import ParamLayout
@@ -108,10 +114,10 @@ class Workspace:
                 a.hn, a.mu1, a.rs1 = e(M, a.R_in, D), e(M, a.R_in), e(M, a.R_in)
                 a.hn2, a.mu2, a.rs2 = e(M, Ro, D), e(M, Ro), e(M, Ro)
             a.qkv = e(M, a.R_in, 3 * HD)
-            a.z, a.sm, a.xres, a.mid = e(M, Ro, HD), e(M, Ro * H * T), e(M, Ro, D), e(M, Ro, D)
+            a.z, a.sm, a.mid = e(M, Ro, HD), e(M, Ro * H * T), e(M, Ro, D)
             a.pre, a.post, a.out = e(M, Ro, F), e(M, Ro, F), e(M, Ro, D)
             if grads:
-                a.dpre, a.dmid, a.dz = e(M, Ro, F), e(M, Ro, D), e(M, Ro, HD)
+                a.dpre, a.dmid = e(M, Ro, F), e(M, Ro, D)
                 a.dh2 = e(M, Ro, D) if LN else None
                 a.G = e(M, B * T, 3 * HD + D)
                 a.Gtab = e(M, T * V, 3 * HD + D) if a.table else None
@@ -136,7 +142,7 @@ class Workspace:
             TQ = 1 if l == cfg.n_layers - 1 else T
             n += TQ * (2 * F + HD + cfg.n_heads * T + 5 * D) + (0 if l == 0 else T * (3 * HD + 2 * D))
             if grads:
-                n += TQ * (F + 3 * D + HD) + T * (3 * HD + D) + (0 if l == 0 else 2 * T * D)
+                n += TQ * (F + 3 * D) + T * (3 * HD + D) + (0 if l == 0 else 2 * T * D)
         return n + 3 * P + 4 * D + 4
 
 
@@ -176,22 +182,24 @@ def _forward(cfg, lay, flat, tokens, ws: Workspace):
     T, D, H, Dh = cfg.n_ctx, cfg.d_model, cfg.n_heads, cfg.d_head
     HD, LN = H * Dh, cfg.layernorm
     p = lay.views(flat)
-    embed_table(p["embed.W_E"], p["pos_embed.W_pos"], ws.X0)
+    embed = (p["embed.W_E"], p["pos_embed.W_pos"])    # X0 = W_E[v] + W_pos[t], formed by layer 0's first reader
     x_in = ws.X0
     for l, a in enumerate(ws.layers):
         n = f"blocks.{l}."
         R = a.R_in
         if LN:
-            layernorm_forward(x_in, p[n + "ln1.w"], p[n + "ln1.b"], a.hn, a.mu1, a.rs1, cfg.ln_eps)
+            layernorm_forward(x_in, p[n + "ln1.w"], p[n + "ln1.b"], a.hn, a.mu1, a.rs1, cfg.ln_eps,
+                              embed=embed if l == 0 else None)
         hn = a.hn if LN else x_in
         W_qkv = _span(flat, lay, n + "attn.W_Q", 3 * H * D * Dh).view(M, 3 * H, D, Dh)
         b_qkv = _span(flat, lay, n + "attn.b_Q", 3 * HD).view(M, 3 * H, Dh) if cfg.attn_bias else None
         # qkv[r, j * Dh + e] = sum_d hn[r, d] W_{Q|K|V}[h, d, e] (+ b), j = which * H + h: one launch
         gemm(hn.unsqueeze(1).unsqueeze(3).expand(M, 3 * H, R, 1, D), W_qkv.unsqueeze(2),
-             a.qkv.view(M, R, 3 * H, Dh).permute(0, 2, 1, 3), bias=b_qkv)
-        attn_forward(a.qkv, tokens, x_in, a.z, a.sm, a.xres, H, Dh, a.TQ, a.table, cfg.attn_alpha)
-        gemm(a.z, p[n + "attn.W_O"].reshape(M, HD, D), a.mid,
-             bias=p[n + "attn.b_O"] if cfg.attn_bias else None, res=a.xres)
+             a.qkv.view(M, R, 3 * H, Dh).permute(0, 2, 1, 3), bias=b_qkv,
+             embed=embed if l == 0 and not LN else None)
+        # attention, z W_O + b_O and the residual in one launch
+        attn_forward(a.qkv, tokens, x_in, p[n + "attn.W_O"], p[n + "attn.b_O"] if cfg.attn_bias else None,
+                     a.z, a.sm, a.mid, H, Dh, a.TQ, a.table, cfg.attn_alpha)
         if LN:
             layernorm_forward(a.mid, p[n + "ln2.w"], p[n + "ln2.b"], a.hn2, a.mu2, a.rs2, cfg.ln_eps)
         mlp_forward(a.hn2 if LN else a.mid, p[n + "mlp.W_in"], p[n + "mlp.b_in"], p[n + "mlp.W_out"],
@@ -202,25 +210,32 @@ def _forward(cfg, lay, flat, tokens, ws: Workspace):
     return ws.xf if LN else x_in        # the unembedding runs fused with the loss (_loss_head)
 
 
-def _loss_head(cfg, lay, flat, xf, labels, loss_ex, correct_ex, dlogits=None):
-    """Per-example loss and correct flags (and dlogits) of logits = xf W_U (+ b_U), in one launch: the
-    logits never reach memory (unembed_loss.unembed_cross_entropy)."""
+def _loss_head(cfg, lay, flat, xf, labels, loss_ex, correct_ex, dlogits=None, dxf=None):
+    """Per-example loss and correct flags (and dlogits, and dxf = dlogits W_U^T) of logits = xf W_U (+ b_U),
+    in one launch: the logits never reach memory (unembed_loss.unembed_cross_entropy)."""
     p = lay.views(flat)
     unembed_cross_entropy(xf, p["unembed.W_U"], p["unembed.b_U"] if cfg.unembed_bias else None, labels,
-                          loss_ex, correct_ex, dlogits)
+                          loss_ex, correct_ex, dlogits, dx=dxf)
 
 
-def _backward(cfg, lay, flat, tokens, ws: Workspace, xf, grad_out):
+def _launch(spare: list, *plans):
+    """gemm_launch(*plans), the free slots of its last group filled from ``spare`` (weight-gradient
+    products that nothing in the pass reads, so they may run in any later launch)."""
+    plans = list(plans)
+    while spare and len(plans) % mlp.MAX_GROUP:
+        plans.append(spare.pop(0))
+    gemm_launch(*plans)
+
+
+def _backward(cfg, lay, flat, tokens, index, ws: Workspace, xf, grad_out):
     M = flat.shape[0]
-    D, H, Dh = cfg.d_model, cfg.n_heads, cfg.d_head
+    T, D, H, Dh = cfg.n_ctx, cfg.d_model, cfg.n_heads, cfg.d_head
     HD, LN = H * Dh, cfg.layernorm
     p, g = lay.views(flat), lay.views(grad_out)
-    d = ws.deferred      # weight gradients are outputs only: their split-K sums wait for one launch at the end
-    d.start()
-    # independent products share a launch (gemm_launch): {dxf, dW_U, db_U}
-    gemm_launch(gemm_plan(ws.dlogits, p["unembed.W_U"].transpose(1, 2), ws.dxf),
-                gemm_plan(xf.transpose(1, 2), ws.dlogits, g["unembed.W_U"], defer=d),
-                *([colsum_plan(ws.dlogits, g["unembed.b_U"], defer=d)] if cfg.unembed_bias else []))
+    d = ws.deferred      # weight gradients are outputs only: their split-K sums wait for the last launch
+    # dxf came with the loss (_loss_head); dW_U and db_U ride in later launches' free slots (_launch)
+    spare = [gemm_plan(xf.transpose(1, 2), ws.dlogits, g["unembed.W_U"], defer=d),
+             *([colsum_plan(ws.dlogits, g["unembed.b_U"], defer=d)] if cfg.unembed_bias else [])]
     if LN:
         layernorm_backward(ws.layers[-1].out, p["ln_final.w"], ws.muf, ws.rsf, ws.dxf, ws.dres,
                            g["ln_final.w"], g["ln_final.b"], defer=d)
@@ -238,13 +253,13 @@ def _backward(cfg, lay, flat, tokens, ws: Workspace, xf, grad_out):
         if LN:
             layernorm_backward(a.mid, p[n + "ln2.w"], a.mu2, a.rs2, a.dh2, a.dmid, g[n + "ln2.w"], g[n + "ln2.b"],
                                res=dout, defer=d)
-        # output projection: {dz, dW_O, db_O} in one launch
-        gemm_launch(gemm_plan(a.dmid, p[n + "attn.W_O"].reshape(M, HD, D).transpose(1, 2), a.dz),
-                    gemm_plan(a.z.transpose(1, 2), a.dmid, g[n + "attn.W_O"].reshape(M, HD, D), defer=d),
-                    *([colsum_plan(a.dmid, g[n + "attn.b_O"], defer=d)] if cfg.attn_bias else []))
+        # output projection: dz = dmid W_O^T is formed inside the attention backward; dW_O, db_O ride later
+        spare += [gemm_plan(a.z.transpose(1, 2), a.dmid, g[n + "attn.W_O"].reshape(M, HD, D), defer=d),
+                  *([colsum_plan(a.dmid, g[n + "attn.b_O"], defer=d)] if cfg.attn_bias else [])]
         # attention per example, then into the (position, token) tables for layer 0
-        attn_backward(a.qkv, tokens, a.sm, a.dz, a.dmid, a.G, H, Dh, a.TQ, a.table, cfg.attn_alpha)
-        src = token_scatter(a.G, tokens, a.Gtab) if a.table else a.G      # [M, R, 3 HD + D]
+        attn_backward(a.qkv, tokens, a.sm, p[n + "attn.W_O"], a.dmid, a.G, H, Dh, a.TQ, a.table, cfg.attn_alpha)
+        # (dq and dres are exactly zero at non-query positions: the scatter skips them)
+        src = token_scatter(a.G, index, a.Gtab, zero=(T - a.TQ, HD, 3 * HD)) if a.table else a.G   # [M, R, 3 HD + D]
         dqkv, dres = src[:, :, :3 * HD], src[:, :, 3 * HD:]
         W_qkv = _span(flat, lay, n + "attn.W_Q", 3 * H * D * Dh).view(M, 3 * H, D, Dh)
         gW_qkv = _span(grad_out, lay, n + "attn.W_Q", 3 * H * D * Dh).view(M, 3 * H, D, Dh)
@@ -252,17 +267,18 @@ def _backward(cfg, lay, flat, tokens, ws: Workspace, xf, grad_out):
         # dhn[r, d] = sum_{j, e} dqkv[r, j * Dh + e] W[j, d, e]: contraction over (heads x d_head); one launch
         a_op = dqkv.view(M, R, 3 * H, Dh).unsqueeze(1)
         b_op = W_qkv.permute(0, 1, 3, 2).unsqueeze(1)
-        gemm_launch(gemm_plan(hn.transpose(1, 2).unsqueeze(1).unsqueeze(3).expand(M, 3 * H, D, 1, R),
-                              dqkv.view(M, R, 3 * H, Dh).permute(0, 2, 1, 3).unsqueeze(2), gW_qkv, defer=d),
-                    *([colsum_plan(dqkv, _span(grad_out, lay, n + "attn.b_Q", 3 * HD), defer=d)]
-                      if cfg.attn_bias else []),
-                    gemm_plan(a_op, b_op, a.dhn) if LN else gemm_plan(a_op, b_op, a.dx, res=dres))
+        _launch(spare, gemm_plan(hn.transpose(1, 2).unsqueeze(1).unsqueeze(3).expand(M, 3 * H, D, 1, R),
+                                 dqkv.view(M, R, 3 * H, Dh).permute(0, 2, 1, 3).unsqueeze(2), gW_qkv, defer=d),
+                *([colsum_plan(dqkv, _span(grad_out, lay, n + "attn.b_Q", 3 * HD), defer=d)]
+                  if cfg.attn_bias else []),
+                gemm_plan(a_op, b_op, a.dhn) if LN else gemm_plan(a_op, b_op, a.dx, res=dres))
         if LN:
             layernorm_backward(x_in, p[n + "ln1.w"], a.mu1, a.rs1, a.dhn, a.dx, g[n + "ln1.w"], g[n + "ln1.b"],
                                res=dres, defer=d)
         dout = a.dx
-    embed_backward(ws.layers[0].dx, g["embed.W_E"], g["pos_embed.W_pos"])
-    d.flush()
+    if spare:
+        gemm_launch(*spare)
+    embed_backward(ws.layers[0].dx, g["embed.W_E"], g["pos_embed.W_pos"], d)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,6 +347,29 @@ def check_token_range(cfg, tokens, labels) -> None:
                          f"got [{int(labels.min())}, {int(labels.max())}]")
 
 
+_TOKEN_INDEX = WeakIdKeyDictionary()    # tokens tensor -> (its _version, shape, d_vocab, (perm, starts))
+
+
+def token_index(cfg, tokens):
+    """The layer-0 token scatter's index of ``tokens`` ([B, n_ctx] or [M, B, n_ctx] int64, as passed to
+    loss_and_grads_flat): embed_attn.token_index, built on the first step that sees this tensor and kept
+    while the tensor lives, so a step with the same, unmodified tokens does no host work for it. A tensor
+    modified in place (its _version moved: a training step feeding a new batch into a captured graph's
+    buffer) has its index rebuilt into the same buffers, whose addresses a captured graph keeps; such a
+    caller calls this after each feed, before the replay. Returns (perm, starts)."""
+    norm = tokens.unsqueeze(0) if tokens.dim() == 2 else tokens
+    key = (tokens._version, tuple(norm.shape), cfg.d_vocab, str(tokens.device))
+    hit = _TOKEN_INDEX.get(tokens)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    if hit is not None and hit[0][1:] == key[1:]:
+        index = _build_index(norm, cfg.d_vocab, out=hit[1])
+    else:
+        index = _build_index(norm, cfg.d_vocab)
+    _TOKEN_INDEX[tokens] = (key, index)
+    return index
+
+
 def _prepare(cfg, flat, tokens, labels):
     """The checks both entry points make: (layout, M, tokens [1 or M, B, T], labels [1 or M, B], B)."""
     _check_cfg(cfg)
@@ -340,21 +379,37 @@ def _prepare(cfg, flat, tokens, labels):
     return lay, M, tokens, labels, B
 
 
-def loss_and_grads_flat(cfg, flat, tokens, labels, grad_out=None, loss_out=None, precision=None):
+def _step(cfg, lay, flat, tokens, index, labels, ws, grad_out, loss_out, flush_tasks=()):
+    """The launches of one forward + backward; the last one (ws.deferred's flush) also carries the loss
+    mean, the embedding gradients, the weight gradients' split-K sums and ``flush_tasks``."""
+    d = ws.deferred
+    d.start()
+    xf = _forward(cfg, lay, flat, tokens, ws)
+    _loss_head(cfg, lay, flat, xf, labels, ws.loss_ex, ws.correct_ex, ws.dlogits, ws.dxf)
+    mean_reduce(ws.loss_ex, ws.correct_ex, loss_out, ws.correct, defer=d)
+    _backward(cfg, lay, flat, tokens, index, ws, xf, grad_out)
+    for task in flush_tasks:
+        d.add_task(*task)
+    d.flush()
+    return xf
+
+
+def loss_and_grads_flat(cfg, flat, tokens, labels, grad_out=None, loss_out=None, precision=None, flush_tasks=()):
     """flat [M, N] float32 contiguous (ParamLayout(cfg)); tokens [B, n_ctx] int64 (shared by all M models) or
     [M, B, n_ctx]; labels [B] or [M, B] int64. Writes grad_out [M, N] float32 (every entry; the mean-loss gradient)
     and loss_out [M] float32 (mean cross-entropy per model); allocates them if None; returns (loss_out, grad_out).
     No host synchronisation (capturable in a CUDA graph once buffers are allocated). precision: the
-    float32 dot mode (_common.PRECISIONS; None: the current default, "ieee" unless changed)."""
-    lay, M, tokens, labels, B = _prepare(cfg, flat, tokens, labels)
+    float32 dot mode (_common.PRECISIONS; None: the current default, "ieee" unless changed). flush_tasks:
+    (kind, fields, programs) tasks of flush.flush_kernel to run in the step's last launch (the optimizer's
+    scalars: FusedOptimizer.scalars_task)."""
+    lay, M, tokens3, labels, B = _prepare(cfg, flat, tokens, labels)
+    index = token_index(cfg, tokens)          # cached per tokens tensor: no work while it is unchanged
+    tokens = tokens3
     grad_out = _out("grad_out", grad_out, (M, lay.numel), torch.float32, flat.device)
     loss_out = _out("loss_out", loss_out, (M,), torch.float32, flat.device)
     with _common.dot_precision(precision):
         ws = _workspace(cfg, M, B, flat.device, True)
-        xf = _forward(cfg, lay, flat, tokens, ws)
-        _loss_head(cfg, lay, flat, xf, labels, ws.loss_ex, ws.correct_ex, ws.dlogits)
-        mean_reduce(ws.loss_ex, ws.correct_ex, loss_out, ws.correct)
-        _backward(cfg, lay, flat, tokens, ws, xf, grad_out)
+        _step(cfg, lay, flat, tokens, index, labels, ws, grad_out, loss_out, flush_tasks)
     return loss_out, grad_out
 
 
@@ -400,7 +455,7 @@ def loss_and_grads(model, tokens, labels):
 def _recorded_step(cfg, M: int, B: int, eval_variant: bool = False) -> list:
     """The launches of one loss_and_grads_flat at M models and B examples, recorded instead of run
     (the orchestration runs on ``meta`` tensors; no GPU needed): [(kernel, grid, args, constexprs,
-    num_warps)]. eval_variant adds eval_flat's loss launch (no gradient)."""
+    num_warps)]. eval_variant adds eval_flat's loss launch (no gradient) and its mean_reduce launch."""
     _check_cfg(cfg)
     lay = ParamLayout(cfg)
     dev = torch.device("meta")
@@ -409,23 +464,53 @@ def _recorded_step(cfg, M: int, B: int, eval_variant: bool = False) -> list:
     labels = torch.empty((1, B), dtype=torch.int64, device=dev)
     with record_launches() as rec:
         ws = Workspace(cfg, M, B, dev, True)
-        xf = _forward(cfg, lay, flat, tokens, ws)
-        _loss_head(cfg, lay, flat, xf, labels, ws.loss_ex, ws.correct_ex, ws.dlogits)
-        mean_reduce(ws.loss_ex, ws.correct_ex, torch.empty((M,), device=dev), ws.correct)
-        _backward(cfg, lay, flat, tokens, ws, xf, torch.empty_like(flat))
+        xf = _step(cfg, lay, flat, tokens, _build_index(tokens, cfg.d_vocab), labels, ws, torch.empty_like(flat),
+                   torch.empty((M,), device=dev))
         if eval_variant:
             _loss_head(cfg, lay, flat, xf, labels, ws.loss_ex, ws.correct_ex)
+            mean_reduce(ws.loss_ex, ws.correct_ex, torch.empty((M,), device=dev), ws.correct)
     return rec
 
 
 def launches_per_step(cfg, M: int, B: int) -> dict[str, int]:
     """{kernel name: launches} of one training step's forward + backward (loss_and_grads_flat) for M
-    models and B examples, counted without a GPU; the optimizer step adds optimizer.LAUNCHES
-    (adamw_scalars_kernel, then grokfast_adamw_kernel)."""
+    models and B examples, counted without a GPU; the optimizer adds optimizer.STEP_LAUNCHES (its
+    element kernel: the steppers run its scalars in this pass's last launch)."""
     counts: dict[str, int] = {}
     for kernel, *_ in _recorded_step(cfg, M, B):
         counts[kernel.__name__] = counts.get(kernel.__name__, 0) + 1
     return counts
+
+
+def executed_flops(cfg, M: int, B: int) -> list[dict]:
+    """The tl.dot work of one training step's forward + backward at M models and B examples, per launch
+    in launch order, counted from the recorded launches (no GPU): [{"kernel", "problems" (GEMM problems
+    in the launch), "dot_flops" (executed: every program's padded tiles, 2 per multiply-add), "useful"
+    (the products' own 2 R N K), "core_flops" (products done as elementwise multiply-adds instead: the
+    attention backward's dz = dmid W_O^T, padding included)}]. Kernels without tl.dot (attention,
+    LayerNorm, the scatter, the reductions) count 0 dot FLOPs; the optimizer has none."""
+    from . import embed_attn, gemm_group, mlp, unembed_loss
+    grouped = {mlp.gemm_kernel: [""], **{k: [str(g) for g in range(n)] for n, k in gemm_group.KERNELS.items()}}
+    rows = []
+    for kernel, grid, args, cx, _ in _recorded_step(cfg, M, B):
+        if kernel in grouped:
+            parts = [mlp.dot_flops(args, cx, g) for g in grouped[kernel]]
+        elif kernel is unembed_loss.unembed_ce_kernel:
+            parts = [unembed_loss.dot_flops(grid, args, cx)]
+        elif kernel is embed_attn.attn_fwd_kernel:      # z W_O: one [BB, BDH] x [BDH, BN] dot per head
+            BB, BDH, BN = cx["BLOCK_B"], cx["BLOCK_DH"], cx["BLOCK_N"]
+            n_rows = args["B"] * cx["TQ"] * grid[2]
+            parts = [(2 * BB * BDH * BN * args["NH"] * grid[0] * grid[1] * grid[2],
+                      2 * n_rows * args["NH"] * cx["DH"] * args["D"])]
+        else:
+            parts = []
+        core = 0
+        if kernel is embed_attn.attn_bwd_kernel:     # dz[b, qi, h] = dmid[b * TQ + qi] W_O[h]^T, 16 columns a step
+            core = (2 * grid[0] * grid[1] * cx["TQ"] * cx["BLOCK_B"] * cx["BLOCK_DH"] * 16
+                    * -(-args["D"] // 16))
+        rows.append({"kernel": kernel.__name__, "problems": len(parts), "dot_flops": sum(p[0] for p in parts),
+                     "useful": sum(p[1] for p in parts), "core_flops": core})
+    return rows
 
 
 def aot_specs(cfg, M: int, B: int) -> list[dict]:
@@ -445,7 +530,5 @@ def aot_specs(cfg, M: int, B: int) -> list[dict]:
             continue
         seen.add(key)
         tag = ",".join(f"{k}={v}" for k, v in cx.items())
-        if kernel in _common.MAXNREG:
-            sp["maxnreg"] = _common.MAXNREG[kernel]
         specs.append(dict(name=f"{kernel.__name__}[{tag}]", fn=kernel, num_warps=num_warps, **sp))
     return specs

@@ -12,48 +12,80 @@ from .mlp import _gemm_program
 
 @triton.jit
 def gemm2_kernel(
-        A0, Bw0, C0, BIAS0, RES0, Z0, WS0, R0, N0, KI0, KO0, NJ0, MJ0, K_SPLIT0, sa_m0, sa_j0, sa_r0, sa_ko0, sa_ki0, sb_m0, sb_j0, sb_ko0, sb_ki0, sb_n0, sc_m0, sc_j0, sc_r0, sc_n0, sbias_m0, sbias_j0, sbias_n0, sres_m0, sres_j0, sres_r0, sres_n0, sz_m0, sz_j0, sz_r0, sz_n0,
-        HAS_BIAS0: tl.constexpr, HAS_RES0: tl.constexpr, ACT0: tl.constexpr, STORE_PRE0: tl.constexpr, DACT0: tl.constexpr, SPLIT0: tl.constexpr, PRECISION0: tl.constexpr, BLOCK_R0: tl.constexpr, BLOCK_N0: tl.constexpr, BLOCK_K0: tl.constexpr,
-        A1, Bw1, C1, BIAS1, RES1, Z1, WS1, R1, N1, KI1, KO1, NJ1, MJ1, K_SPLIT1, sa_m1, sa_j1, sa_r1, sa_ko1, sa_ki1, sb_m1, sb_j1, sb_ko1, sb_ki1, sb_n1, sc_m1, sc_j1, sc_r1, sc_n1, sbias_m1, sbias_j1, sbias_n1, sres_m1, sres_j1, sres_r1, sres_n1, sz_m1, sz_j1, sz_r1, sz_n1,
-        HAS_BIAS1: tl.constexpr, HAS_RES1: tl.constexpr, ACT1: tl.constexpr, STORE_PRE1: tl.constexpr, DACT1: tl.constexpr, SPLIT1: tl.constexpr, PRECISION1: tl.constexpr, BLOCK_R1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_K1: tl.constexpr,
+        A0, Bw0, C0, BIAS0, RES0, Z0, WS0, R0, N0, KI0, KO0, NJ0, MJ0, K_SPLIT0, sa_m0, sa_j0, sa_r0, sa_ko0, sa_ki0, sb_m0, sb_j0, sb_ko0, sb_ki0, sb_n0, sc_m0, sc_j0, sc_r0, sc_n0, sbias_m0, sbias_j0, sbias_n0, sres_m0, sres_j0, sres_r0, sres_n0, sz_m0, sz_j0, sz_r0, sz_n0, A20, A_DIV0, sa2_m0, sa2_r0, AOUT0, sao_m0, sao_r0,
+        HAS_BIAS0: tl.constexpr, HAS_RES0: tl.constexpr, ACT0: tl.constexpr, STORE_PRE0: tl.constexpr, DACT0: tl.constexpr, SPLIT0: tl.constexpr, PRECISION0: tl.constexpr, A_ONES0: tl.constexpr, A_SUM0: tl.constexpr, BLOCK_R0: tl.constexpr, BLOCK_N0: tl.constexpr, BLOCK_K0: tl.constexpr,
+        A1, Bw1, C1, BIAS1, RES1, Z1, WS1, R1, N1, KI1, KO1, NJ1, MJ1, K_SPLIT1, sa_m1, sa_j1, sa_r1, sa_ko1, sa_ki1, sb_m1, sb_j1, sb_ko1, sb_ki1, sb_n1, sc_m1, sc_j1, sc_r1, sc_n1, sbias_m1, sbias_j1, sbias_n1, sres_m1, sres_j1, sres_r1, sres_n1, sz_m1, sz_j1, sz_r1, sz_n1, A21, A_DIV1, sa2_m1, sa2_r1, AOUT1, sao_m1, sao_r1,
+        HAS_BIAS1: tl.constexpr, HAS_RES1: tl.constexpr, ACT1: tl.constexpr, STORE_PRE1: tl.constexpr, DACT1: tl.constexpr, SPLIT1: tl.constexpr, PRECISION1: tl.constexpr, A_ONES1: tl.constexpr, A_SUM1: tl.constexpr, BLOCK_R1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_K1: tl.constexpr,
         NP0,
 ):
     """2 GEMM problems; problem g has programs [NP(g-1), NP(g)) (NP(-1) = 0); grid (total programs,)."""
     pid = tl.program_id(0)
     if pid < NP0:
         _gemm_program(
-            pid, A0, Bw0, C0, BIAS0, RES0, Z0, WS0, R0, N0, KI0, KO0, NJ0, MJ0, K_SPLIT0, sa_m0, sa_j0, sa_r0, sa_ko0, sa_ki0, sb_m0, sb_j0, sb_ko0, sb_ki0, sb_n0, sc_m0, sc_j0, sc_r0, sc_n0, sbias_m0, sbias_j0, sbias_n0, sres_m0, sres_j0, sres_r0, sres_n0, sz_m0, sz_j0, sz_r0, sz_n0,
-            HAS_BIAS0, HAS_RES0, ACT0, STORE_PRE0, DACT0, SPLIT0, PRECISION0, BLOCK_R0, BLOCK_N0, BLOCK_K0)
+            pid, A0, Bw0, C0, BIAS0, RES0, Z0, WS0, R0, N0, KI0, KO0, NJ0, MJ0, K_SPLIT0, sa_m0, sa_j0, sa_r0, sa_ko0, sa_ki0, sb_m0, sb_j0, sb_ko0, sb_ki0, sb_n0, sc_m0, sc_j0, sc_r0, sc_n0, sbias_m0, sbias_j0, sbias_n0, sres_m0, sres_j0, sres_r0, sres_n0, sz_m0, sz_j0, sz_r0, sz_n0, A20, A_DIV0, sa2_m0, sa2_r0, AOUT0, sao_m0, sao_r0,
+            HAS_BIAS0, HAS_RES0, ACT0, STORE_PRE0, DACT0, SPLIT0, PRECISION0, A_ONES0, A_SUM0, BLOCK_R0, BLOCK_N0, BLOCK_K0)
     else:
         _gemm_program(
-            pid - NP0, A1, Bw1, C1, BIAS1, RES1, Z1, WS1, R1, N1, KI1, KO1, NJ1, MJ1, K_SPLIT1, sa_m1, sa_j1, sa_r1, sa_ko1, sa_ki1, sb_m1, sb_j1, sb_ko1, sb_ki1, sb_n1, sc_m1, sc_j1, sc_r1, sc_n1, sbias_m1, sbias_j1, sbias_n1, sres_m1, sres_j1, sres_r1, sres_n1, sz_m1, sz_j1, sz_r1, sz_n1,
-            HAS_BIAS1, HAS_RES1, ACT1, STORE_PRE1, DACT1, SPLIT1, PRECISION1, BLOCK_R1, BLOCK_N1, BLOCK_K1)
+            pid - NP0, A1, Bw1, C1, BIAS1, RES1, Z1, WS1, R1, N1, KI1, KO1, NJ1, MJ1, K_SPLIT1, sa_m1, sa_j1, sa_r1, sa_ko1, sa_ki1, sb_m1, sb_j1, sb_ko1, sb_ki1, sb_n1, sc_m1, sc_j1, sc_r1, sc_n1, sbias_m1, sbias_j1, sbias_n1, sres_m1, sres_j1, sres_r1, sres_n1, sz_m1, sz_j1, sz_r1, sz_n1, A21, A_DIV1, sa2_m1, sa2_r1, AOUT1, sao_m1, sao_r1,
+            HAS_BIAS1, HAS_RES1, ACT1, STORE_PRE1, DACT1, SPLIT1, PRECISION1, A_ONES1, A_SUM1, BLOCK_R1, BLOCK_N1, BLOCK_K1)
 
 
 @triton.jit
 def gemm3_kernel(
-        A0, Bw0, C0, BIAS0, RES0, Z0, WS0, R0, N0, KI0, KO0, NJ0, MJ0, K_SPLIT0, sa_m0, sa_j0, sa_r0, sa_ko0, sa_ki0, sb_m0, sb_j0, sb_ko0, sb_ki0, sb_n0, sc_m0, sc_j0, sc_r0, sc_n0, sbias_m0, sbias_j0, sbias_n0, sres_m0, sres_j0, sres_r0, sres_n0, sz_m0, sz_j0, sz_r0, sz_n0,
-        HAS_BIAS0: tl.constexpr, HAS_RES0: tl.constexpr, ACT0: tl.constexpr, STORE_PRE0: tl.constexpr, DACT0: tl.constexpr, SPLIT0: tl.constexpr, PRECISION0: tl.constexpr, BLOCK_R0: tl.constexpr, BLOCK_N0: tl.constexpr, BLOCK_K0: tl.constexpr,
-        A1, Bw1, C1, BIAS1, RES1, Z1, WS1, R1, N1, KI1, KO1, NJ1, MJ1, K_SPLIT1, sa_m1, sa_j1, sa_r1, sa_ko1, sa_ki1, sb_m1, sb_j1, sb_ko1, sb_ki1, sb_n1, sc_m1, sc_j1, sc_r1, sc_n1, sbias_m1, sbias_j1, sbias_n1, sres_m1, sres_j1, sres_r1, sres_n1, sz_m1, sz_j1, sz_r1, sz_n1,
-        HAS_BIAS1: tl.constexpr, HAS_RES1: tl.constexpr, ACT1: tl.constexpr, STORE_PRE1: tl.constexpr, DACT1: tl.constexpr, SPLIT1: tl.constexpr, PRECISION1: tl.constexpr, BLOCK_R1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_K1: tl.constexpr,
-        A2, Bw2, C2, BIAS2, RES2, Z2, WS2, R2, N2, KI2, KO2, NJ2, MJ2, K_SPLIT2, sa_m2, sa_j2, sa_r2, sa_ko2, sa_ki2, sb_m2, sb_j2, sb_ko2, sb_ki2, sb_n2, sc_m2, sc_j2, sc_r2, sc_n2, sbias_m2, sbias_j2, sbias_n2, sres_m2, sres_j2, sres_r2, sres_n2, sz_m2, sz_j2, sz_r2, sz_n2,
-        HAS_BIAS2: tl.constexpr, HAS_RES2: tl.constexpr, ACT2: tl.constexpr, STORE_PRE2: tl.constexpr, DACT2: tl.constexpr, SPLIT2: tl.constexpr, PRECISION2: tl.constexpr, BLOCK_R2: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_K2: tl.constexpr,
+        A0, Bw0, C0, BIAS0, RES0, Z0, WS0, R0, N0, KI0, KO0, NJ0, MJ0, K_SPLIT0, sa_m0, sa_j0, sa_r0, sa_ko0, sa_ki0, sb_m0, sb_j0, sb_ko0, sb_ki0, sb_n0, sc_m0, sc_j0, sc_r0, sc_n0, sbias_m0, sbias_j0, sbias_n0, sres_m0, sres_j0, sres_r0, sres_n0, sz_m0, sz_j0, sz_r0, sz_n0, A20, A_DIV0, sa2_m0, sa2_r0, AOUT0, sao_m0, sao_r0,
+        HAS_BIAS0: tl.constexpr, HAS_RES0: tl.constexpr, ACT0: tl.constexpr, STORE_PRE0: tl.constexpr, DACT0: tl.constexpr, SPLIT0: tl.constexpr, PRECISION0: tl.constexpr, A_ONES0: tl.constexpr, A_SUM0: tl.constexpr, BLOCK_R0: tl.constexpr, BLOCK_N0: tl.constexpr, BLOCK_K0: tl.constexpr,
+        A1, Bw1, C1, BIAS1, RES1, Z1, WS1, R1, N1, KI1, KO1, NJ1, MJ1, K_SPLIT1, sa_m1, sa_j1, sa_r1, sa_ko1, sa_ki1, sb_m1, sb_j1, sb_ko1, sb_ki1, sb_n1, sc_m1, sc_j1, sc_r1, sc_n1, sbias_m1, sbias_j1, sbias_n1, sres_m1, sres_j1, sres_r1, sres_n1, sz_m1, sz_j1, sz_r1, sz_n1, A21, A_DIV1, sa2_m1, sa2_r1, AOUT1, sao_m1, sao_r1,
+        HAS_BIAS1: tl.constexpr, HAS_RES1: tl.constexpr, ACT1: tl.constexpr, STORE_PRE1: tl.constexpr, DACT1: tl.constexpr, SPLIT1: tl.constexpr, PRECISION1: tl.constexpr, A_ONES1: tl.constexpr, A_SUM1: tl.constexpr, BLOCK_R1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_K1: tl.constexpr,
+        A2, Bw2, C2, BIAS2, RES2, Z2, WS2, R2, N2, KI2, KO2, NJ2, MJ2, K_SPLIT2, sa_m2, sa_j2, sa_r2, sa_ko2, sa_ki2, sb_m2, sb_j2, sb_ko2, sb_ki2, sb_n2, sc_m2, sc_j2, sc_r2, sc_n2, sbias_m2, sbias_j2, sbias_n2, sres_m2, sres_j2, sres_r2, sres_n2, sz_m2, sz_j2, sz_r2, sz_n2, A22, A_DIV2, sa2_m2, sa2_r2, AOUT2, sao_m2, sao_r2,
+        HAS_BIAS2: tl.constexpr, HAS_RES2: tl.constexpr, ACT2: tl.constexpr, STORE_PRE2: tl.constexpr, DACT2: tl.constexpr, SPLIT2: tl.constexpr, PRECISION2: tl.constexpr, A_ONES2: tl.constexpr, A_SUM2: tl.constexpr, BLOCK_R2: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_K2: tl.constexpr,
         NP0, NP1,
 ):
     """3 GEMM problems; problem g has programs [NP(g-1), NP(g)) (NP(-1) = 0); grid (total programs,)."""
     pid = tl.program_id(0)
     if pid < NP0:
         _gemm_program(
-            pid, A0, Bw0, C0, BIAS0, RES0, Z0, WS0, R0, N0, KI0, KO0, NJ0, MJ0, K_SPLIT0, sa_m0, sa_j0, sa_r0, sa_ko0, sa_ki0, sb_m0, sb_j0, sb_ko0, sb_ki0, sb_n0, sc_m0, sc_j0, sc_r0, sc_n0, sbias_m0, sbias_j0, sbias_n0, sres_m0, sres_j0, sres_r0, sres_n0, sz_m0, sz_j0, sz_r0, sz_n0,
-            HAS_BIAS0, HAS_RES0, ACT0, STORE_PRE0, DACT0, SPLIT0, PRECISION0, BLOCK_R0, BLOCK_N0, BLOCK_K0)
+            pid, A0, Bw0, C0, BIAS0, RES0, Z0, WS0, R0, N0, KI0, KO0, NJ0, MJ0, K_SPLIT0, sa_m0, sa_j0, sa_r0, sa_ko0, sa_ki0, sb_m0, sb_j0, sb_ko0, sb_ki0, sb_n0, sc_m0, sc_j0, sc_r0, sc_n0, sbias_m0, sbias_j0, sbias_n0, sres_m0, sres_j0, sres_r0, sres_n0, sz_m0, sz_j0, sz_r0, sz_n0, A20, A_DIV0, sa2_m0, sa2_r0, AOUT0, sao_m0, sao_r0,
+            HAS_BIAS0, HAS_RES0, ACT0, STORE_PRE0, DACT0, SPLIT0, PRECISION0, A_ONES0, A_SUM0, BLOCK_R0, BLOCK_N0, BLOCK_K0)
     elif pid < NP1:
         _gemm_program(
-            pid - NP0, A1, Bw1, C1, BIAS1, RES1, Z1, WS1, R1, N1, KI1, KO1, NJ1, MJ1, K_SPLIT1, sa_m1, sa_j1, sa_r1, sa_ko1, sa_ki1, sb_m1, sb_j1, sb_ko1, sb_ki1, sb_n1, sc_m1, sc_j1, sc_r1, sc_n1, sbias_m1, sbias_j1, sbias_n1, sres_m1, sres_j1, sres_r1, sres_n1, sz_m1, sz_j1, sz_r1, sz_n1,
-            HAS_BIAS1, HAS_RES1, ACT1, STORE_PRE1, DACT1, SPLIT1, PRECISION1, BLOCK_R1, BLOCK_N1, BLOCK_K1)
+            pid - NP0, A1, Bw1, C1, BIAS1, RES1, Z1, WS1, R1, N1, KI1, KO1, NJ1, MJ1, K_SPLIT1, sa_m1, sa_j1, sa_r1, sa_ko1, sa_ki1, sb_m1, sb_j1, sb_ko1, sb_ki1, sb_n1, sc_m1, sc_j1, sc_r1, sc_n1, sbias_m1, sbias_j1, sbias_n1, sres_m1, sres_j1, sres_r1, sres_n1, sz_m1, sz_j1, sz_r1, sz_n1, A21, A_DIV1, sa2_m1, sa2_r1, AOUT1, sao_m1, sao_r1,
+            HAS_BIAS1, HAS_RES1, ACT1, STORE_PRE1, DACT1, SPLIT1, PRECISION1, A_ONES1, A_SUM1, BLOCK_R1, BLOCK_N1, BLOCK_K1)
     else:
         _gemm_program(
-            pid - NP1, A2, Bw2, C2, BIAS2, RES2, Z2, WS2, R2, N2, KI2, KO2, NJ2, MJ2, K_SPLIT2, sa_m2, sa_j2, sa_r2, sa_ko2, sa_ki2, sb_m2, sb_j2, sb_ko2, sb_ki2, sb_n2, sc_m2, sc_j2, sc_r2, sc_n2, sbias_m2, sbias_j2, sbias_n2, sres_m2, sres_j2, sres_r2, sres_n2, sz_m2, sz_j2, sz_r2, sz_n2,
-            HAS_BIAS2, HAS_RES2, ACT2, STORE_PRE2, DACT2, SPLIT2, PRECISION2, BLOCK_R2, BLOCK_N2, BLOCK_K2)
+            pid - NP1, A2, Bw2, C2, BIAS2, RES2, Z2, WS2, R2, N2, KI2, KO2, NJ2, MJ2, K_SPLIT2, sa_m2, sa_j2, sa_r2, sa_ko2, sa_ki2, sb_m2, sb_j2, sb_ko2, sb_ki2, sb_n2, sc_m2, sc_j2, sc_r2, sc_n2, sbias_m2, sbias_j2, sbias_n2, sres_m2, sres_j2, sres_r2, sres_n2, sz_m2, sz_j2, sz_r2, sz_n2, A22, A_DIV2, sa2_m2, sa2_r2, AOUT2, sao_m2, sao_r2,
+            HAS_BIAS2, HAS_RES2, ACT2, STORE_PRE2, DACT2, SPLIT2, PRECISION2, A_ONES2, A_SUM2, BLOCK_R2, BLOCK_N2, BLOCK_K2)
 
 
-KERNELS = {2: gemm2_kernel, 3: gemm3_kernel}
+@triton.jit
+def gemm4_kernel(
+        A0, Bw0, C0, BIAS0, RES0, Z0, WS0, R0, N0, KI0, KO0, NJ0, MJ0, K_SPLIT0, sa_m0, sa_j0, sa_r0, sa_ko0, sa_ki0, sb_m0, sb_j0, sb_ko0, sb_ki0, sb_n0, sc_m0, sc_j0, sc_r0, sc_n0, sbias_m0, sbias_j0, sbias_n0, sres_m0, sres_j0, sres_r0, sres_n0, sz_m0, sz_j0, sz_r0, sz_n0, A20, A_DIV0, sa2_m0, sa2_r0, AOUT0, sao_m0, sao_r0,
+        HAS_BIAS0: tl.constexpr, HAS_RES0: tl.constexpr, ACT0: tl.constexpr, STORE_PRE0: tl.constexpr, DACT0: tl.constexpr, SPLIT0: tl.constexpr, PRECISION0: tl.constexpr, A_ONES0: tl.constexpr, A_SUM0: tl.constexpr, BLOCK_R0: tl.constexpr, BLOCK_N0: tl.constexpr, BLOCK_K0: tl.constexpr,
+        A1, Bw1, C1, BIAS1, RES1, Z1, WS1, R1, N1, KI1, KO1, NJ1, MJ1, K_SPLIT1, sa_m1, sa_j1, sa_r1, sa_ko1, sa_ki1, sb_m1, sb_j1, sb_ko1, sb_ki1, sb_n1, sc_m1, sc_j1, sc_r1, sc_n1, sbias_m1, sbias_j1, sbias_n1, sres_m1, sres_j1, sres_r1, sres_n1, sz_m1, sz_j1, sz_r1, sz_n1, A21, A_DIV1, sa2_m1, sa2_r1, AOUT1, sao_m1, sao_r1,
+        HAS_BIAS1: tl.constexpr, HAS_RES1: tl.constexpr, ACT1: tl.constexpr, STORE_PRE1: tl.constexpr, DACT1: tl.constexpr, SPLIT1: tl.constexpr, PRECISION1: tl.constexpr, A_ONES1: tl.constexpr, A_SUM1: tl.constexpr, BLOCK_R1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_K1: tl.constexpr,
+        A2, Bw2, C2, BIAS2, RES2, Z2, WS2, R2, N2, KI2, KO2, NJ2, MJ2, K_SPLIT2, sa_m2, sa_j2, sa_r2, sa_ko2, sa_ki2, sb_m2, sb_j2, sb_ko2, sb_ki2, sb_n2, sc_m2, sc_j2, sc_r2, sc_n2, sbias_m2, sbias_j2, sbias_n2, sres_m2, sres_j2, sres_r2, sres_n2, sz_m2, sz_j2, sz_r2, sz_n2, A22, A_DIV2, sa2_m2, sa2_r2, AOUT2, sao_m2, sao_r2,
+        HAS_BIAS2: tl.constexpr, HAS_RES2: tl.constexpr, ACT2: tl.constexpr, STORE_PRE2: tl.constexpr, DACT2: tl.constexpr, SPLIT2: tl.constexpr, PRECISION2: tl.constexpr, A_ONES2: tl.constexpr, A_SUM2: tl.constexpr, BLOCK_R2: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_K2: tl.constexpr,
+        A3, Bw3, C3, BIAS3, RES3, Z3, WS3, R3, N3, KI3, KO3, NJ3, MJ3, K_SPLIT3, sa_m3, sa_j3, sa_r3, sa_ko3, sa_ki3, sb_m3, sb_j3, sb_ko3, sb_ki3, sb_n3, sc_m3, sc_j3, sc_r3, sc_n3, sbias_m3, sbias_j3, sbias_n3, sres_m3, sres_j3, sres_r3, sres_n3, sz_m3, sz_j3, sz_r3, sz_n3, A23, A_DIV3, sa2_m3, sa2_r3, AOUT3, sao_m3, sao_r3,
+        HAS_BIAS3: tl.constexpr, HAS_RES3: tl.constexpr, ACT3: tl.constexpr, STORE_PRE3: tl.constexpr, DACT3: tl.constexpr, SPLIT3: tl.constexpr, PRECISION3: tl.constexpr, A_ONES3: tl.constexpr, A_SUM3: tl.constexpr, BLOCK_R3: tl.constexpr, BLOCK_N3: tl.constexpr, BLOCK_K3: tl.constexpr,
+        NP0, NP1, NP2,
+):
+    """4 GEMM problems; problem g has programs [NP(g-1), NP(g)) (NP(-1) = 0); grid (total programs,)."""
+    pid = tl.program_id(0)
+    if pid < NP0:
+        _gemm_program(
+            pid, A0, Bw0, C0, BIAS0, RES0, Z0, WS0, R0, N0, KI0, KO0, NJ0, MJ0, K_SPLIT0, sa_m0, sa_j0, sa_r0, sa_ko0, sa_ki0, sb_m0, sb_j0, sb_ko0, sb_ki0, sb_n0, sc_m0, sc_j0, sc_r0, sc_n0, sbias_m0, sbias_j0, sbias_n0, sres_m0, sres_j0, sres_r0, sres_n0, sz_m0, sz_j0, sz_r0, sz_n0, A20, A_DIV0, sa2_m0, sa2_r0, AOUT0, sao_m0, sao_r0,
+            HAS_BIAS0, HAS_RES0, ACT0, STORE_PRE0, DACT0, SPLIT0, PRECISION0, A_ONES0, A_SUM0, BLOCK_R0, BLOCK_N0, BLOCK_K0)
+    elif pid < NP1:
+        _gemm_program(
+            pid - NP0, A1, Bw1, C1, BIAS1, RES1, Z1, WS1, R1, N1, KI1, KO1, NJ1, MJ1, K_SPLIT1, sa_m1, sa_j1, sa_r1, sa_ko1, sa_ki1, sb_m1, sb_j1, sb_ko1, sb_ki1, sb_n1, sc_m1, sc_j1, sc_r1, sc_n1, sbias_m1, sbias_j1, sbias_n1, sres_m1, sres_j1, sres_r1, sres_n1, sz_m1, sz_j1, sz_r1, sz_n1, A21, A_DIV1, sa2_m1, sa2_r1, AOUT1, sao_m1, sao_r1,
+            HAS_BIAS1, HAS_RES1, ACT1, STORE_PRE1, DACT1, SPLIT1, PRECISION1, A_ONES1, A_SUM1, BLOCK_R1, BLOCK_N1, BLOCK_K1)
+    elif pid < NP2:
+        _gemm_program(
+            pid - NP1, A2, Bw2, C2, BIAS2, RES2, Z2, WS2, R2, N2, KI2, KO2, NJ2, MJ2, K_SPLIT2, sa_m2, sa_j2, sa_r2, sa_ko2, sa_ki2, sb_m2, sb_j2, sb_ko2, sb_ki2, sb_n2, sc_m2, sc_j2, sc_r2, sc_n2, sbias_m2, sbias_j2, sbias_n2, sres_m2, sres_j2, sres_r2, sres_n2, sz_m2, sz_j2, sz_r2, sz_n2, A22, A_DIV2, sa2_m2, sa2_r2, AOUT2, sao_m2, sao_r2,
+            HAS_BIAS2, HAS_RES2, ACT2, STORE_PRE2, DACT2, SPLIT2, PRECISION2, A_ONES2, A_SUM2, BLOCK_R2, BLOCK_N2, BLOCK_K2)
+    else:
+        _gemm_program(
+            pid - NP2, A3, Bw3, C3, BIAS3, RES3, Z3, WS3, R3, N3, KI3, KO3, NJ3, MJ3, K_SPLIT3, sa_m3, sa_j3, sa_r3, sa_ko3, sa_ki3, sb_m3, sb_j3, sb_ko3, sb_ki3, sb_n3, sc_m3, sc_j3, sc_r3, sc_n3, sbias_m3, sbias_j3, sbias_n3, sres_m3, sres_j3, sres_r3, sres_n3, sz_m3, sz_j3, sz_r3, sz_n3, A23, A_DIV3, sa2_m3, sa2_r3, AOUT3, sao_m3, sao_r3,
+            HAS_BIAS3, HAS_RES3, ACT3, STORE_PRE3, DACT3, SPLIT3, PRECISION3, A_ONES3, A_SUM3, BLOCK_R3, BLOCK_N3, BLOCK_K3)
+
+
+KERNELS = {2: gemm2_kernel, 3: gemm3_kernel, 4: gemm4_kernel}

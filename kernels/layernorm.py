@@ -22,15 +22,23 @@ from .mlp import colsum_plan, gemm_launch
 @triton.jit
 def ln_fwd_kernel(X, W, Bb, Y, MEAN, RSTD, R, D, eps,
                   sx_m, sx_r, sw_m, sb_m, sy_m, sy_r, sst_m,
-                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Y = LayerNorm(X) for BLOCK_R rows; grid (cdiv(R, BLOCK_R), M)."""
+                  X2, X_DIV, sx2_m, sx2_r, XOUT, sxo_m, sxo_r,
+                  EMBED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Y = LayerNorm(X) for BLOCK_R rows; grid (cdiv(R, BLOCK_R), M). EMBED: row r of X is
+    X[m, r % X_DIV] + X2[m, r // X_DIV] (the embedding table X0[t * V + v] = W_E[v] + W_pos[t]), also
+    written to XOUT[m, r]."""
     m = tl.program_id(1).to(tl.int64)
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     ds = tl.arange(0, BLOCK_D)
     rmask = rows < R
     dmask = ds < D
     mask = rmask[:, None] & dmask[None, :]
-    x = tl.load(X + m * sx_m + rows[:, None] * sx_r + ds[None, :], mask=mask, other=0.0)
+    if EMBED:
+        x = tl.load(X + m * sx_m + (rows % X_DIV)[:, None] * sx_r + ds[None, :], mask=mask, other=0.0)
+        x += tl.load(X2 + m * sx2_m + (rows // X_DIV)[:, None] * sx2_r + ds[None, :], mask=mask, other=0.0)
+        tl.store(XOUT + m * sxo_m + rows[:, None] * sxo_r + ds[None, :], x, mask=mask)
+    else:
+        x = tl.load(X + m * sx_m + rows[:, None] * sx_r + ds[None, :], mask=mask, other=0.0)
     mu = tl.sum(x, axis=1) / D
     xc = tl.where(mask, x - mu[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
@@ -83,9 +91,10 @@ def _block_r(BD):
     return max(1, min(64, 4096 // BD))
 
 
-def layernorm_forward(x, w, b, y, mean, rstd, eps):
+def layernorm_forward(x, w, b, y, mean, rstd, eps, embed=None):
     """y = LayerNorm(x) * w + b. x, y [M, R, D] (rows may be strided, d_model contiguous);
-    w, b [M, D]; mean, rstd [M, R] (written). Returns y."""
+    w, b [M, D]; mean, rstd [M, R] (written). Returns y. embed: (W_E [M, V, D], W_pos [M, T, D]) to form
+    x = the embedding table (x[t * V + v] = W_E[v] + W_pos[t], R = T * V) in the same launch, written to x."""
     M, R, D = x.shape
     _rows_check("x", x, M, D)
     _rows_check("y", y, M, D)
@@ -95,11 +104,20 @@ def layernorm_forward(x, w, b, y, mean, rstd, eps):
         check(n, t, torch.float32, shape=(M, R))
     BD = pow2(D, 16)
     BR = _block_r(BD)
-    launch(ln_fwd_kernel, (triton.cdiv(R, BR), M),
-           dict(X=x, W=w, Bb=b, Y=y, MEAN=mean, RSTD=rstd, R=R, D=D, eps=float(eps),
+    args = dict(X=x, W=w, Bb=b, Y=y, MEAN=mean, RSTD=rstd, R=R, D=D, eps=float(eps),
                 sx_m=x.stride(0), sx_r=x.stride(1), sw_m=w.stride(0), sb_m=b.stride(0),
-                sy_m=y.stride(0), sy_r=y.stride(1), sst_m=mean.stride(0)),
-           dict(BLOCK_R=BR, BLOCK_D=BD))
+                sy_m=y.stride(0), sy_r=y.stride(1), sst_m=mean.stride(0),
+                X2=x, X_DIV=1, sx2_m=0, sx2_r=0, XOUT=x, sxo_m=0, sxo_r=0)
+    if embed is not None:
+        W_E, W_pos = embed
+        V, T = W_E.shape[1], W_pos.shape[1]
+        _rows_check("W_E", W_E, M, D)
+        _rows_check("W_pos", W_pos, M, D)
+        if R != T * V:
+            raise ValueError(f"layernorm_forward: embed needs x of T * V = {T * V} rows, got {R}")
+        args.update(X=W_E, sx_m=W_E.stride(0), sx_r=W_E.stride(1), X2=W_pos, X_DIV=V, sx2_m=W_pos.stride(0),
+                    sx2_r=W_pos.stride(1), XOUT=x, sxo_m=x.stride(0), sxo_r=x.stride(1))
+    launch(ln_fwd_kernel, (triton.cdiv(R, BR), M), args, dict(EMBED=embed is not None, BLOCK_R=BR, BLOCK_D=BD))
     return y
 
 

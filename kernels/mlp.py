@@ -1,5 +1,6 @@
 """Dense products: the MLP (and every other matrix product of the model) as one batched GEMM kernel
-with fused epilogues; bias gradients (column sums) are the same GEMM with a row of ones.
+with fused epilogues; bias gradients (column sums) are the same GEMM with a row of ones, which
+the program sums instead of multiplying (A_ONES).
 
 The GEMM computes, for every batch index (m, j) (m: the model, j: a second batch axis such as the
 head or the Q/K/V block),
@@ -18,7 +19,7 @@ grouped launches ({dpre = (dout W_out^T) * act'(pre), dW_out = post^T dout, db_o
 {dW_in = h^T dpre, db_in, dh = dpre W_in^T}).
 
 Grouped launches: problems that do not depend on one another (the backward's dX = dY W^T and
-dW = X^T dY, and the bias sums, all read dY) run in one launch of gemm{2,3}_kernel (gemm_group.py,
+dW = X^T dY, and the bias sums, all read dY) run in one launch of gemm{2,3,4}_kernel (gemm_group.py,
 generated from GEMM_ARGS): ``gemm_plan`` checks one problem, ``gemm_launch(*plans)`` runs up to
 MAX_GROUP of them per launch, problem g on its own range of programs with its own constexprs (so each
 keeps the code it would have alone: the same bits).
@@ -27,9 +28,10 @@ Weight gradients contract over the examples. With few output tiles and a long co
 contraction is split into S slices (split-K): each program writes its partial tile to a scratch
 buffer and the S partials are added in a fixed order, so the result is deterministic without
 atomics (and bit-identical from run to run for the same shapes): right away by split_sum_kernel,
-or, with a ``Deferred``, later and for every weight gradient of the pass in one launch of
-split_sum_many_kernel (a device table of (buffer address, output address, shape, strides) rows).
-Block sizes: BLOCK_R in {16, 32}, BLOCK_N in {16, 32, 64}, BLOCK_K = 16, 8 warps; every dot
+or, with a ``Deferred``, later and for every weight gradient of the pass in the pass's last launch
+(flush.flush_kernel, driven by a device table of (buffer address, output address, shape, strides)
+rows, which also carries the pass's other put-off work).
+Block sizes: BLOCK_R in {16, 32} (1 for column sums), BLOCK_N in {16, 32, 64}, BLOCK_K = 16, 8 warps; every dot
 dimension >= 16 (masks pad small operands), float32 accumulators, dots at
 ``_common.DOT_PRECISION`` ("ieee" by default). act: 0 none, 1 ReLU, 2 GELU (exact, erf form).
 """
@@ -71,8 +73,9 @@ def _dact(x, ACT: tl.constexpr):
 GEMM_ARGS = ("A", "Bw", "C", "BIAS", "RES", "Z", "WS", "R", "N", "KI", "KO", "NJ", "MJ", "K_SPLIT",
              "sa_m", "sa_j", "sa_r", "sa_ko", "sa_ki", "sb_m", "sb_j", "sb_ko", "sb_ki", "sb_n",
              "sc_m", "sc_j", "sc_r", "sc_n", "sbias_m", "sbias_j", "sbias_n",
-             "sres_m", "sres_j", "sres_r", "sres_n", "sz_m", "sz_j", "sz_r", "sz_n")
-GEMM_CONSTEXPRS = ("HAS_BIAS", "HAS_RES", "ACT", "STORE_PRE", "DACT", "SPLIT", "PRECISION",
+             "sres_m", "sres_j", "sres_r", "sres_n", "sz_m", "sz_j", "sz_r", "sz_n",
+             "A2", "A_DIV", "sa2_m", "sa2_r", "AOUT", "sao_m", "sao_r")
+GEMM_CONSTEXPRS = ("HAS_BIAS", "HAS_RES", "ACT", "STORE_PRE", "DACT", "SPLIT", "PRECISION", "A_ONES", "A_SUM",
                    "BLOCK_R", "BLOCK_N", "BLOCK_K")
 
 
@@ -87,15 +90,20 @@ def _gemm_program(
     sbias_m, sbias_j, sbias_n,
     sres_m, sres_j, sres_r, sres_n,
     sz_m, sz_j, sz_r, sz_n,
+    A2, A_DIV, sa2_m, sa2_r, AOUT, sao_m, sao_r,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr,
-    DACT: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    DACT: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, A_ONES: tl.constexpr, A_SUM: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program ``pid`` of one GEMM problem: pid = (split * MJ + pb) * n_tiles + tile, tile = one
     [BLOCK_R, BLOCK_N] tile of C for batch pb = m * NJ + j (MJ = M * NJ batches), contraction slice
     ki in [split * K_SPLIT, (split + 1) * K_SPLIT). SPLIT: write the raw partial sum to
     WS[split, pb] ([S, MJ, R, N] contiguous) for a fixed-order reduction (no epilogue); otherwise
-    S = 1 and the epilogue of the module docstring."""
+    S = 1 and the epilogue of the module docstring. A_ONES: A is a row of ones (R = 1, BLOCK_R = 1; column
+    sums of Bw, the bias gradients): sums instead of a dot on a 16-row tile with one real row. A_SUM (KO = 1,
+    no split): row r of A is A[m, r % A_DIV] + A2[m, r // A_DIV] (the embedding table X0[t * V + v] =
+    W_E[v] + W_pos[t] formed in the operand load), which the programs of batch j = 0 and column tile 0
+    also write to AOUT[m, r] (strides sao_*; every k), for the pass's later readers of X0."""
     n_tiles_n = tl.cdiv(N, BLOCK_N)
     n_tiles = tl.cdiv(R, BLOCK_R) * n_tiles_n
     tile = pid % n_tiles
@@ -111,7 +119,12 @@ def _gemm_program(
     ks = tl.arange(0, BLOCK_K).to(tl.int64)
     rmask = rows < R
     nmask = cols < N
-    a_base = A + m * sa_m + j * sa_j + rows[:, None] * sa_r
+    if A_SUM:
+        a_base = A + m * sa_m + j * sa_j + (rows % A_DIV)[:, None] * sa_r
+        a2_base = A2 + m * sa2_m + (rows // A_DIV)[:, None] * sa2_r
+        keep = (j == 0) & (pid_n == 0)
+    else:
+        a_base = A + m * sa_m + j * sa_j + rows[:, None] * sa_r
     b_base = Bw + m * sb_m + j * sb_j + cols[None, :] * sb_n
     k_lo = split * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, KI)
@@ -120,9 +133,21 @@ def _gemm_program(
         for k0 in range(k_lo, k_hi, BLOCK_K):
             kk = k0 + ks
             kmask = kk < k_hi
-            a = tl.load(a_base + ko * sa_ko + kk[None, :] * sa_ki, mask=rmask[:, None] & kmask[None, :], other=0.0)
-            b = tl.load(b_base + ko * sb_ko + kk[:, None] * sb_ki, mask=kmask[:, None] & nmask[None, :], other=0.0)
-            acc += tl.dot(a, b, input_precision=PRECISION)
+            if A_ONES:
+                b = tl.load(b_base + ko * sb_ko + kk[:, None] * sb_ki, mask=kmask[:, None] & nmask[None, :],
+                            other=0.0)
+                acc += tl.sum(b, axis=0)[None, :]
+            else:
+                a = tl.load(a_base + ko * sa_ko + kk[None, :] * sa_ki, mask=rmask[:, None] & kmask[None, :],
+                            other=0.0)
+                if A_SUM:
+                    a += tl.load(a2_base + kk[None, :] * sa_ki, mask=rmask[:, None] & kmask[None, :], other=0.0)
+                    if keep:
+                        tl.store(AOUT + m * sao_m + rows[:, None] * sao_r + kk[None, :], a,
+                                 mask=rmask[:, None] & kmask[None, :])
+                b = tl.load(b_base + ko * sb_ko + kk[:, None] * sb_ki, mask=kmask[:, None] & nmask[None, :],
+                            other=0.0)
+                acc += tl.dot(a, b, input_precision=PRECISION)
     cmask = rmask[:, None] & nmask[None, :]
     if SPLIT:
         slot = split.to(tl.int64) * MJ + pb
@@ -153,8 +178,9 @@ def gemm_kernel(
     sbias_m, sbias_j, sbias_n,
     sres_m, sres_j, sres_r, sres_n,
     sz_m, sz_j, sz_r, sz_n,
+    A2, A_DIV, sa2_m, sa2_r, AOUT, sao_m, sao_r,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr,
-    DACT: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    DACT: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, A_ONES: tl.constexpr, A_SUM: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One GEMM problem (_gemm_program); grid (n_tiles * MJ * S,)."""
@@ -162,7 +188,8 @@ def gemm_kernel(
         tl.program_id(0), A, Bw, C, BIAS, RES, Z, WS, R, N, KI, KO, NJ, MJ, K_SPLIT,
         sa_m, sa_j, sa_r, sa_ko, sa_ki, sb_m, sb_j, sb_ko, sb_ki, sb_n, sc_m, sc_j, sc_r, sc_n,
         sbias_m, sbias_j, sbias_n, sres_m, sres_j, sres_r, sres_n, sz_m, sz_j, sz_r, sz_n,
-        HAS_BIAS, HAS_RES, ACT, STORE_PRE, DACT, SPLIT, PRECISION, BLOCK_R, BLOCK_N, BLOCK_K)
+        A2, A_DIV, sa2_m, sa2_r, AOUT, sao_m, sao_r,
+        HAS_BIAS, HAS_RES, ACT, STORE_PRE, DACT, SPLIT, PRECISION, A_ONES, A_SUM, BLOCK_R, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -187,17 +214,12 @@ def split_sum_kernel(WS, C, S, R, N, NJ, sc_m, sc_j, sc_r, sc_n,
 
 
 @triton.jit
-def split_sum_many_kernel(TAB, PROG, BLOCK: tl.constexpr):
-    """The deferred form of split_sum_kernel: many reductions in one launch, described by a table.
-
-    TAB [n_seg, 12] int64, one row per reduction: (ws address, out address, S, MJ, R, N, NJ,
-    sc_m, sc_j, sc_r, sc_n, first program). ws holds [S, MJ, R, N] contiguous partials; out[m, j, r, n]
-    (strides sc_*) = sum_{s < S} ws[s, m * NJ + j, r, n] in the order s = 0, 1, ... (the same float
-    operations as split_sum_kernel, so the same bits). PROG [n_programs] int32: the segment of each
-    program. A segment has MJ * cdiv(R * N, BLOCK) programs; grid (n_programs,)."""
-    pid = tl.program_id(0)
-    seg = tl.load(PROG + pid).to(tl.int64)
-    row = TAB + seg * 12
+def _split_sum_segment(row, local, BLOCK: tl.constexpr):
+    """Program ``local`` of one deferred split-K sum (a task of flush.flush_kernel), described by the table
+    row ``row`` (int64: ws address, out address, S, MJ, R, N, NJ, sc_m, sc_j, sc_r, sc_n): ws holds
+    [S, MJ, R, N] contiguous partials; out[m, j, r, n] (strides sc_*) = sum_{s < S} ws[s, m * NJ + j, r, n]
+    in the order s = 0, 1, ... (the float operations of split_sum_kernel, so its bits). A task has
+    MJ * cdiv(R * N, BLOCK) programs."""
     ws = tl.load(row + 0).to(tl.pointer_type(tl.float32))
     out = tl.load(row + 1).to(tl.pointer_type(tl.float32))
     S = tl.load(row + 2)
@@ -205,7 +227,6 @@ def split_sum_many_kernel(TAB, PROG, BLOCK: tl.constexpr):
     R = tl.load(row + 4)
     N = tl.load(row + 5)
     NJ = tl.load(row + 6)
-    local = pid - tl.load(row + 11)
     RN = R * N
     per_slab = (RN + BLOCK - 1) // BLOCK
     pb = local // per_slab
@@ -223,7 +244,9 @@ def split_sum_many_kernel(TAB, PROG, BLOCK: tl.constexpr):
 
 
 class Deferred:
-    """Split-K reductions put off to the end of a pass and done in one launch (split_sum_many_kernel).
+    """Work put off to the end of a pass and done in one launch (flush.flush_kernel): split-K reductions,
+    and tasks of the other kinds flush_kernel knows (``add_task``: the loss mean, the embedding
+    gradients, the optimizer's scalars).
 
     The weight and bias gradients of the backward are outputs only: nothing in the pass reads them,
     so their partial sums can wait. ``gemm(..., defer=d)`` writes its partials into a buffer that ``d``
@@ -238,7 +261,7 @@ class Deferred:
     shapes or precisions do to this object. ``tables_built`` counts descriptor tables made (each a
     host-to-device copy): it stays constant over the passes of one shape."""
 
-    SEG_FIELDS = 12
+    SEG_FIELDS = 13
     BLOCK = 1024
     TABLE_CACHE = 8
 
@@ -269,7 +292,17 @@ class Deferred:
         return buf
 
     def add(self, ws: torch.Tensor, out4: torch.Tensor) -> None:
-        self._pending.append((ws, out4))
+        """A split-K reduction: out4[m, j] = sum_s ws[s, m * J + j] (ws [S, M * J, R, N] contiguous)."""
+        S, MJ, R, N = ws.shape
+        self._pending.append((0, [ws, out4, S, MJ, R, N, out4.shape[1], *out4.stride()],
+                              MJ * triton.cdiv(R * N, self.BLOCK)))
+
+    def add_task(self, kind: int, fields: list, n_programs: int) -> None:
+        """A task of flush_kernel's ``kind`` with up to 11 fields (ints, or tensors for their addresses) on
+        ``n_programs`` programs."""
+        if len(fields) > 11 or n_programs < 1:
+            raise ValueError(f"a flush task has at most 11 fields and >= 1 program, got {len(fields)}, {n_programs}")
+        self._pending.append((kind, list(fields), n_programs))
 
     def held(self) -> tuple:
         """What a replay of the last pass reads besides its inputs and outputs: the split buffers and the
@@ -279,11 +312,9 @@ class Deferred:
     def _table(self, device):
         meta = device.type == "meta"
         rows, prog, first = [], [], 0
-        for seg, (ws, C) in enumerate(self._pending):
-            S, MJ, R, N = ws.shape
-            n = MJ * triton.cdiv(R * N, self.BLOCK)
-            rows.append([0 if meta else ws.data_ptr(), 0 if meta else C.data_ptr(), S, MJ, R, N, C.shape[1],
-                         *C.stride(), first])
+        for seg, (kind, fields, n) in enumerate(self._pending):
+            vals = [(0 if meta else f.data_ptr()) if isinstance(f, torch.Tensor) else int(f) for f in fields]
+            rows.append(vals + [0] * (11 - len(vals)) + [first, kind])
             prog += [seg] * n
             first += n
         key = (str(device),) + tuple(map(tuple, rows))
@@ -305,13 +336,15 @@ class Deferred:
         return hit, first
 
     def flush(self) -> None:
+        from . import flush, optimizer
         self._next = 0
         if not self._pending:
             return
-        device = self._pending[0][0].device
+        device = next(f for _, fields, _ in self._pending for f in fields if isinstance(f, torch.Tensor)).device
         (tab, prog), n = self._table(device)
         self.last_table = (tab, prog)
-        launch(split_sum_many_kernel, (n,), dict(TAB=tab, PROG=prog), dict(BLOCK=self.BLOCK), num_warps=4)
+        launch(flush.flush_kernel, (n,), dict(TAB=tab, PROG=prog),
+               dict(BLOCK=self.BLOCK, SCALARS=optimizer.SCALARS, BLOCK_M=optimizer.BLOCK_M), num_warps=4)
         self._pending = []
 
 
@@ -384,6 +417,7 @@ class GemmPlan:
 
     def __init__(self, args, cx, n_programs, ws, out4, defer):
         self.args, self.cx, self.n_programs = args, cx, n_programs
+        self.k_steps = args["KO"] * triton.cdiv(min(args["K_SPLIT"], args["KI"]), cx["BLOCK_K"])   # per program
         self._ws, self._out4, self._defer = ws, out4, defer
 
     def finish(self) -> None:
@@ -396,9 +430,13 @@ class GemmPlan:
 
 
 def gemm_plan(a, b, out, bias=None, res=None, act=None, pre_out=None, dact=None, z=None, precision=None,
-              defer: Deferred | None = None) -> GemmPlan:
+              defer: Deferred | None = None, ones: bool = False, embed=None) -> GemmPlan:
     """The arguments of ``gemm`` checked and turned into a GemmPlan (nothing is launched): run it with
-    ``gemm_launch(plan, ...)``, alone or grouped with independent problems."""
+    ``gemm_launch(plan, ...)``, alone or grouped with independent problems. ones: a is a [M, 1, K] row of
+    ones (colsum_plan): the program sums b's columns instead of multiplying (A_ONES). embed: (W_E [M, V, K],
+    W_pos [M, T, K]) when a is [M, J, T * V, 1, K] views of the embedding table X0 (any J, stride 0 across
+    J, unit stride along K): the operand load forms X0[t * V + v] = W_E[v] + W_pos[t] and writes it into
+    a's storage (A_SUM), so X0 needs no launch of its own."""
     A, Bw = _as5(a, "a"), None
     if b.dim() == 3:
         Bw = b.unsqueeze(1).unsqueeze(2)
@@ -432,9 +470,20 @@ def gemm_plan(a, b, out, bias=None, res=None, act=None, pre_out=None, dact=None,
     # TF32 modes hold split operands (3xTF32: hi and lo of each): 32 x 32 tiles keep the grouped kernels
     # free of spills on sm_90 with Triton 3.6 (32 x 64 spilled 12 bytes there)
     BR, BN, BK = pow2(R, 16, 32), pow2(N, 16, 64 if prec == "ieee" else 32), 16
+    if ones:
+        if R != 1 or KO != 1:
+            raise ValueError("gemm: ones=True needs a [M, 1, K] row of ones")
+        BR = 1
+    if embed is not None:
+        W_E, W_pos = embed
+        V, T = W_E.shape[1], W_pos.shape[1]
+        if (KO != 1 or R != T * V or tuple(W_E.shape) != (M, V, KI) or tuple(W_pos.shape) != (M, T, KI)
+                or A.stride(4) != 1 or W_E.stride(2) != 1 or W_pos.stride(2) != 1 or A.stride(1) != 0):
+            raise ValueError("gemm: embed needs a [M, J, T * V, 1, K] view of X0 (stride 0 across J, unit along K) "
+                             "and W_E [M, V, K], W_pos [M, T, K] unit-stride along K")
     tiles = triton.cdiv(R, BR) * triton.cdiv(N, BN)
     epilogue = Bi is not None or Rs is not None or act is not None or dact is not None
-    S = 1 if epilogue else _n_splits(tiles * M * J, KI, KO)
+    S = 1 if epilogue or embed is not None else _n_splits(tiles * M * J, KI, KO)
     k_split = triton.cdiv(triton.cdiv(KI, S), BK) * BK
     S = triton.cdiv(KI, k_split)
     if S == 1:
@@ -454,19 +503,38 @@ def gemm_plan(a, b, out, bias=None, res=None, act=None, pre_out=None, dact=None,
                 sc_m=C.stride(0), sc_j=C.stride(1), sc_r=C.stride(2), sc_n=C.stride(3),
                 sbias_m=sb[0], sbias_j=sb[1], sbias_n=sb[2],
                 sres_m=sr[0], sres_j=sr[1], sres_r=sr[2], sres_n=sr[3],
-                sz_m=sz[0], sz_j=sz[1], sz_r=sz[2], sz_n=sz[3])
+                sz_m=sz[0], sz_j=sz[1], sz_r=sz[2], sz_n=sz[3],
+                A2=dummy, A_DIV=1, sa2_m=0, sa2_r=0, AOUT=dummy, sao_m=0, sao_r=0)
+    if embed is not None:
+        args.update(A=W_E, sa_m=W_E.stride(0), sa_j=0, sa_r=W_E.stride(1), A2=W_pos, A_DIV=V,
+                    sa2_m=W_pos.stride(0), sa2_r=W_pos.stride(1), AOUT=A, sao_m=A.stride(0), sao_r=A.stride(2))
     cx = dict(HAS_BIAS=Bi is not None, HAS_RES=Rs is not None, ACT=ACTS[act], STORE_PRE=act is not None,
-              DACT=ACTS[dact], SPLIT=S > 1, PRECISION=prec,
+              DACT=ACTS[dact], SPLIT=S > 1, PRECISION=prec, A_ONES=bool(ones), A_SUM=embed is not None,
               BLOCK_R=BR, BLOCK_N=BN, BLOCK_K=BK)
     return GemmPlan(args, cx, tiles * M * J * S, ws, C, defer)
 
 
-# Problems per grouped launch (gemm_group.py has a kernel for each count up to 3). GROKFAST_GEMM_GROUP=1
+def dot_flops(args: dict, cx: dict, suffix: str = "") -> tuple[int, int]:
+    """(executed, useful) tl.dot FLOPs of one GEMM problem of a launch (its runtime arguments and
+    constexprs as recorded, names suffixed as in gemm_group for problem g of a grouped launch): executed
+    counts every program's dots on its padded [BLOCK_R, BLOCK_K] x [BLOCK_K, BLOCK_N] tiles (2 per
+    multiply-add), useful the 2 R N KI KO per batch the math needs."""
+    if cx["A_ONES" + suffix]:
+        return 0, 0                      # column sums: additions, no dot
+    a = {k: args[k + suffix] for k in ("R", "N", "KI", "KO", "MJ", "K_SPLIT")}
+    BR, BN, BK = (cx[k + suffix] for k in ("BLOCK_R", "BLOCK_N", "BLOCK_K"))
+    R, N, KI, KO, MJ, KS = a["R"], a["N"], a["KI"], a["KO"], a["MJ"], a["K_SPLIT"]
+    S = triton.cdiv(KI, KS)
+    k_steps = (S - 1) * triton.cdiv(KS, BK) + triton.cdiv(KI - (S - 1) * KS, BK)
+    tiles = triton.cdiv(R, BR) * triton.cdiv(N, BN)
+    return 2 * BR * BN * BK * tiles * MJ * KO * k_steps, 2 * R * N * KI * KO * MJ
+
+
+# Problems per grouped launch (gemm_group.py has a kernel for each count up to 4). GROKFAST_GEMM_GROUP=1
 # launches every problem alone (for benchmarking the grouping: grouped kernels hold more registers).
-MAX_GROUP = int(os.environ.get("GROKFAST_GEMM_GROUP", "3"))
-GEMM_MAXNREG = 128    # registers per thread of the GEMM kernels at 8 warps (two blocks of 256 threads per SM)
-if MAX_GROUP not in (1, 2, 3):
-    raise ValueError(f"GROKFAST_GEMM_GROUP must be 1, 2 or 3, got {MAX_GROUP}")
+MAX_GROUP = int(os.environ.get("GROKFAST_GEMM_GROUP", "4"))
+if MAX_GROUP not in (1, 2, 3, 4):
+    raise ValueError(f"GROKFAST_GEMM_GROUP must be 1 to 4, got {MAX_GROUP}")
 
 
 def gemm_launch(*plans: GemmPlan) -> None:
@@ -474,11 +542,10 @@ def gemm_launch(*plans: GemmPlan) -> None:
     few launches as possible: up to MAX_GROUP per launch, the programs of problem i after those of
     problems 0..i-1 (gemm_group.py). Each problem gives the same result as launched alone."""
     from . import gemm_group
-    for k in (gemm_kernel, *gemm_group.KERNELS.values()):
-        _common.MAXNREG.setdefault(k, GEMM_MAXNREG)
     plans = [p for p in plans if p.n_programs > 0]
     for i in range(0, len(plans), MAX_GROUP):
-        group = plans[i:i + MAX_GROUP]
+        # the problems whose programs run longest (most contraction steps) first, so they do not form a tail
+        group = sorted(plans[i:i + MAX_GROUP], key=lambda p: -p.k_steps)
         if len(group) == 1:
             kernel, args, cx = gemm_kernel, dict(group[0].args), dict(group[0].cx)
         else:
@@ -490,15 +557,19 @@ def gemm_launch(*plans: GemmPlan) -> None:
             for g, p in enumerate(group[:-1]):
                 first += p.n_programs
                 args[f"NP{g}"] = first
-        # 32 x 64 x 16 tiles, 8 warps, at most 128 registers (_common.MAXNREG): no spills on sm_80 and sm_90
-        # with every epilogue, compiled as the JIT specialises (python -m grokfast.aot)
-        launch(kernel, (sum(p.n_programs for p in group),), args, cx, num_warps=8)
+        # 32 x 64 x 16 tiles. Warps: whatever compiles with no spill on sm_80 and sm_90 at the presets'
+        # shapes (python -m grokfast.aot): 8 for one problem or a group with an activation epilogue (at 4
+        # warps the GELU backward's group spilled 4 bytes); 4 for the other groups (at 8 warps they spilled
+        # 16-20 bytes: ptxas held them to 80-88 registers)
+        act = any(p.cx["ACT"] or p.cx["DACT"] for p in group)
+        warps = 8 if len(group) == 1 or act else 4
+        launch(kernel, (sum(p.n_programs for p in group),), args, cx, num_warps=warps)
         for p in group:
             p.finish()
 
 
 def gemm(a, b, out, bias=None, res=None, act=None, pre_out=None, dact=None, z=None, precision=None,
-         defer: Deferred | None = None):
+         defer: Deferred | None = None, embed=None):
     """out = act(a @ b + bias (* act'(z)) + res), batched over models (and an optional axis J).
 
     a [M, R, K] or [M, J, R, KO, KI]; b [M, K, N] or [M, J, KO, KI, N]; out [M, R, N] or
@@ -506,14 +577,14 @@ def gemm(a, b, out, bias=None, res=None, act=None, pre_out=None, dact=None, z=No
     transposes, expand). act in (None, "relu", "gelu") with pre_out receiving a @ b + bias;
     dact in (None, "relu", "gelu") multiplies by act'(z) (backward through the activation).
     float32 only. Returns out. defer: a Deferred that receives the split-K partials (when the
-    contraction is split) so that out is complete only after ``defer.flush()``.
+    contraction is split) so that out is complete only after ``defer.flush()``. embed: see gemm_plan.
     """
     gemm_launch(gemm_plan(a, b, out, bias=bias, res=res, act=act, pre_out=pre_out, dact=dact, z=z,
-                          precision=precision, defer=defer))
+                          precision=precision, defer=defer, embed=embed))
     return out
 
 
-def group_kernels_source(max_group: int = 3) -> str:
+def group_kernels_source(max_group: int = 4) -> str:
     """The text of kernels/gemm_group.py: for n = 2..max_group, gemm{n}_kernel runs n GEMM problems
     in one launch (the arguments of each suffixed with its index; NP0 < NP1 < ... the first program
     of each next problem). Generated because a Triton kernel's parameters must be spelled out;
@@ -569,7 +640,7 @@ def colsum_plan(x, out, defer: Deferred | None = None) -> GemmPlan:
     if key not in _ONES:
         _ONES[key] = torch.ones(1, dtype=torch.float32, device=x.device)
     ones = _ONES[key].expand(M, 1, R)
-    return gemm_plan(ones, x, out.unsqueeze(1), defer=defer)
+    return gemm_plan(ones, x, out.unsqueeze(1), defer=defer, ones=True)
 
 
 def colsum(x, out, defer: Deferred | None = None):

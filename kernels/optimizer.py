@@ -71,6 +71,8 @@ SCALARS = 5        # shared float32 scalars at the head of the scalar workspace 
 BLOCK_M = 128      # models per iteration of the scalar kernel
 SCALAR_WARPS = 1   # the scalar kernel: one program, a few values per model
 LAUNCHES = 2       # kernel launches per FusedOptimizer.step: adamw_scalars_kernel, grokfast_adamw_kernel
+STEP_LAUNCHES = 1  # in a fused training step: the scalars ride in the forward/backward's last launch
+                   # (scalars_task), the element kernel is the optimizer's only launch
 
 
 @triton.jit
@@ -92,6 +94,14 @@ def adamw_scalars_kernel(
 
     beta1^t and beta2^t by exponentiation by squaring over the bits of t: a fixed 48 iterations
     (assumes t < 2^48), tl.where instead of branches. beta = 0 gives 0^t = 0 (t >= 1), so 1 - beta^t = 1."""
+    _adamw_scalars(counter_ptr, betas_ptr, lr_ptr, wd_ptr, scal_ptr, snap_ptr, M, warmup_steps, ADVANCE_C,
+                   SCALARS, BLOCK_M)
+
+
+@triton.jit
+def _adamw_scalars(counter_ptr, betas_ptr, lr_ptr, wd_ptr, scal_ptr, snap_ptr, M, warmup_steps, ADVANCE_C,
+                   SCALARS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """adamw_scalars_kernel's work (also a task of flush.flush_kernel, with ADVANCE_C a runtime value)."""
     two = tl.arange(0, 2)
     ctr = tl.load(counter_ptr + two)
     tl.store(snap_ptr + two, ctr + tl.where(two == 0, 1, 0))
@@ -338,20 +348,29 @@ class FusedOptimizer:
             acc += ring[:, w]
         self.ma_sum[rows] = acc
 
-    def step(self, params: torch.Tensor, grads: torch.Tensor) -> None:
+    def scalars_task(self) -> tuple:
+        """(kind, fields, programs) of this step's scalar work as a task of flush.flush_kernel, for a caller
+        that carries it in a launch of its own (mlp.Deferred.add_task) before ``step(..., scalars=False)``."""
+        from .flush import ADAMW_SCALARS
+        return (ADAMW_SCALARS, [self.counters, self.betas, self.lr, self.wd, self._scal, self._snap, self.M,
+                                self.warmup, 0 if self.kind == "none" else 1], 1)
+
+    def step(self, params: torch.Tensor, grads: torch.Tensor, scalars: bool = True) -> None:
         """params [M, N] <- one filtered AdamW step with raw gradients grads [M, N]. Two launches (the
-        scalar kernel, which also advances the counters, then the element kernel), no sync."""
+        scalar kernel, which also advances the counters, then the element kernel), no sync; one (the
+        element kernel) with scalars=False, when the caller ran scalars_task() since the last step."""
         if params.shape != (self.M, self.N) or grads.shape != (self.M, self.N):
             raise ValueError(f"expected params and grads [{self.M}, {self.N}], got {tuple(params.shape)}, "
                              f"{tuple(grads.shape)}")
         if not (params.is_contiguous() and grads.is_contiguous()):
             raise ValueError("params and grads must be contiguous")
         dummy = self.mom  # never read when the filter does not use it
-        launch(adamw_scalars_kernel, (1,),
-               dict(counter_ptr=self.counters, betas_ptr=self.betas, lr_ptr=self.lr, wd_ptr=self.wd,
-                    scal_ptr=self._scal, snap_ptr=self._snap, M=self.M, warmup_steps=self.warmup),
-               dict(ADVANCE_C=0 if self.kind == "none" else 1, SCALARS=SCALARS, BLOCK_M=BLOCK_M),
-               num_warps=SCALAR_WARPS)
+        if scalars:
+            launch(adamw_scalars_kernel, (1,),
+                   dict(counter_ptr=self.counters, betas_ptr=self.betas, lr_ptr=self.lr, wd_ptr=self.wd,
+                        scal_ptr=self._scal, snap_ptr=self._snap, M=self.M, warmup_steps=self.warmup),
+                   dict(ADVANCE_C=0 if self.kind == "none" else 1, SCALARS=SCALARS, BLOCK_M=BLOCK_M),
+                   num_warps=SCALAR_WARPS)
         launch(grokfast_adamw_kernel, (self.M, triton.cdiv(self.N, BLOCK)),
                dict(param_ptr=params, grad_ptr=grads, mom_ptr=self.mom, vel_ptr=self.vel,
                     ema_ptr=self.ema if self.ema is not None else dummy,

@@ -153,8 +153,8 @@ class FusedStepper:
     def _run(self, tokens, labels):
         tokens, labels = self._contiguous(tokens, labels)
         _fb().loss_and_grads_flat(self.cfg, self.flat, tokens, labels, grad_out=self.grad, loss_out=self.loss,
-                                  precision=self.tcfg.precision)
-        self.opt.step(self.flat, self.grad)
+                                  precision=self.tcfg.precision, flush_tasks=(self.opt.scalars_task(),))
+        self.opt.step(self.flat, self.grad, scalars=False)     # its scalars ran in the pass's last launch
 
     def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self._use_graph and self._eager_steps >= WARMUP_STEPS and self._graph_ready(tokens, labels):
@@ -175,6 +175,7 @@ class FusedStepper:
             return
         self._static[0].copy_(tokens)
         self._static[1].copy_(labels)
+        _fb().token_index(self.cfg, self._static[0])     # the graph's scatter index, rebuilt where it lies
         self._src = (tokens, labels, (tokens._version, labels._version))
 
     def _graph_ready(self, tokens, labels) -> bool:
@@ -187,8 +188,9 @@ class FusedStepper:
         # The graph replays into the forward/backward workspace and reads its split buffers and
         # descriptor table: hold them, so that the kernels' caches can never free memory the graph uses.
         ws = _fb()._workspace(self.cfg, 1, static[0].shape[0], self.device, True)
+        index = _fb().token_index(self.cfg, static[0])     # built here, not inside the capture
         self._graph = capture_graph(lambda: self._run(*static), self.device)
-        self._keep = (ws, ws.deferred.held())
+        self._keep = (ws, ws.deferred.held(), index)
         self._static = static
         self._src = (tokens, labels, (tokens._version, labels._version))
         return True

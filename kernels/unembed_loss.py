@@ -43,7 +43,8 @@ def _log1p(r):
 @triton.jit
 def _ce_rows(l, y, bs, js, bmask, jmask, m, LOSS, CORRECT, DLOG, P, inv_B, sloss_m, sd_m, GRAD: tl.constexpr):
     """Loss, correct flag and (GRAD) dlogits of a [BLOCK_B, BLOCK_P] tile of logits l (rows bs, classes js;
-    entries outside jmask are -inf, rows outside bmask finite and ignored), labels y: the module docstring."""
+    entries outside jmask are -inf, rows outside bmask finite and ignored), labels y: the module docstring.
+    Returns the dlogits tile (0 outside the masks) when GRAD, else the tile of exp(l - max)."""
     mask = bmask[:, None] & jmask[None, :]
     mx = tl.max(l, axis=1)
     jstar = tl.argmax(l, axis=1)
@@ -58,7 +59,11 @@ def _ce_rows(l, y, bs, js, bmask, jmask, m, LOSS, CORRECT, DLOG, P, inv_B, sloss
         s = 1.0 + r
         r_y = tl.sum(tl.where(is_y, 0.0, e), axis=1)
         g = tl.where(is_y, -r_y[:, None], e) * (inv_B / s)[:, None]
+        g = tl.where(mask, g, 0.0)
         tl.store(DLOG + m * sd_m + bs[:, None] * P + js[None, :], g, mask=mask)
+    else:
+        g = e
+    return g
 
 
 @triton.jit
@@ -80,13 +85,15 @@ def cross_entropy_kernel(LOGITS, LAB, LOSS, CORRECT, DLOG, B, P, inv_B,
 
 
 @triton.jit
-def unembed_ce_kernel(X, WU, BU, LAB, LOSS, CORRECT, DLOG, B, P, D, inv_B,
-                      sx_m, sx_r, sw_m, sbu_m, slab_m, sloss_m, sd_m,
-                      HAS_BIAS: tl.constexpr, GRAD: tl.constexpr, PRECISION: tl.constexpr,
+def unembed_ce_kernel(X, WU, BU, LAB, LOSS, CORRECT, DLOG, DX, B, P, D, inv_B,
+                      sx_m, sx_r, sw_m, sbu_m, slab_m, sloss_m, sd_m, sdx_m,
+                      HAS_BIAS: tl.constexpr, GRAD: tl.constexpr, DX_OUT: tl.constexpr, PRECISION: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
     """The unembedding and the loss in one pass: logits = x W_U (+ b_U) for BLOCK_B rows and every class,
     kept on chip, then _ce_rows; grid (cdiv(B, BLOCK_B), M). X [M, B, D] rows with unit stride along D;
-    WU [M, D, P] contiguous per model; BU [M, P]; LAB, LOSS, CORRECT, DLOG as cross_entropy_kernel."""
+    WU [M, D, P] contiguous per model; BU [M, P]; LAB, LOSS, CORRECT, DLOG as cross_entropy_kernel.
+    DX_OUT (with GRAD): also DX[m, b] = dlogits[m, b] W_U^T ([M, B, D] contiguous), from the dlogits tile
+    on chip, BLOCK_K columns at a time (one dot over every class each)."""
     m = tl.program_id(1).to(tl.int64)
     bs = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     js = tl.arange(0, BLOCK_P)
@@ -105,13 +112,26 @@ def unembed_ce_kernel(X, WU, BU, LAB, LOSS, CORRECT, DLOG, B, P, D, inv_B,
     l = tl.where(jmask[None, :], acc, float("-inf"))
     l = tl.where(bmask[:, None], l, 0.0)  # padded examples: finite, ignored
     y = tl.load(LAB + m * slab_m + bs, mask=bmask, other=0)
-    _ce_rows(l, y, bs, js, bmask, jmask, m, LOSS, CORRECT, DLOG, P, inv_B, sloss_m, sd_m, GRAD)
+    g = _ce_rows(l, y, bs, js, bmask, jmask, m, LOSS, CORRECT, DLOG, P, inv_B, sloss_m, sd_m, GRAD)
+    if DX_OUT:
+        for k0 in range(0, D, BLOCK_K):
+            kk = k0 + ks
+            kmask = kk < D
+            wt = tl.load(WU + m * sw_m + kk[None, :] * P + js[:, None], mask=jmask[:, None] & kmask[None, :], other=0.0)
+            dx = tl.dot(g, wt, input_precision=PRECISION)                            # [BLOCK_B, BLOCK_K]
+            tl.store(DX + m * sdx_m + bs[:, None] * D + kk[None, :], dx, mask=bmask[:, None] & kmask[None, :])
 
 
 @triton.jit
 def mean_reduce_kernel(LOSS, CORRECT, LOSS_OUT, CORRECT_OUT, B, sloss_m, BLOCK: tl.constexpr):
     """LOSS_OUT[m] = sum_b LOSS[m, b] / B, CORRECT_OUT[m] = sum_b CORRECT[m, b]; fixed order; grid (M,)."""
-    m = tl.program_id(0).to(tl.int64)
+    _mean_rows(LOSS, CORRECT, LOSS_OUT, CORRECT_OUT, tl.program_id(0), B, sloss_m, BLOCK)
+
+
+@triton.jit
+def _mean_rows(LOSS, CORRECT, LOSS_OUT, CORRECT_OUT, m, B, sloss_m, BLOCK: tl.constexpr):
+    """Model m's mean loss and correct count (mean_reduce_kernel; also a task of flush.flush_kernel)."""
+    m = m.to(tl.int64)
     offs = tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     cnt = tl.zeros((BLOCK,), dtype=tl.int32)
@@ -159,8 +179,10 @@ def cross_entropy(logits, labels, loss_ex, correct_ex, dlogits=None, n_mean=None
            dict(GRAD=dlogits is not None, BLOCK_B=BB, BLOCK_P=BP), num_warps=8)   # 4 warps spill
 
 
-def unembed_cross_entropy(x, W_U, b_U, labels, loss_ex, correct_ex, dlogits=None, n_mean=None, precision=None):
+def unembed_cross_entropy(x, W_U, b_U, labels, loss_ex, correct_ex, dlogits=None, n_mean=None, precision=None,
+                          dx=None):
     """cross_entropy of logits = x W_U (+ b_U) without the logits ever reaching memory (one launch).
+    With dlogits and dx [M, B, D] (contiguous), also dx = dlogits W_U^T, the gradient of x, in the same launch.
 
     x [M, B, D] float32 with unit stride along D; W_U [M, D, P] (each model's matrix contiguous); b_U [M, P]
     or None; labels [1 or M, B] int64; loss_ex, correct_ex, dlogits, n_mean as cross_entropy. precision:
@@ -178,20 +200,37 @@ def unembed_cross_entropy(x, W_U, b_U, labels, loss_ex, correct_ex, dlogits=None
     _check_loss_args("unembed_cross_entropy", M, B, P, labels, loss_ex, correct_ex, dlogits, x.device)
     if dlogits is not None and not dlogits.is_contiguous():
         raise ValueError("unembed_cross_entropy: dlogits must be contiguous")
+    if dx is not None:
+        check("dx", dx, torch.float32, shape=(M, B, D), device=x.device)
+        if dlogits is None or not dx.is_contiguous():
+            raise ValueError("unembed_cross_entropy: dx needs dlogits, and must be contiguous")
     BP = pow2(P, 16)
     BB = max(16, min(32, 4096 // BP))
     launch(unembed_ce_kernel, (triton.cdiv(B, BB), M),
            dict(X=x, WU=W_U, BU=b_U if b_U is not None else W_U, LAB=labels, LOSS=loss_ex, CORRECT=correct_ex,
-                DLOG=dlogits if dlogits is not None else x, B=B, P=P, D=D, inv_B=1.0 / float(n_mean or B),
+                DLOG=dlogits if dlogits is not None else x, DX=dx if dx is not None else x,
+                B=B, P=P, D=D, inv_B=1.0 / float(n_mean or B),
                 sx_m=x.stride(0), sx_r=x.stride(1), sw_m=W_U.stride(0), sbu_m=b_U.stride(0) if b_U is not None else 0,
                 slab_m=labels.stride(0) if labels.shape[0] > 1 else 0, sloss_m=loss_ex.stride(0),
-                sd_m=dlogits.stride(0) if dlogits is not None else 0),
-           dict(HAS_BIAS=b_U is not None, GRAD=dlogits is not None, PRECISION=precision or _common.DOT_PRECISION,
+                sd_m=dlogits.stride(0) if dlogits is not None else 0, sdx_m=dx.stride(0) if dx is not None else 0),
+           dict(HAS_BIAS=b_U is not None, GRAD=dlogits is not None, DX_OUT=dx is not None,
+                PRECISION=precision or _common.DOT_PRECISION,
                 BLOCK_B=BB, BLOCK_P=BP, BLOCK_K=16), num_warps=8)
 
 
-def mean_reduce(loss_ex, correct_ex, loss_out, correct_out):
-    """loss_out [M] = mean over examples of loss_ex [M, B]; correct_out [M] int32 = count of correct_ex."""
+def dot_flops(grid, args: dict, cx: dict) -> tuple[int, int]:
+    """(executed, useful) tl.dot FLOPs of one recorded unembed_ce_kernel launch: every program's
+    [BLOCK_B, BLOCK_K] x [BLOCK_K, BLOCK_P] products over cdiv(D, BLOCK_K) steps, twice with DX_OUT (the
+    input gradient, [BLOCK_B, BLOCK_P] x [BLOCK_P, BLOCK_K] per step); useful 2 B D P per model and product."""
+    BB, BP, BK = cx["BLOCK_B"], cx["BLOCK_P"], cx["BLOCK_K"]
+    n_prog, times = grid[0] * grid[1], 2 if cx["DX_OUT"] else 1
+    return (times * 2 * BB * BP * BK * triton.cdiv(args["D"], BK) * n_prog,
+            times * 2 * args["B"] * args["D"] * args["P"] * grid[1])
+
+
+def mean_reduce(loss_ex, correct_ex, loss_out, correct_out, defer=None):
+    """loss_out [M] = mean over examples of loss_ex [M, B]; correct_out [M] int32 = count of correct_ex.
+    With defer (an mlp.Deferred), done in its flush (the same bits) instead of a launch of its own."""
     M, B = loss_ex.shape
     check("loss_ex", loss_ex, torch.float32, shape=(M, B))
     check("correct_ex", correct_ex, torch.int32, shape=(M, B))
@@ -201,6 +240,10 @@ def mean_reduce(loss_ex, correct_ex, loss_out, correct_out):
         raise ValueError("mean_reduce: loss_ex and correct_ex must be contiguous [M, B]")
     if not (loss_out.is_contiguous() and correct_out.is_contiguous()):
         raise ValueError("mean_reduce: loss_out and correct_out must be contiguous")
+    if defer is not None:
+        from .flush import MEAN
+        defer.add_task(MEAN, [loss_ex, correct_ex, loss_out, correct_out, B, loss_ex.stride(0)], M)
+        return
     launch(mean_reduce_kernel, (M,),
            dict(LOSS=loss_ex, CORRECT=correct_ex, LOSS_OUT=loss_out, CORRECT_OUT=correct_out, B=B,
                 sloss_m=loss_ex.stride(0)),

@@ -196,6 +196,9 @@ def test_quick_report_on_cpu(tmp_path, capsys):
     assert env["dot_precision"] == "tf32x3"
     la = rep["launches"]                      # counted without a GPU
     assert la["total"] == sum(la["forward_backward"].values()) + la["optimizer"] > 3 and la["optimizer"] == 2
+    assert len(la["per_launch"]) == la["total"] - la["optimizer"]
+    assert la["dot_flops"] == sum(r["dot_flops"] for r in la["per_launch"]) >= la["useful_dot_flops"] > 0
+    assert la["dot_flops_over_floor"] == la["dot_flops"] / rep["cost"]["matmul_flops"]
     assert env["telemetry"] == "no NVIDIA GPU: telemetry not available"
 
     def check_rows(rows, where):
@@ -231,6 +234,7 @@ def test_quick_report_on_cpu(tmp_path, capsys):
     for b in bench.BACKENDS:
         assert b in md
     assert "not available: " in md and f"Fused step: {la['total']} kernel launches" in md
+    assert f"{la['dot_flops_over_floor']:.3f}x the floor's" in md
     assert "float32 dots: tf32x3" in md
     printed = capsys.readouterr().out
     assert "reference-eager" in printed and "not available" in printed

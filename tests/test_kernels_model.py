@@ -24,7 +24,7 @@ from grokfast.config import ConfigError, ModelConfig
 from grokfast.model import Transformer, loss_and_grads_reference
 from grokfast.kernels import KernelConfigError, forward_backward as fb
 from grokfast.kernels import mlp
-from grokfast.kernels.embed_attn import token_scatter
+from grokfast.kernels.embed_attn import token_index, token_scatter
 from grokfast.kernels.layout import ParamLayout
 from grokfast.kernels.mlp import gemm
 from grokfast.kernels.unembed_loss import cross_entropy, unembed_cross_entropy
@@ -182,7 +182,7 @@ def test_gemm_strided_batched_against_float64(monkeypatch, split_min_k):
 
 
 def test_grouped_launch_equals_separate_launches_and_float64(monkeypatch):
-    """gemm_launch runs up to three independent problems in one launch (gemm2/gemm3 kernels): each gives
+    """gemm_launch runs up to four independent problems in one launch (gemm2/3/4 kernels): each gives
     the same bits as launched alone, with different epilogues (bias + GELU storing the pre-activation,
     act' times a saved z plus a residual) and split-K partials reduced later by one Deferred flush.
     Bound: 1e-6 relative against float64 (sums of <= 90 O(1) products)."""
@@ -208,15 +208,17 @@ def test_grouped_launch_equals_separate_launches_and_float64(monkeypatch):
     for p in plans(alone, None):
         mlp.gemm_launch(p)
     assert plans(alone, None)[2].cx["SPLIT"], "the weight-gradient problem should take the split-K path"
-    grouped, defer = outs(), mlp.Deferred()
-    with fb.record_launches() as rec:             # count what one grouped call launches (meta-free dry run)
-        mlp.gemm_launch(*plans(outs(), mlp.Deferred()))
-    assert [k.__name__ for k, *_ in rec] == ["gemm3_kernel", "gemm_kernel"]
-    mlp.gemm_launch(*plans(grouped, defer))
-    assert torch.isnan(grouped[3]).all() and torch.isnan(grouped[4]).all()   # deferred: not written yet
-    defer.flush()
-    for a, b in zip(alone, grouped):
-        assert torch.equal(a, b)
+    for group, kernels in ((4, ["gemm4_kernel"]), (3, ["gemm3_kernel", "gemm_kernel"])):
+        monkeypatch.setattr(mlp, "MAX_GROUP", group)
+        grouped, defer = outs(), mlp.Deferred()
+        with fb.record_launches() as rec:             # count what one grouped call launches (meta-free dry run)
+            mlp.gemm_launch(*plans(outs(), mlp.Deferred()))
+        assert [k.__name__ for k, *_ in rec] == kernels
+        mlp.gemm_launch(*plans(grouped, defer))
+        assert torch.isnan(grouped[3]).all() and torch.isnan(grouped[4]).all()   # deferred: not written yet
+        defer.flush()
+        for a, b in zip(alone, grouped):
+            assert torch.equal(a, b)
     X, W, Bi, Z, Rs, DY = (t.double() for t in (x, w, bias, z, res, dy))
     pre = X @ W + Bi[:, None, :]
     refs = [torch.nn.functional.gelu(pre), pre, (X @ W) * (Z > 0) + Rs, X.transpose(1, 2) @ DY, DY.sum(1)]
@@ -269,10 +271,13 @@ def test_group_kernels_file_is_generated_from_mlp():
         "kernels/gemm_group.py is stale: regenerate it (command in its docstring)"
 
 
-# The launches of one training step's forward + backward (the optimizer adds two). A regression guard:
-# grouped GEMMs, one deferred reduction of the weight-gradient partials and the unembedding fused with the
-# loss brought nanda from 31 to 18.
-MAX_LAUNCHES = {"nanda": 18, "pizza": 18, "power": 42}
+# The launches of one training step's forward + backward (the optimizer adds optimizer.STEP_LAUNCHES, one:
+# its scalars ride in the flush). A regression guard: grouped GEMMs, one deferred reduction of the
+# weight-gradient partials and the unembedding fused with the loss brought nanda from 31 to 18; the
+# segmented token scatter (no split launch) and the flush carrying the loss mean and the embedding
+# gradients, the unembedding's input gradient formed with the loss, X0 formed by its first reader, dz
+# formed inside the attention backward and z W_O inside the attention forward, to 11.
+MAX_LAUNCHES = {"nanda": 11, "pizza": 11, "power": 34}
 
 
 @pytest.mark.parametrize("name", sorted(MAX_LAUNCHES))
@@ -281,24 +286,36 @@ def test_launches_per_step(name):
     cfg, B = preset_shapes(name)
     counts = fb.launches_per_step(cfg, 1, B)
     assert 0 < sum(counts.values()) <= MAX_LAUNCHES[name], counts
-    assert counts["split_sum_many_kernel"] == 1          # every weight gradient's split-K sum in one launch
+    assert counts["flush_kernel"] == 1      # every split-K sum, the loss mean, the embedding gradients: one launch
 
 
-@pytest.mark.parametrize("split_min_k", [16, 10**9])
-def test_token_scatter_sums_rows_by_position_and_token(monkeypatch, split_min_k):
-    """out[m, t * V + v] = sum over examples b with tok[m, b, t] == v of G[m, b * T + t], per-model tokens.
-    Bound: 1e-6 relative (float32 sums of ~20 O(1) terms)."""
-    monkeypatch.setattr(mlp, "SPLIT_MIN_K", split_min_k)
+@pytest.mark.parametrize("shared", [False, True])
+def test_token_scatter_sums_rows_by_position_and_token(shared):
+    """out[m, t * V + v] = sum over examples b with tok[m, b, t] == v of G[m, b * T + t] (per-model or shared
+    tokens; a token absent at a position gives a zero row; tokens V-1 never used). With zero=(t0, lo, hi)
+    the columns outside [lo, hi) at positions t < t0, zero in G, are written as 0 unread: here G holds NaN
+    there, so a read would show. Bound: 1e-6 relative (float32 sums of ~20 O(1) terms)."""
     g = torch.Generator().manual_seed(4)
-    M, B, T, V, W = 2, 70, 3, 5, 20
+    M, B, T, V, W = 2, 70, 3, 6, 40
     G = torch.randn(M, B * T, W, generator=g)
-    tok = torch.randint(0, V, (M, B, T), generator=g)
+    tok = torch.randint(0, V - 1, (1 if shared else M, B, T), generator=g)
+    tok[:, :, 2] = torch.randint(0, 2, (tok.shape[0], B), generator=g)       # long segments at t = 2
     out = torch.full((M, T * V, W), float("nan"), device=DEVICE)
-    token_scatter(G.to(DEVICE), tok.to(DEVICE), out)
-    out = out.cpu()
-    onehot = torch.nn.functional.one_hot(tok, V).double()                    # [M, B, T, V]
+    index = token_index(tok.to(DEVICE), V)
+    token_scatter(G.to(DEVICE), index, out)
+    onehot = torch.nn.functional.one_hot(tok, V).double().expand(M, B, T, V)      # [M, B, T, V]
     ref = torch.einsum("mbtv,mbtw->mtvw", onehot, G.double().view(M, B, T, W)).reshape(M, T * V, W)
-    assert rel(out, ref) <= 1e-6
+    assert rel(out.cpu(), ref) <= 1e-6
+    t0, lo, hi = 2, 8, 24
+    Gz = G.view(M, B, T, W).clone()
+    Gz[:, :, :t0, :lo] = float("nan")
+    Gz[:, :, :t0, hi:] = float("nan")
+    out.fill_(float("nan"))
+    token_scatter(Gz.view(M, B * T, W).to(DEVICE), index, out, zero=(t0, lo, hi))
+    refz = ref.view(M, T, V, W).clone()
+    refz[:, :t0, :, :lo] = 0
+    refz[:, :t0, :, hi:] = 0
+    assert rel(out.cpu(), refz.view(M, T * V, W)) <= 1e-6
 
 
 if given is None:
@@ -497,12 +514,12 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_aot_specs_cover_every_kernel_with_full_signatures():
     cfg = ModelConfig.preset("power")
-    specs = fb.aot_specs(cfg, M=1, B=4096)   # long enough that the token scatter splits too
+    specs = fb.aot_specs(cfg, M=1, B=4096)
     names = {s["fn"].__name__ for s in specs}
-    assert names == {"embed_table_kernel", "ln_fwd_kernel", "gemm_kernel", "gemm2_kernel", "gemm3_kernel",
+    assert names == {"ln_fwd_kernel", "gemm_kernel", "gemm2_kernel", "gemm3_kernel", "gemm4_kernel",
                      "attn_fwd_kernel", "ln_bwd_kernel",
-                     "split_sum_kernel", "split_sum_many_kernel", "unembed_ce_kernel", "mean_reduce_kernel",
-                     "attn_bwd_kernel", "token_scatter_kernel", "embed_bwd_kernel"}
+                     "flush_kernel", "unembed_ce_kernel", "mean_reduce_kernel",
+                     "attn_bwd_kernel", "token_scatter_kernel"}
     for s in specs:
         assert list(s["signature"]) == list(s["fn"].arg_names), s["name"]
         for arg, ty in s["signature"].items():
@@ -512,6 +529,10 @@ def test_aot_specs_cover_every_kernel_with_full_signatures():
                 assert ty in ("*fp32", "*i64", "*i32", "i32", "i64", "fp32", "i1"), (s["name"], arg, ty)
         blocks = [v for k, v in s["constexprs"].items() if k.startswith("BLOCK_")]
         assert all(isinstance(b, int) and b & (b - 1) == 0 for b in blocks), s["name"]
-        if s["fn"].__name__ in ("gemm_kernel", "gemm2_kernel", "gemm3_kernel", "token_scatter_kernel",
-                                "unembed_ce_kernel"):   # tl.dot operands >= 16 on a GPU
-            assert min(v for k, v in s["constexprs"].items() if k.startswith("BLOCK_")) >= 16
+        cx = s["constexprs"]
+        if s["fn"].__name__ == "unembed_ce_kernel":            # tl.dot operands >= 16 on a GPU
+            assert min(v for k, v in cx.items() if k.startswith("BLOCK_")) >= 16
+        if s["fn"].__name__ in ("gemm_kernel", "gemm2_kernel", "gemm3_kernel", "gemm4_kernel"):   # (sums: no dot)
+            for g in ([""] if s["fn"].__name__ == "gemm_kernel" else ["0", "1", "2", "3"][:int(s["fn"].__name__[4])]):
+                if not cx[f"A_ONES{g}"]:
+                    assert min(cx[f"BLOCK_{d}{g}"] for d in "RNK") >= 16, s["name"]

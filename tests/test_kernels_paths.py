@@ -293,6 +293,24 @@ def test_captured_step_replays_the_eager_steps_bits(kind, monkeypatch):
     assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
 
 
+def test_captured_step_fed_new_batches_uses_their_token_index(monkeypatch):
+    """Minibatch training: a captured step fed other batches of the same shape replays with each batch's
+    token-scatter index (rebuilt in place when the batch is copied into the graph's buffer, so the graph's
+    addresses hold): the same losses and parameters, bit for bit, as eager steps on the same batches."""
+    cfg = every_path_cfg(n_layers=1, layernorm=False, n_ctx=3)
+    results = []
+    for graph in (False, True):
+        fb._CACHE.clear()
+        st, tokens, labels = _stepper(cfg, "ema", monkeypatch, graph)
+        g = torch.Generator().manual_seed(9)
+        batches = [(tokens, labels)] * stepper_mod.WARMUP_STEPS + [
+            (torch.randint(0, cfg.d_vocab, tuple(tokens.shape), generator=g).to(DEVICE), labels) for _ in range(2)]
+        losses = [st.step(t, lab).item() for t, lab in batches]
+        assert st.mode == ("cuda-graph" if graph else "eager")
+        results.append((losses, st.flat.clone()))
+    assert results[0][0] == results[1][0] and torch.equal(results[0][1], results[1][1])
+
+
 def test_steps_after_warm_up_make_no_table_no_copy_and_keep_addresses(monkeypatch):
     """Eager steps after the warm-up (what a capture records): no descriptor table built, no host-to-device
     copy, no read of a device value (aten ops outside kernel launches), every workspace buffer where it was."""

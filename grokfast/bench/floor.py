@@ -176,17 +176,30 @@ def measure_ceilings(device, quick: bool) -> dict:
                                 f"product with TF32 off, medians of {len(copy['times_s'])} and {len(mm['times_s'])}"}}
 
 
-def fused_launches(wl: Workload) -> dict:
+def fused_launches(wl: Workload, cost: dict | None = None) -> dict:
     """The fused step's kernel launches for the workload, counted on meta tensors (no GPU needed):
-    {"forward_backward": {kernel: n}, "optimizer": n, "total": n} or {"unavailable": reason}."""
+    {"forward_backward": {kernel: n}, "optimizer": n, "total": n, "per_launch": [{"kernel", "problems",
+    "dot_flops", "useful", "core_flops"}] (forward_backward.executed_flops: the tl.dot FLOPs each launch
+    executes, padding to its tiles included, the products' own, and products done as elementwise
+    multiply-adds), "dot_flops", "useful_dot_flops", "core_product_flops" (their sums)}
+    and, given the step's ``cost`` (step_cost), "dot_flops_over_floor" = dot_flops / cost["matmul_flops"];
+    or {"unavailable": reason}."""
     try:
         from grokfast.kernels import forward_backward as fb
         why = fb.supported(wl.model)
         if why:
             return {"unavailable": why}
-        counts = fb.launches_per_step(wl.model, wl.M, wl.batch_size())
+        B = wl.batch_size()
+        counts = fb.launches_per_step(wl.model, wl.M, B)
+        per_launch = fb.executed_flops(wl.model, wl.M, B)
     except Exception as e:  # no triton here: say so
         return {"unavailable": f"{type(e).__name__}: {e}"}
     from grokfast.kernels import optimizer
-    return {"forward_backward": counts, "optimizer": optimizer.LAUNCHES,
-            "total": sum(counts.values()) + optimizer.LAUNCHES}
+    out = {"forward_backward": counts, "optimizer": optimizer.STEP_LAUNCHES,
+           "total": sum(counts.values()) + optimizer.STEP_LAUNCHES, "per_launch": per_launch,
+           "dot_flops": sum(r["dot_flops"] for r in per_launch),
+           "useful_dot_flops": sum(r["useful"] for r in per_launch),
+           "core_product_flops": sum(r["core_flops"] for r in per_launch)}
+    if cost is not None and cost.get("matmul_flops"):
+        out["dot_flops_over_floor"] = out["dot_flops"] / cost["matmul_flops"]
+    return out

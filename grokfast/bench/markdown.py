@@ -77,6 +77,21 @@ def render_markdown(report: dict, figures: dict) -> str:
         L.append(f"Fused step: {la['total']} kernel launches (forward + backward "
                  + ", ".join(f"{n} x{c}" for n, c in la["forward_backward"].items())
                  + f"; optimizer {la['optimizer']}), counted.")
+    if "dot_flops" in la:
+        ratio = la.get("dot_flops_over_floor")
+        L.append("")
+        L.append(f"Executed dot FLOPs per step (tl.dot on padded tiles, counted from the recorded launches): "
+                 f"{_fmt_n(la['dot_flops'], 'FLOP')} ({_fmt_n(la['useful_dot_flops'], 'FLOP')} of products' own "
+                 f"work)" + (f", {ratio:.3f}x the floor's {_fmt_n(cost['matmul_flops'], 'FLOP')} in products"
+                             if ratio is not None else "")
+                 + f"; besides, {_fmt_n(la.get('core_product_flops', 0), 'FLOP')} of products run as elementwise "
+                   "multiply-adds (the attention backward's dz = dmid W_O^T).")
+        L.append("")
+        L.append("| launch | kernel | problems | executed dot FLOPs | products' own | elementwise products |")
+        L.append("|---|---|---|---|---|---|")
+        for i, r in enumerate(la["per_launch"]):
+            L.append(f"| {i + 1} | {r['kernel']} | {r['problems']} | {_fmt_n(r['dot_flops'])} | {_fmt_n(r['useful'])} "
+                     f"| {_fmt_n(r.get('core_flops', 0))} |")
     elif la:
         L.append(f"Fused step launches: not counted ({la.get('unavailable')}).")
     fused = next((r for r in report["steps"] if r["backend"] == "fused-cudagraph" and r["status"] == "measured"), None)

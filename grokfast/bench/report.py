@@ -49,7 +49,7 @@ def run_report(plan: Plan, out_dir, command: str | None = None, progress: bool =
                                      skip_reason=plan.skipped.get(b), progress=progress))
     cost = step_cost(wl.model, wl.train, wl.task.train.tokens, wl.task.train.labels, wl.M)
     attach_ratios_and_floor(steps, cost, ceilings)
-    launches = fused_launches(wl)
+    launches = fused_launches(wl, cost)
 
     # Time to grok.
     grok_rows = []
