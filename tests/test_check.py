@@ -24,8 +24,8 @@ def test_corrupted_gradient_fails(monkeypatch, capsys):
 
     real = fb.loss_and_grads_flat
 
-    def corrupted(cfg, flat, tokens, labels, grad_out=None, loss_out=None, precision=None):
-        loss_out, grad_out = real(cfg, flat, tokens, labels, grad_out=grad_out, loss_out=loss_out, precision=precision)
+    def corrupted(cfg, flat, tokens, labels, **kw):
+        loss_out, grad_out = real(cfg, flat, tokens, labels, **kw)
         w_in = ParamLayout(cfg).views(grad_out)["blocks.0.mlp.W_in"]
         flat_w = w_in.reshape(w_in.shape[0], -1)
         i = flat_w[0].abs().argmax()
