@@ -281,7 +281,7 @@ def test_captured_step_replays_the_eager_steps_bits(kind, monkeypatch):
             if graph and INTERPRETED and kind == "ema":
                 # the graph reads the descriptor table it was captured with: the stepper holds it, so calls with
                 # other outputs that push it out of the kernels' table cache cannot free it
-                tab = next(a["TAB"] for k, g, a, *_ in st._graph.launches if k.__name__ == "split_sum_many_kernel")
+                tab = next(a["TAB"] for k, g, a, *_ in st._graph.launches if k.__name__ == "flush_kernel")
                 ws = fb._workspace(cfg, 1, B_STEP, torch.device(DEVICE), True)
                 outs = [torch.empty_like(st.flat) for _ in range(mlp.Deferred.TABLE_CACHE + 1)]   # alive: new addresses
                 for out in outs:
