@@ -66,7 +66,7 @@ def add_paper_optimizer_flags(g) -> None:
 def _add_train(sub):
     p = sub.add_parser("train", help="train one model and write a run directory",
                        description="Train one model. Defaults: the nanda preset on a GPU, the small preset "
-                                   "(x+y mod 31, groks in under a minute) on a CPU.")
+                                   "(x-y mod 31, groks in under a minute) on a CPU.")
     g = p.add_argument_group("task")
     g.add_argument("--preset", help="nanda | power | grokfast | pizza | small (default: nanda on a GPU, small on a CPU)")
     g.add_argument("--op", help="operation formula, e.g. 'x+y', 'x/y', 'x^2+xy+y^2', 'x*y | y!=0', "

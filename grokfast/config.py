@@ -295,11 +295,12 @@ def _presets() -> dict:
     # Small enough to grok in well under a minute on a 2-core CPU with the reference backend.
     small = Preset(
         "small",
-        "A CPU-sized nanda: x+y mod 31, 70% train, 1 layer d_model 128, lr 3e-3, Grokfast-EMA",
+        "A CPU-sized nanda that groks visibly: x-y mod 31, 60% train, 1 layer d_model 128, lr 3e-3, wd 2, "
+        "no Grokfast filter (memorises by step 50, test accuracy stays below 0.2 for 5-11x that, then rises)",
         ModelConfig(n_ctx=3, d_vocab=32, d_vocab_out=31),
-        TaskSpec("x+y", 31, 0.7, "a b ="),
-        TrainConfig(steps=3000, lr=3e-3, wd=1.0, warmup=10, grokfast="ema", alpha=0.98, lamb=2.0,
-                    eval_every=50, checkpoint_every=500),
+        TaskSpec("x-y", 31, 0.6, "a b ="),
+        TrainConfig(steps=3000, lr=3e-3, wd=2.0, warmup=10, grokfast="none", alpha=0.98, lamb=2.0,
+                    eval_every=25, checkpoint_every=500),
     )
     return {p.name: p for p in (nanda, power, grokfast, pizza, small)}
 
