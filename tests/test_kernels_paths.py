@@ -407,3 +407,21 @@ def test_ma_ring_addresses_past_two_to_the_31():
                         window=W, eps=1e-8),
                    dict(FILTER=2, SCALARS=5, BLOCK=BLOCK))
     assert torch.equal(ma_sum, torch.full((BLOCK,), float(sum(range(1, W + 1))), dtype=torch.float64))
+
+
+@needs_interpreter
+def test_whole_fused_step_gives_the_same_bits_in_shuffled_order(monkeypatch):
+    """The stepper's own launches (the flush launch that also forms the optimizer's scalars, then the element
+    update) over three steps with Grokfast-MA: shuffled program order gives grid order's bits."""
+    from grokfast.kernels.interpret_order import program_order
+    cfg = every_path_cfg()
+    states = []
+    with mlp.split_thresholds(16):
+        for mode in ("forward", "shuffled"):
+            fb._CACHE.clear()
+            st, tokens, labels = _stepper(cfg, "ma", monkeypatch, graph=False)
+            with program_order(mode, seed=3):
+                for _ in range(3):
+                    st.step(tokens, labels)
+            states.append({k: v.clone() for k, v in st.state_dict().items()})
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
