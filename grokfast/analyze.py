@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import fourier, measures as M, rundir
+from . import fourier, measures as M, probes as PR, rundir
 from .config import ConfigError
 
 LOOP_NEURONS = 7
@@ -62,6 +62,7 @@ class Analysis:
     phases_how: dict               # {phase: how it was found}
     detail: dict = field(default_factory=dict)   # arrays for the figures at ``step``
     skipped: dict = field(default_factory=dict)  # {what: why}
+    verdict: PR.Verdict | None = None            # grokked / memorising / untrained, with the evidence
 
 
 def _scalars(m: dict) -> dict:
@@ -120,7 +121,48 @@ def _details(model, task, key: list, skipped: dict) -> dict:
     d["decomp_neuron"], d["decomp_freq"], d["decomp_frac"] = n, k, float(best[n])
     d["decomp_parts"] = {"activation": neurons[:, :, n] - parts["const"], "a": parts["a"], "b": parts["b"],
                          "a*b": parts["a*b"], "rest": parts["rest"]}
+    _inside(model, task, key, grid, logits, neurons, n, d)
     return d
+
+
+def _inside(model, task, key: list, grid, logits, neurons, n: int, d: dict) -> None:
+    """The arrays of the looking-inside figures (grokfast.probes) and each figure's reading."""
+    p = task.p
+    flat = logits.reshape(p * p, -1)
+    right = flat.argmax(-1) == grid.answers.cpu()
+    m = grid.train_mask.cpu()
+    d["train_acc"] = float(right[m].double().mean()) if m.any() else float("nan")
+    d["test_acc"] = float(right[~m].double().mean()) if (~m).any() else float("nan")
+    d["all_acc"] = float(right.double().mean())
+    readings = {}
+    d["probes"] = PR.embedding_probes(model, task, key)
+    circle = any(all(q.found for q in d["probes"] if q.k == k and q.slot == s)
+                 for k in {q.k for q in d["probes"]} for s in ("a", "b"))
+    readings["embedding probes"] = "grokked" if circle and key else "memorising"
+    d["surface_neuron"] = n
+    d["surface_act"] = neurons[:, :, n]
+    d["surface_components"], d["surface_top_share"] = PR.surface_components(neurons[:, :, n])
+    readings["neuron surface"] = "grokked" if key and d["decomp_frac"] >= fourier.KEY_THRESHOLD else "memorising"
+    answers = grid.answers.cpu()
+    d["answers_grid"] = answers.reshape(p, p)
+    units = [PR.adding_units(logits[:, :, :p], answers, "logits")]
+    if len(model.blocks) >= 2:
+        units.append(PR.adding_units(neurons, answers, f"layer {len(model.blocks) - 1} neurons"))
+    d["adding"] = units
+    best = max(units, key=lambda u: float(u.shares.max()))
+    i = int(best.shares.argmax())
+    src = logits if best.kind == "logits" else neurons
+    d["adding_unit"] = (best.kind, i, src[:, :, i], float(best.shares[i]), int(best.preferred[i]))
+    k = key[0] if key else PR.probe_frequencies(model, p, key)[0]
+    if key:  # the frequency with the largest neuron cluster
+        k = max(key, key=lambda f: int(((d["freq"] == f) & (d["frac"] >= fourier.KEY_THRESHOLD)).sum()))
+    d["adding_decomp"] = PR.adding_decomposition(neurons, M.neuron_logit_map(model).cpu(), answers, k, grid.op)
+    adds = len(units[0].adding) >= 0.5 * p
+    readings["units that add"] = "grokked" if adds and d["adding_decomp"].target_share >= 0.5 else "memorising"
+    d["logit_components"], _ = PR.spectrum_components(d["logit_spectrum"])
+    d["logit_key_share"] = PR.key_product_share(d["logit_spectrum"], key)
+    readings["logit spectrum"] = "grokked" if d["logit_key_share"] >= 0.5 else "memorising"
+    d["readings"] = readings
 
 
 def analyze_run(run_dir, at: int | None = None, every: int | None = None, device="cpu",
@@ -154,6 +196,13 @@ def analyze_run(run_dir, at: int | None = None, every: int | None = None, device
     algorithm = M.clock_or_pizza(m["gradient_symmetricity"], m.get("distance_irrelevance"), m.get("n_key_freqs"))
     detail = _details(model, task, key, skipped)
     history = rundir.read_metrics(run_dir)
+    verdict = None
+    if "all_acc" in detail:
+        split_known = cfg.get("imported", {}).get("split_known", True)
+        verdict = PR.verdict(detail["train_acc"] if split_known else detail["all_acc"],
+                             detail["test_acc"] if split_known else None, key, detail["readings"])
+    else:
+        skipped["verdict (grokked or memorising)"] = skipped.get("logit spectrum", "no full grid")
 
     rows = []
     if at is None:
@@ -176,8 +225,10 @@ def analyze_run(run_dir, at: int | None = None, every: int | None = None, device
     model_text = (f"{mc.n_layers} layer(s), d_model {mc.d_model}, {mc.n_heads} heads x {mc.d_head}, d_mlp {mc.d_mlp}, "
                   f"{mc.act}{', LayerNorm' if mc.layernorm else ''}, attention rate {mc.attn_alpha:g}; "
                   f"lr {tc.lr:g}, wd {tc.wd:g}{gf}")
+    if "imported" in cfg:
+        model_text += f"; imported from {cfg['imported'].get('format')} file {cfg['imported'].get('file')}"
     return Analysis(run_dir, step, at, f"{task.op} mod {task.p}, step {step}", task_text, model_text, m, key,
-                    algorithm, history, rows, ends, how, detail, skipped)
+                    algorithm, history, rows, ends, how, detail, skipped, verdict)
 
 
 def key_freqs_text(a: Analysis) -> str:
@@ -266,13 +317,31 @@ def write_analysis(a: Analysis, out_dir=None) -> dict:
         add("neuron_clusters", "Neuron-frequency clusters", plots.neuron_clusters_figure, d["fractions"],
             d["freq"], d["frac"], fourier.KEY_THRESHOLD,
             title=f"neuron-frequency clusters at step {a.step}: fraction of each neuron's variance per frequency")
-        add("logit_spectrum", "2D Fourier spectrum of the logits", plots.heatmap_figure, d["logit_spectrum"],
-            d["basis_labels"], title=f"2D Fourier spectrum of the logits at step {a.step} (norm over classes)")
+    if "probes" in d:
+        add("logit_spectrum", "2D Fourier spectrum of the logits", plots.logit_spectrum_figure, d["logit_spectrum"],
+            d["basis_labels"], d["logit_components"],
+            title=(f"2D Fourier spectrum of the logits at step {a.step} (norm over classes): "
+                   f"{d['logit_key_share']:.0%} in the key frequencies' products"))
+        add("embedding_probes", "Sparse linear probes of the embedding: probe output against x beside the target",
+            plots.probes_figure, d["probes"],
+            title=f"sparse linear probes of the embedding at step {a.step} (at most {PR.PROBE_MAX_DIRS} directions)")
+        add("neuron_surface", "One neuron as a surface over (a, b), with its largest 2D Fourier components",
+            plots.neuron_surface_figure, d["surface_act"], d["surface_components"], d["surface_neuron"],
+            title=f"neuron {d['surface_neuron']} at step {a.step} over every input (a, b)")
+        kind, i, unit, share, c = d["adding_unit"]
+        name = f"logit {i}" if kind == "logits" else f"{kind.replace('neurons', 'neuron')} {i}"
+        add("adding_units", "Units that add: a unit constant along the answer's lines, and W_out W_U along a key frequency",
+            plots.adding_figure, unit, d["answers_grid"], d["adding_decomp"],
+            title=(f"at step {a.step}: {name} ({share:.0%} of its variance explained by the answer; largest on "
+                   f"c = {c}) and the last layer read along frequency {d['adding_decomp'].k}: {d['adding_decomp'].identity}"),
+            unit_label=f"{name}, lines of constant {a.title.split(' mod')[0]}")
 
     # machine-readable companions
     if a.at is None and a.measure_rows:
         rundir.write_text(out / "measures.jsonl", "".join(json.dumps(r) + "\n" for r in a.measure_rows))
     summary = {"step": a.step, "key_freqs": key, "algorithm": a.algorithm,
+               "verdict": None if a.verdict is None else {"word": a.verdict.word, "why": a.verdict.why,
+                                                          "readings": a.verdict.readings},
                "measures": _scalars(a.measures), "phases": a.phases, "phases_how": a.phases_how,
                "skipped": a.skipped}
     rundir.write_json(out / f"analysis{tag}.json", summary)
@@ -290,6 +359,8 @@ def _report_text(a: Analysis, figs: dict, rel: Path) -> str:
     L.append(f"**Key frequencies:** {key_freqs_text(a)}")
     L.append("")
     L.append(f"**Algorithm (clock or pizza):** {a.algorithm}")
+    if a.verdict is not None:
+        L += ["", f"**Verdict:** {a.verdict.word} ({a.verdict.why})"]
     L += ["", "## Measures at step %d" % a.step, "", "| measure | value | what it is |", "|---|---|---|"]
     for k, (name, what) in MEASURE_INFO.items():
         if k in m:
@@ -297,6 +368,8 @@ def _report_text(a: Analysis, figs: dict, rel: Path) -> str:
     if a.key_freqs:
         L.append("")
         L.append("Restricted and excluded loss above are taken along this checkpoint's own key frequencies.")
+    if "probes" in a.detail:
+        L += _inside_text(a)
     L += ["", "## Phases", "", "| phase | ends at step | how |", "|---|---|---|"]
     for ph in M.PHASE_NAMES:
         L.append(f"| {ph} | {_fmt(a.phases.get(ph))} | {a.phases_how.get(ph, '')} |")
@@ -316,3 +389,38 @@ def _report_text(a: Analysis, figs: dict, rel: Path) -> str:
     for name, (path, caption) in figs.items():
         L += [f"### {caption}", "", f"![{caption}]({(rel / Path(path).name).as_posix()})", ""]
     return "\n".join(L) + "\n"
+
+
+def _inside_text(a: Analysis) -> list[str]:
+    """The report's "Looking inside" section: what each figure shows and which picture it is."""
+    d, v = a.detail, a.verdict
+    L = ["", "## Looking inside", "",
+         "Each figure's reading on its own: \"grokked\" when it shows the Fourier circuit, \"memorising\" when it "
+         "shows no structure (a fresh model looks the same).", "", "| figure | shows | reading |", "|---|---|---|"]
+    found = [q for q in d["probes"] if q.found]
+    best = max(d["probes"], key=lambda q: q.r2_by_dirs[1] if len(q.r2_by_dirs) > 1 else q.r2)
+    L.append(f"| embedding probes | {len(found)} of {len(d['probes'])} probes reach R^2 >= {PR.PROBE_R2} with at most "
+             f"{PR.PROBE_MAX_DIRS} directions; best with 2: {best.fn}(w_{best.k} x) at slot {best.slot}, R^2 {best.r2_by_dirs[1]:.3f} | "
+             f"{v.readings['embedding probes']} |")
+    comps = ", ".join(f"{n} {s:.0%}" for n, s, _ in d["surface_components"][:4])
+    L.append(f"| neuron surface | neuron {d['surface_neuron']}: {comps}; {d['decomp_frac']:.0%} of its variance at "
+             f"frequency {d['decomp_freq']} | {v.readings['neuron surface']} |")
+    lg = d["adding"][0]
+    dec = d["adding_decomp"]
+    txt = (f"{len(lg.adding)} of {lg.shares.numel()} logits have >= {PR.ADDING_SHARE:.0%} of their variance explained "
+           f"by the answer (median {float(lg.shares.median()):.2f})")
+    for u in d["adding"][1:]:
+        txt += f"; {len(u.adding)} of {u.shares.numel()} {u.kind} do"
+    cc, ss = dec.products["cos a cos b"][0], dec.products["sin a sin b"][0]
+    txt += (f"; along frequency {dec.k}, W_out W_U reads cos a cos b {cc:+.3g}, sin a sin b {ss:+.3g}, "
+            f"{dec.target_share:.0%} of it along cos(w c(a, b))")
+    L.append(f"| units that add | {txt} | {v.readings['units that add']} |")
+    comps = ", ".join(f"{n} {s:.0%}" for n, s, _ in d["logit_components"][:4])
+    L.append(f"| logit spectrum | {d['logit_key_share']:.0%} of the energy in the key frequencies' products; "
+             f"largest: {comps} | {v.readings['logit spectrum']} |")
+    L += ["", "Embedding probes (R^2 with the best 1, 2, ... directions, the principal directions of the embedding):", "",
+          "| frequency | target | slot | directions | R^2 | R^2 by directions |", "|---|---|---|---|---|---|"]
+    for q in d["probes"]:
+        L.append(f"| {q.k} | {q.fn}(w_{q.k} x) | {q.slot} | {q.n_dirs} | {q.r2:.3f} | "
+                 + ", ".join(f"{r:.3f}" for r in q.r2_by_dirs) + " |")
+    return L

@@ -357,3 +357,145 @@ def neuron_clusters_figure(fractions, freq, frac, threshold: float, path, title:
     ax1.set_ylim(0.5, Fr.shape[1] + 0.5)
     fig.suptitle(title or "neuron-frequency clusters")
     return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- looking inside (grokfast.probes)
+
+def probes_figure(probes: list, path, title: str = "") -> Path:
+    """Sparse linear probes of the embedding: one panel per probed frequency k and function (cos, sin),
+    the probe's output against the number x (a's slot solid, b's dashed) beside the target f(w_k x) (grey),
+    with the directions used and R^2 in the legend (probes: grokfast.probes.Probe).
+
+    Grokked: at each key frequency the probe follows the target curve with R^2 near 1 from one or two
+    embedding directions (the numbers sit on a circle at that frequency). Memorising (or untrained): no
+    frequency is special; even the best few directions give a probe that misses the curve (R^2 well below
+    0.9), which is what the panels show for the embedding's strongest frequencies."""
+    import numpy as np
+
+    keys = []
+    for q in probes:
+        if (q.k, q.fn) not in keys:
+            keys.append((q.k, q.fn))
+    n = max(1, len(keys))
+    cols = min(4, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.9 * rows), squeeze=False)
+    for ax, (k, fn) in zip(axes.flat, keys):
+        sel = [q for q in probes if q.k == k and q.fn == fn]
+        x = np.arange(len(sel[0].target))
+        ax.plot(x, np.asarray(sel[0].target, dtype=float), color="gray", lw=3, alpha=0.5, label=f"{fn}({k} x) target")
+        for q, ls in zip(sel, ("-", "--")):
+            ax.plot(x, np.asarray(q.prediction, dtype=float), ls, marker=".", ms=3,
+                    label=f"slot {q.slot}: {q.n_dirs} dir{'s' if q.n_dirs != 1 else ''}, R2 {q.r2:.2f}")
+        ax.set_title(f"{fn}(w_{k} x) from the embedding", fontsize=9)
+        ax.set_xlabel("number x", fontsize=8)
+        ax.legend(fontsize=6, loc="upper right")
+        ax.grid(True, alpha=0.25)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle(title or "sparse linear probes of the embedding")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def neuron_surface_figure(act, components: list, neuron: int, path, title: str = "") -> Path:
+    """One neuron's activation over every input (a, b), act [p, p] (a the row): as a 3D surface, as a heat map,
+    and a bar chart of its largest 2D Fourier components, named (``components`` [(name, share, coeff)],
+    grokfast.probes.surface_components), by share of the neuron's variance.
+
+    Grokked: a smooth periodic surface; a handful of components at one frequency k (cos ka, cos kb,
+    cos ka cos kb, sin ka sin kb, ...) hold most of the variance. Memorising (or untrained): a rough surface
+    (ReLU of a random sum of a's and b's embedding), its variance spread over many frequencies."""
+    import numpy as np
+
+    A = np.asarray(act, dtype=float)
+    p = A.shape[0]
+    fig = plt.figure(figsize=(15, 4.4))
+    ax3 = fig.add_subplot(1, 3, 1, projection="3d")
+    aa, bb = np.meshgrid(np.arange(p), np.arange(p), indexing="ij")
+    ax3.plot_surface(bb, aa, A, cmap="viridis", linewidth=0, antialiased=True)
+    ax3.set_xlabel("b")
+    ax3.set_ylabel("a")
+    ax3.set_title("surface", fontsize=9)
+    ax = fig.add_subplot(1, 3, 2)
+    im = ax.imshow(A, cmap="viridis", origin="lower")
+    ax.set_xlabel("b")
+    ax.set_ylabel("a")
+    ax.set_title("heat map", fontsize=9)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    axb = fig.add_subplot(1, 3, 3)
+    names = [c[0] for c in components][::-1]
+    axb.barh(range(len(names)), [c[1] for c in components][::-1], color="tab:blue")
+    axb.set_yticks(range(len(names)), names, fontsize=8)
+    axb.set_xlabel("share of the neuron's variance")
+    axb.set_title(f"largest 2D Fourier components (together {sum(c[1] for c in components):.0%})", fontsize=9)
+    fig.suptitle(title or f"neuron {neuron} over (a, b)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def adding_figure(unit, answers_grid, decomposition, path, title: str = "", unit_label: str = "") -> Path:
+    """Units that add. Left: one unit over (a, b) (unit [p, p], a the row) with the lines on which the
+    answer c(a, b) is constant drawn over it (answers_grid [p, p]). Right (when ``decomposition``, a
+    grokfast.probes.AddingDecomposition, is given): the last MLP layer read along frequency k of the answer
+    by W_out W_U, its (cos a cos b) part, its (sin a sin b) part, and their sum, which for a grokked x+y
+    model is the band pattern of cos(w_k (a + b)).
+
+    Grokked: the unit (a logit, or a later neuron) is constant along every line a + b = c (bands along the
+    anti-diagonals), and the two product parts are equal and opposite, so cos a cos b - sin a sin b adds up
+    to cos(w (a + b)). Memorising (or untrained): the unit is a patchwork with no bands, and the read-out
+    along any frequency has no product parts of note (their sum shows no bands)."""
+    import numpy as np
+
+    panels = [("unit" if not unit_label else unit_label, np.asarray(unit, dtype=float))]
+    if decomposition is not None:
+        d = decomposition
+        panels += [(f"cos {d.k}a cos {d.k}b part", np.asarray(d.parts["cos a cos b"])),
+                   (f"sin {d.k}a sin {d.k}b part", np.asarray(d.parts["sin a sin b"])),
+                   (f"sum (share along cos(w c): {d.target_share:.2f})", np.asarray(d.parts["sum"]))]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.9 * len(panels), 3.8), squeeze=False,
+                             gridspec_kw={"wspace": 0.35})
+    C = np.asarray(answers_grid)
+    for i, (ax, (name, g)) in enumerate(zip(axes[0], panels)):
+        v = float(np.abs(g).max()) or 1.0
+        ax.imshow(g, cmap="RdBu_r", vmin=-v, vmax=v, origin="lower")
+        if i == 0:
+            ax.contour(C, levels=np.arange(C.max() + 1) - 0.5, colors="k", linewidths=0.3, alpha=0.4)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("b")
+        ax.set_ylabel("a")
+    fig.suptitle(title or "units that add", y=1.03)
+    return _save(fig, path)
+
+
+def logit_spectrum_figure(spectrum, labels: list[str], components: list, path, title: str = "") -> Path:
+    """The logits' 2D Fourier spectrum over the inputs (spectrum [p, p], the norm over output classes of
+    each coefficient of B logits B^T; row: a's component, column: b's), beside its largest components named
+    with their shares of the energy (``components``, grokfast.probes.spectrum_components).
+
+    Grokked: a few bright cells at the key frequencies, on the products cos ka cos kb, sin ka sin kb (and
+    the mixed ones), which is how cos(w (a + b - c)) looks in this basis; the rest dark. Memorising (or
+    untrained): energy spread over many cells, the single-variable rows and columns (const x anything)
+    brightest, no frequency singled out."""
+    import numpy as np
+
+    g = np.asarray(spectrum, dtype=float).copy()
+    g[0, 0] = 0.0
+    fig, (ax, axb) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [3, 2]})
+    im = ax.imshow(g, cmap="viridis", origin="upper")
+    step = max(1, len(labels) // 20)
+    ax.set_xticks(range(0, len(labels), step))
+    ax.set_xticklabels(labels[::step], rotation=90, fontsize=6)
+    ax.set_yticks(range(0, len(labels), step))
+    ax.set_yticklabels(labels[::step], fontsize=6)
+    ax.set_xlabel("component of b")
+    ax.set_ylabel("component of a")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="norm over classes (const x const left out)")
+    names = [c[0] for c in components][::-1]
+    axb.barh(range(len(names)), [c[1] for c in components][::-1], color="tab:blue")
+    axb.set_yticks(range(len(names)), names, fontsize=8)
+    axb.set_xlabel("share of the logits' energy")
+    axb.set_title(f"largest components (together {sum(c[1] for c in components):.0%})", fontsize=9)
+    fig.suptitle(title or "2D Fourier spectrum of the logits")
+    fig.tight_layout()
+    return _save(fig, path)
