@@ -276,18 +276,56 @@ def distance_irrelevance(logits: torch.Tensor, grid: Grid) -> tuple[float | None
     return float(torch.stack(per).mean() / total), ""
 
 
-def embedding_gradients(model, task, n: int = 100, seed: int = 0, op_index: int = 0):
+def notebook_triples(p: int, n: int = 100, seed: int = 42) -> list[tuple[int, int, int]]:
+    """Zhong et al.'s evaluation notebook's sample for gradient symmetricity: every (a, b, c) of Z_p^3 in
+    lexicographic order, shuffled by Python's random.Random(seed), the first n."""
+    import random
+
+    xs = [(a, b, c) for a in range(p) for b in range(p) for c in range(p)]
+    random.Random(seed).shuffle(xs)
+    return xs[:n]
+
+
+def circularity_pca(W: torch.Tensor, components: int = 4) -> float:
+    """Circularity as Zhong et al.'s evaluation notebook computes it: for each of the first ``components``
+    principal components of W [p, d] (its scores v [p] over the numbers, W centred), the largest share of
+    v's energy at one frequency pair +-k, 2 |sum_x v_x exp(2 pi i k x / p)|^2 / (p ||v||^2) over k = 1 .. p-1,
+    clipped to [0, 1]; averaged over the components. 1 when each component is a pure cos/sin of one
+    frequency (the numbers on circles)."""
+    W = W.to(F64)
+    Wc = W - W.mean(dim=0, keepdim=True)
+    U, S, _ = torch.linalg.svd(Wc, full_matrices=False)
+    p = W.shape[0]
+    shares = []
+    for i in range(min(components, U.shape[1])):
+        v = U[:, i] * S[i]
+        e = float(v @ v)
+        if e <= 0:
+            shares.append(0.0)
+            continue
+        Z = torch.fft.fft(v.to(torch.complex128))
+        shares.append(min(1.0, max(0.0, float((2 * Z.abs() ** 2)[1:].max()) / (p * e))))
+    return sum(shares) / max(1, len(shares))
+
+
+def embedding_gradients(model, task, n: int = 100, seed: int = 0, op_index: int = 0, triples=None):
     """(g_a [n, d_model], g_b [n, d_model], tokens [n, n_ctx], classes [n]) for n random (a, b, c), seeded:
     (a, b) an input the operation defines, c a random class; g_a is the gradient of output logit c with
     respect to the input embedding at a's position -- the vector W_E[a] + W_pos[slot_a] as it enters the
     first block -- and g_b likewise. Autograd on the reference model; its parameters are not changed."""
     allp = task.all_pairs(op_index)
-    g = torch.Generator().manual_seed(int(seed))
-    rows = torch.randint(0, len(allp), (n,), generator=g)
-    cls = torch.randint(0, task.p, (n,), generator=g).to(allp.tokens.device)
-    tokens = allp.tokens[rows.to(allp.tokens.device)]
     slots = task.layout.split()
     sa, sb = slots.index("a"), slots.index("b")
+    if triples is None:
+        g = torch.Generator().manual_seed(int(seed))
+        rows = torch.randint(0, len(allp), (n,), generator=g)
+        cls = torch.randint(0, task.p, (n,), generator=g).to(allp.tokens.device)
+        tokens = allp.tokens[rows.to(allp.tokens.device)]
+    else:  # given (a, b, c): the rows of those (a, b), in that order
+        t = torch.tensor(triples, dtype=torch.long, device=allp.tokens.device)
+        where = {(int(x), int(y)): i for i, (x, y) in enumerate(zip(allp.tokens[:, sa], allp.tokens[:, sb]))}
+        tokens = allp.tokens[[where[(int(a), int(b))] for a, b, _ in t]]
+        cls = t[:, 2]
     captured = {}
 
     def hook(module, args):
@@ -303,12 +341,12 @@ def embedding_gradients(model, task, n: int = 100, seed: int = 0, op_index: int 
     return gx[:, sa].to(F64), gx[:, sb].to(F64), tokens, cls
 
 
-def gradient_symmetricity(model, task, n: int = 100, seed: int = 0, op_index: int = 0) -> float:
+def gradient_symmetricity(model, task, n: int = 100, seed: int = 0, op_index: int = 0, triples=None) -> float:
     """Gradient symmetricity of Zhong et al.: the mean over n random (a, b, c) of the cosine similarity
     between the gradients of logit c with respect to the input embeddings of a and of b
     (embedding_gradients). Near 1 for a pizza (the logit depends on embed(a) + embed(b)), lower for a
-    clock."""
-    g_a, g_b, _, _ = embedding_gradients(model, task, n, seed, op_index)
+    clock. ``triples`` [(a, b, c)] replaces the random sample (notebook_triples: Zhong et al.'s own)."""
+    g_a, g_b, _, _ = embedding_gradients(model, task, n, seed, op_index, triples)
     return float(torch.nn.functional.cosine_similarity(g_a, g_b, dim=-1).mean())
 
 
@@ -376,6 +414,19 @@ def all_measures(model, task, key_freqs=None, grad_samples: int = 100) -> dict:
             out["distance_irrelevance"] = di
     out["skipped"] = skipped
     return out
+
+
+def zhong_notebook_measures(model, task) -> dict[str, float]:
+    """Zhong et al.'s three measures as their evaluation notebook (fjzzq2002/pizza code/eval-main.ipynb)
+    computes them, to compare with its printed values: gradient symmetricity over notebook_triples(p),
+    distance irrelevance on the correct logit, circularity_pca over the first 4 principal components."""
+    grid, why = full_grid(task)
+    if grid is None:
+        raise ValueError(why)
+    logits, _ = grid_forward(model, grid)
+    di, why = distance_irrelevance(logits, grid)
+    return {"gradient_symmetricity": gradient_symmetricity(model, task, triples=notebook_triples(task.p)),
+            "distance_irrelevance": di, "circularity": circularity_pca(embedding(model, task.p))}
 
 
 def clock_or_pizza(gradient_symmetricity: float, distance_irrelevance: float | None,
