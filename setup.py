@@ -20,6 +20,9 @@ setup(
         "test": ["pytest", "triton>=3.0", "hypothesis", "pytest-benchmark"],
         "bench": ["pytest-benchmark", "nvidia-ml-py"],
         "plots": ["matplotlib"],
+        # grokfast.to_hooked_transformer; 4.0 removed HookedTransformer. Not in "test": its install took 102 s
+        # here (2026-12-02), so the tests that need it skip when it is missing.
+        "lens": ["transformer_lens>=3,<4"],
     },
     entry_points={"console_scripts": ["grokfast=grokfast.cli:main"]},
 )

@@ -217,6 +217,8 @@ def analyze_run(run_dir, at: int | None = None, every: int | None = None, device
     else:
         skipped["measures over training"] = "--at analyses one checkpoint; run without --at for every checkpoint"
     ends, how = M.phases(history, rows, task.p)
+    if not history:
+        how = {ph: "no metrics.jsonl (an imported model has no training history)" for ph in ends}
 
     gf = "" if tc.grokfast == "none" else f", Grokfast-{tc.grokfast.upper()}"
     task_text = f"{task.op} mod {task.p}, {int(round(task.frac * 100))}% train, layout '{task.layout}'"
