@@ -27,7 +27,8 @@ def _hooked_transformer_classes():
     try:
         from transformer_lens import HookedTransformer, HookedTransformerConfig
     except ImportError:
-        v = getattr(transformer_lens, "__version__", "this version")
+        from importlib.metadata import version
+        v = version("transformer_lens")
         raise ConfigError(f"transformer_lens {v} has no HookedTransformer: install {NEED}") from None
     return HookedTransformer, HookedTransformerConfig
 
