@@ -312,7 +312,7 @@ def test_analyze_a_trained_run_end_to_end(trained_run, capsys):
     names = {f.stem for f in figs}
     assert {"accuracy_loss_phases", "restricted_excluded_loss", "measures", "embedding_circle",
             "embedding_spectrum", "neuron_loops", "neuron_decomposition", "neuron_clusters",
-            "logit_spectrum"} <= names
+            "logit_spectrum", "embedding_probes", "neuron_surface", "adding_units"} <= names
     assert all(_is_png(f) for f in figs)
     for f in figs:
         assert f"figures/{f.name}" in report                                # every figure is embedded
@@ -326,6 +326,10 @@ def test_analyze_a_trained_run_end_to_end(trained_run, capsys):
     rows = [l for l in (trained_run / "measures.jsonl").read_text().splitlines() if l]
     assert len(rows) == len(grokfast.rundir.list_checkpoints(trained_run))
     assert "| memorisation |" in report and "| clean-up |" in report
+    assert "**Verdict:** grokked (train accuracy 100.0%, test accuracy " in report
+    readings = [l for l in report.splitlines() if l.split("|")[1:2] in ([" embedding probes "], [" neuron surface "],
+                                                                        [" units that add "], [" logit spectrum "])]
+    assert len(readings) == 4 and all(l.endswith("| grokked |") for l in readings), readings
     out = capsys.readouterr().out
     assert "key frequencies: " + ", ".join(map(str, listed)) in out
 
