@@ -129,3 +129,19 @@ def test_verdict_words():
     assert PR.verdict(0.05, 0.04, [], {}).word == "untrained"
     v = PR.verdict(0.995, None, [3], {})
     assert v.word == "grokked" and "split is not known" in v.why
+
+
+def test_a_second_layers_neurons_are_read_as_units_too(tmp_path):
+    """In a model with two layers the last MLP's neurons are candidates for adding, beside the logits."""
+    from grokfast import importers
+    from grokfast.analyze import analyze_run
+
+    task = Task("x+y", 11, 0.5, seed=0)
+    m = Transformer(ModelConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=24).for_task(task), seed=1)
+    importers.write_run_dir(tmp_path / "run", m, task)
+    d = analyze_run(tmp_path / "run").detail
+    assert [u.kind for u in d["adding"]] == ["logits", "layer 1 neurons"]
+    assert d["adding"][1].shares.shape == (24,)
+    grid, _ = M.full_grid(task)
+    _, neurons = M.grid_forward(m, grid)
+    assert torch.allclose(d["adding"][1].shares, PR.answer_shares(neurons, grid.answers))
