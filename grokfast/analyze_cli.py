@@ -11,8 +11,9 @@ def add_parser(sub) -> None:
         "analyze", help="progress measures and figures for a run directory",
         description="Compute the progress measures of Nanda et al., Zhong et al. and Furuta et al. over the "
                     "checkpoints of a run (key frequencies, restricted and excluded loss, Gini coefficients, "
-                    "clock or pizza, ...), mark the three phases, and write figures/*.png and report.md "
-                    "into the run directory.")
+                    "clock or pizza, ...), mark the three phases, look inside the analysed checkpoint (sparse "
+                    "probes of the embedding, neuron surfaces, units that add, the logits' spectrum: grokked or "
+                    "memorising), and write figures/*.png and report.md into the run directory.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `grokfast train --out`")
     p.add_argument("--at", type=int, metavar="STEP",
                    help="analyse this checkpoint only (writes report_step_STEP.md and figures/step_STEP/)")
@@ -38,6 +39,8 @@ def cmd_analyze(args) -> int:
     paths = write_analysis(a, args.out)
     print(f"key frequencies: {key_freqs_text(a)}")
     print(f"algorithm (clock or pizza): {a.algorithm}")
+    if a.verdict is not None:
+        print(f"verdict: {a.verdict.word} ({a.verdict.why})")
     for ph, s in a.phases.items():
         print(f"end of {ph}: {f'step {s}' if s is not None else a.phases_how.get(ph, 'not reached')}")
     for why, whats in group_skipped(a.skipped).items():
