@@ -20,7 +20,10 @@ def _save(fig, path) -> Path:
 
 def grokking_figure(history: list[dict], path, title: str = "", phases: dict | None = None) -> Path:
     """The classic grokking figure: train and test accuracy (left) and loss (right) against a log step
-    axis. ``phases`` optionally maps a label to a step, drawn as a vertical line on both panels."""
+    axis. ``phases`` optionally maps a label to a step, drawn as a vertical line on both panels.
+
+    Grokked: test accuracy jumps to 1 long after train accuracy did. Memorising: train accuracy at 1, test
+    accuracy low."""
     rows = [r for r in history if r["step"] > 0]
     steps = [r["step"] for r in rows]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
@@ -185,7 +188,11 @@ def _phase_lines(ax, phases: dict | None) -> None:
 def loss_decomposition_figure(history: list[dict], measure_rows: list[dict], path, title: str = "",
                               phases: dict | None = None) -> Path:
     """Train and test loss (from the metrics) with the restricted and excluded loss (from the measures)
-    against step, log loss axis; phases {label: step} as vertical lines."""
+    against step, log loss axis; phases {label: step} as vertical lines.
+
+    Grokked: the restricted loss falls before the test loss does and ends low; the excluded loss rises above
+    ln p as the circuit takes over the train set. Memorising: the restricted loss stays at or above ln p and
+    the excluded loss stays near the train loss (the train set is fitted without the key frequencies)."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     rows = [r for r in history if r["step"] > 0]
     ax.plot([r["step"] for r in rows], [r["train_loss"] for r in rows], color="tab:blue", label="train loss")
@@ -207,7 +214,11 @@ def loss_decomposition_figure(history: list[dict], measure_rows: list[dict], pat
 
 def measures_figure(measure_rows: list[dict], names: dict[str, str], path, title: str = "",
                     phases: dict | None = None) -> Path:
-    """One panel per measure against step: ``names`` maps a key of the rows to its panel title."""
+    """One panel per measure against step: ``names`` maps a key of the rows to its panel title.
+
+    Grokked: the sum of squared weights falls, the Gini coefficients and circularity rise, the number of key
+    frequencies settles on a few. Memorising: the weights grow or stay, the Gini coefficients stay low and the
+    Fourier Frequency Sparsity stays near 1 (every frequency used)."""
     keys = [k for k in names if any(k in r for r in measure_rows)]
     n = max(1, len(keys))
     cols = min(3, n)
@@ -229,7 +240,10 @@ def measures_figure(measure_rows: list[dict], names: dict[str, str], path, title
 
 def embedding_circles_figure(pca_xy, pca_share, planes: dict, path, title: str = "") -> Path:
     """The number embeddings W_E[x] as points labelled x: on the top two principal components, then on
-    each key frequency k's (cos, sin) plane (``planes`` {k: [p, 2]}), where a clock draws a circle."""
+    each key frequency k's (cos, sin) plane (``planes`` {k: [p, 2]}), where a clock draws a circle.
+
+    Grokked: on each key frequency's plane the numbers lie on a circle in the order w_k x (colours run round
+    it). Memorising: a cloud with no order, on the principal components and on any plane."""
     panels = [("top two principal components\n"
                f"({100 * float(pca_share[0]):.0f}% + {100 * float(pca_share[1]):.0f}% of variance)", pca_xy)]
     panels += [(f"frequency k = {k}:\n(cos, sin) plane", xy) for k, xy in planes.items()]
@@ -252,7 +266,10 @@ def embedding_circles_figure(pca_xy, pca_share, planes: dict, path, title: str =
 def neuron_loops_figure(acts, neurons: list[int], colour, path, title: str = "",
                         colour_label: str = "(a + b) mod p") -> Path:
     """A len(neurons) x len(neurons) grid: panel (i, j) scatters neuron i against neuron j over every
-    input (acts [n_inputs, len(neurons)]), coloured by ``colour`` [n_inputs]; histograms on the diagonal."""
+    input (acts [n_inputs, len(neurons)]), coloured by ``colour`` [n_inputs]; histograms on the diagonal.
+
+    Grokked: neurons of one frequency trace loops coloured in order of the answer. Memorising: shapeless
+    clouds with the colours mixed."""
     import numpy as np
 
     A = np.asarray(acts, dtype=float)
@@ -277,7 +294,10 @@ def neuron_loops_figure(acts, neurons: list[int], colour, path, title: str = "",
 
 def neuron_decomposition_figure(parts: dict, neuron: int, k: int, path, title: str = "") -> Path:
     """One neuron's activation as a heatmap over (a, b) and its 2D Fourier parts at frequency k:
-    ``parts`` {"activation", "a", "b", "a*b", "rest"}: [p, p] grids (a the row)."""
+    ``parts`` {"activation", "a", "b", "a*b", "rest"}: [p, p] grids (a the row).
+
+    Grokked: the a, b and a*b parts at the neuron's frequency add up to nearly all of the activation and the
+    rest is faint. Memorising: the rest holds most of the activation."""
     import numpy as np
 
     names = {"activation": "activation", "a": f"cos/sin({k} a) terms", "b": f"cos/sin({k} b) terms",
@@ -298,7 +318,10 @@ def neuron_decomposition_figure(parts: dict, neuron: int, k: int, path, title: s
 
 def spectrum_figure(norms, labels: list[str], path, title: str = "", key_freqs=()) -> Path:
     """Bar chart of Fourier component norms (one bar per basis row: const, cos 1, sin 1, ...); the
-    key frequencies' bars are highlighted."""
+    key frequencies' bars are highlighted.
+
+    Grokked: a few tall bars at the key frequencies, the rest near zero. Memorising: bars of similar height
+    at every frequency."""
     import numpy as np
 
     v = np.asarray(norms, dtype=float)
@@ -337,7 +360,10 @@ def heatmap_figure(grid, labels: list[str], path, title: str = "") -> Path:
 def neuron_clusters_figure(fractions, freq, frac, threshold: float, path, title: str = "") -> Path:
     """Neuron-frequency clusters. Left: each neuron's fraction of variance at each frequency (fractions
     [N, K]), neurons sorted by their frequency (freq [N]) then by how much it explains (frac [N]);
-    right: how many neurons each frequency explains to at least ``threshold``."""
+    right: how many neurons each frequency explains to at least ``threshold``.
+
+    Grokked: neurons fall into a few bright clusters, one per key frequency. Memorising: no neuron reaches
+    the threshold; the fractions are dim everywhere."""
     import numpy as np
 
     Fr = np.asarray(fractions, dtype=float)

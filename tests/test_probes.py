@@ -145,3 +145,17 @@ def test_a_second_layers_neurons_are_read_as_units_too(tmp_path):
     grid, _ = M.full_grid(task)
     _, neurons = M.grid_forward(m, grid)
     assert torch.allclose(d["adding"][1].shares, PR.answer_shares(neurons, grid.answers))
+
+
+def test_every_figure_of_analyze_says_what_grokked_and_memorising_models_show():
+    """grokfast analyze draws these; each docstring must say what both kinds of model show."""
+    import inspect
+    import re
+
+    from grokfast import analyze, plots
+
+    used = set(re.findall(r"plots\.(\w+_figure)", inspect.getsource(analyze)))
+    assert {"probes_figure", "neuron_surface_figure", "adding_figure", "logit_spectrum_figure"} <= used
+    for name in sorted(used):
+        doc = getattr(plots, name).__doc__ or ""
+        assert "Grokked:" in doc and "Memorising" in doc, name
