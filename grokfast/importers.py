@@ -158,7 +158,10 @@ def read_transformer_lens(file, config=None, op: str = "x+y", p: int | None = No
             raise ConfigError(f"{key} = {tl_cfg[key]!r} in the TransformerLens config: grokfast's Transformer has {ok[0]!r}")
     if "embed.W_E" not in sd:
         raise ConfigError(f"{Path(file).name} has no embed.W_E: not a HookedTransformer state dict")
-    L = 1 + max(int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m)
+    layers = [int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m]
+    if not layers or "blocks.0.attn.W_Q" not in sd or "unembed.W_U" not in sd:
+        raise ConfigError(f"{Path(file).name} has no blocks.0.attn.W_Q or unembed.W_U: not a HookedTransformer state dict")
+    L = 1 + max(layers)
     if tl_cfg.get("attention_dir", "causal") != "causal" and L > 1:
         raise ConfigError("bidirectional attention with more than one layer: grokfast's Transformer is causal")
     V, D = sd["embed.W_E"].shape

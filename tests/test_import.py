@@ -236,3 +236,24 @@ def test_the_papers_model_a_gives_its_published_measures(tmp_path):
     assert round(z["distance_irrelevance"], 5) == 0.17174
     assert round(z["circularity"], 5) == 0.99782
     assert round(math.sqrt(sum(float((q.detach().double() ** 2).sum()) for q in model.parameters())), 3) == 22.854
+
+
+def test_transformer_lens_refusals_are_one_line(tmp_path, capsys):
+    torch.save({"embed.W_E": torch.zeros(8, 4)}, tmp_path / "no_blocks.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    m = Transformer(ModelConfig(d_model=16, n_heads=2, d_head=8, d_mlp=16).for_task(Task("x+y", 7, 0.5, 0)))
+    torch.save(tl_state(m), tmp_path / "ok.pt")
+    for argv, words in (([str(tmp_path / "no_blocks.pt")], "not a HookedTransformer state dict"),
+                        ([str(tmp_path / "list.pt")], "not a state dict"),
+                        ([str(tmp_path / "junk.pt")], "weights_only"),
+                        ([str(tmp_path / "nope.pt")], "is not a file"),
+                        ([str(tmp_path / "ok.pt"), "--p", "11"], "pass --p, --op or --layout"),
+                        ([str(tmp_path / "ok.pt"), "--config", str(tmp_path / "c.json")], None)):
+        if words is None:   # a config that asks for what grokfast's Transformer has not
+            (tmp_path / "c.json").write_text(json.dumps({"positional_embedding_type": "rotary"}))
+            words = "positional_embedding_type"
+        assert main(["import", "transformer_lens", *argv, "--out", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
