@@ -27,8 +27,11 @@ def _hooked_transformer_classes():
     try:
         from transformer_lens import HookedTransformer, HookedTransformerConfig
     except ImportError:
-        from importlib.metadata import version
-        v = version("transformer_lens")
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            v = version("transformer_lens")
+        except PackageNotFoundError:
+            v = getattr(transformer_lens, "__version__", "(unknown version)")
         raise ConfigError(f"transformer_lens {v} has no HookedTransformer: install {NEED}") from None
     return HookedTransformer, HookedTransformerConfig
 

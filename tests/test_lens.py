@@ -79,3 +79,18 @@ def test_missing_transformer_lens_names_the_version(monkeypatch):
         grokfast.to_hooked_transformer(m)
     msg = str(e.value)
     assert "transformer_lens 3" in msg and "4.0 removed HookedTransformer" in msg and "\n" not in msg
+
+
+def test_a_transformer_lens_without_hooked_transformer_names_the_version(monkeypatch):
+    """transformer_lens 4.x installs but has no HookedTransformer: the error says which version to install."""
+    import types
+
+    fake = types.ModuleType("transformer_lens")
+    fake.__version__ = "4.3.0"
+    monkeypatch.setitem(sys.modules, "transformer_lens", fake)
+    monkeypatch.setattr("importlib.metadata.version", lambda name: "4.3.0")
+    m = Transformer(ModelConfig(d_model=16, n_heads=2, d_head=8, d_mlp=16).for_task(Task("x+y", 7, 0.5, 0)))
+    with pytest.raises(ConfigError) as e:
+        grokfast.to_hooked_transformer(m)
+    msg = str(e.value)
+    assert msg.startswith("transformer_lens 4.3.0 has no HookedTransformer") and "3.x" in msg and "\n" not in msg
