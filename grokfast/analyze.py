@@ -153,9 +153,9 @@ def _inside(model, task, key: list, grid, logits, neurons, n: int, d: dict) -> N
     i = int(best.shares.argmax())
     src = logits if best.kind == "logits" else neurons
     d["adding_unit"] = (best.kind, i, src[:, :, i], float(best.shares[i]), int(best.preferred[i]))
-    k = key[0] if key else PR.probe_frequencies(model, p, key)[0]
-    if key:  # the frequency with the largest neuron cluster
-        k = max(key, key=lambda f: int(((d["freq"] == f) & (d["frac"] >= fourier.KEY_THRESHOLD)).sum()))
+    # read the last layer along the frequency of the largest neuron cluster (no key frequency: the embedding's strongest)
+    k = (max(key, key=lambda f: int(((d["freq"] == f) & (d["frac"] >= fourier.KEY_THRESHOLD)).sum())) if key
+         else PR.probe_frequencies(model, p, key)[0])
     d["adding_decomp"] = PR.adding_decomposition(neurons, M.neuron_logit_map(model).cpu(), answers, k, grid.op)
     adds = len(units[0].adding) >= 0.5 * p
     readings["units that add"] = "grokked" if adds and d["adding_decomp"].target_share >= 0.5 else "memorising"
