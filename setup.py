@@ -17,11 +17,11 @@ setup(
     ],
     extras_require={
         "kernels": ["triton>=3.0"],
-        "test": ["pytest", "triton>=3.0", "hypothesis", "pytest-benchmark"],
+        # transformer_lens 3.x: CI proves grokfast.to_hooked_transformer (tests/test_lens.py) on every submission.
+        "test": ["pytest", "triton>=3.0", "hypothesis", "pytest-benchmark", "transformer_lens>=3,<4"],
         "bench": ["pytest-benchmark", "nvidia-ml-py"],
         "plots": ["matplotlib"],
-        # grokfast.to_hooked_transformer; 4.0 removed HookedTransformer. Not in "test": its install took 102 s
-        # here (2026-12-02), so the tests that need it skip when it is missing.
+        # grokfast.to_hooked_transformer; 4.0 removed HookedTransformer.
         "lens": ["transformer_lens>=3,<4"],
     },
     entry_points={"console_scripts": ["grokfast=grokfast.cli:main"]},
