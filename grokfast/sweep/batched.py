@@ -21,6 +21,8 @@ def batchable(r: RunSpec, device) -> Optional[str]:
 
     if r.train.batch_size is not None:
         return "it trains on minibatches (the batched stepper is full batch)"
+    if r.train.rng == "stream":
+        return "--rng stream draws its init and split from one generator per run (trained in turn)"
     try:
         backend, why = resolve_backend(r.train.backend, r.model, device)
     except ConfigError as e:
