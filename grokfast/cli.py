@@ -49,8 +49,8 @@ def add_training_flags(g) -> None:
 
 
 def add_paper_optimizer_flags(g) -> None:
-    """The papers' optimizer semantics (TrainConfig.optimizer, warmup_schedule, minibatches); `train` only
-    until a sweep axis carries them."""
+    """The papers' optimizer semantics (TrainConfig.optimizer, warmup_schedule, minibatches, eval_train, rng),
+    shared by `train` and `sweep` (where each is also a --grid axis)."""
     g.add_argument("--optimizer", choices=["adamw", "adam"],
                    help="adamw (decoupled weight decay; default) or adam (torch.optim.Adam: coupled L2, as ironjr/grokfast)")
     g.add_argument("--warmup-schedule", choices=["linear", "lambdalr"],
