@@ -261,8 +261,9 @@ REPRODUCTIONS = {
         "iterations to 95% validation: Grokfast-EMA 910, Grokfast-MA 790, baseline 39890",
         "EMA and MA over seeds 0,1,2 to 95% validation (--quick: seed 0), and the baseline seed 0 to the EMA's "
         "median step; with --paper-code, ironjr/grokfast's main.py interleaved seed by seed",
-        cpu_time="measured 2026-12-01 on the shared 2-core CPU, 1 thread, reference backend: our 7 runs 23 min "
-                 "(45 min with --paper-code, its 6 runs interleaved); --quick about 9 min (its runs' share)",
+        cpu_time="measured on the shared 2-core CPU, 1 thread, reference backend: 2026-12-01 (load 5-11) our 7 runs "
+                 "23 min (45 min with --paper-code, its 6 runs interleaved); 2026-12-02 (load 9-15) --filters ema "
+                 "with --paper-code 32 min (ours 3.5-6 min a run, theirs 5-7.5); --quick about 9 min",
         gpu_time="not measured (the preset's quirks run on the reference backend only)",
         run=reproduce_grokfast),
     "pizza": Reproduction(
