@@ -49,8 +49,8 @@ def add_training_flags(g) -> None:
 
 
 def add_paper_optimizer_flags(g) -> None:
-    """The papers' optimizer semantics (TrainConfig.optimizer, warmup_schedule, minibatches); `train` only
-    until a sweep axis carries them."""
+    """The papers' optimizer semantics (TrainConfig.optimizer, warmup_schedule, minibatches, eval_train, rng),
+    shared by `train` and `sweep` (where each is also a --grid axis)."""
     g.add_argument("--optimizer", choices=["adamw", "adam"],
                    help="adamw (decoupled weight decay; default) or adam (torch.optim.Adam: coupled L2, as ironjr/grokfast)")
     g.add_argument("--warmup-schedule", choices=["linear", "lambdalr"],
@@ -58,6 +58,10 @@ def add_paper_optimizer_flags(g) -> None:
                         "papers' code steps it (first step lr 0)")
     g.add_argument("--minibatches", choices=["draw", "epoch"],
                    help="draw: independent draws each step; epoch: shuffled epochs cut in order, short last batch")
+    g.add_argument("--rng", choices=["independent", "stream"],
+                   help="independent: init, split (--data-seed) and batches from their own seeded generators; stream: "
+                        "one torch generator seeded with --seed draws the init, then the split, then the batches, as a "
+                        "script calling torch.manual_seed once (ironjr/grokfast; the grokfast preset's default)")
     g.add_argument("--eval-train", action=argparse.BooleanOptionalAction, default=None,
                    help="evaluate the train split at each evaluation (default); --no-eval-train: train loss and "
                         "accuracy from the training steps themselves, as the papers' code logs them")
@@ -103,7 +107,7 @@ def cmd_train(args) -> int:
 
     device = resolve_device(args.device)
 
-    train_over = {k: getattr(args, k) for k in ("steps", "lr", "wd", "optimizer", "warmup_schedule", "minibatches", "eval_train",
+    train_over = {k: getattr(args, k) for k in ("steps", "lr", "wd", "optimizer", "warmup_schedule", "minibatches", "eval_train", "rng",
                                                 "beta1", "beta2", "warmup", "batch_size",
                                                 "grokfast", "alpha", "lamb", "window", "seed", "eval_every",
                                                 "checkpoint_every", "measure_every", "backend", "stop_at_grok", "precision")
@@ -133,6 +137,9 @@ def cmd_train(args) -> int:
     if args.op is not None and args.layout is None and "," in args.op and "op" not in layout:
         layout = "a op b ="  # a mixture needs operation tokens
     seed = args.seed if args.seed is not None else pre.train.seed
+    if args.data_seed is not None and (args.rng or pre.train.rng) == "stream":
+        raise ConfigError("--data-seed does nothing with --rng stream (the split is drawn from --seed's generator): "
+                          "drop it, or pass --rng independent")
     data_seed = args.data_seed if args.data_seed is not None else seed
     task = Task(op, args.p if args.p is not None else spec.p, args.frac if args.frac is not None else spec.frac,
                 data_seed, layout, device=device)

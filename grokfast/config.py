@@ -178,6 +178,10 @@ class TrainConfig(_Dict):
     optimizer: str = "adamw"        # adamw | adam (coupled L2 weight decay)
     warmup_schedule: str = "linear"  # linear | lambdalr (first step lr 0)
     minibatches: str = "draw"       # draw | epoch (shuffled epochs, short last batch)
+    # independent: init, split (the Task's hash, its data seed) and batches from their own seeded generators;
+    # stream: one torch generator seeded with `seed` draws the init, then the split, then the batches, in the
+    # order of a script that calls torch.manual_seed(seed) once (ironjr/grokfast's main.py; grokfast/stream.py)
+    rng: str = "independent"
     grokfast: str = "none"
     alpha: float = 0.98
     lamb: float = 2.0
@@ -215,6 +219,7 @@ class TrainConfig(_Dict):
         need(self.warmup_schedule in ("linear", "lambdalr"),
              f"--warmup-schedule must be linear or lambdalr, got {self.warmup_schedule!r}")
         need(self.minibatches in ("draw", "epoch"), f"--minibatches must be draw or epoch, got {self.minibatches!r}")
+        need(self.rng in ("independent", "stream"), f"--rng must be independent or stream, got {self.rng!r}")
         need(self.grokfast in ("none", "ema", "ma"), f"--grokfast must be ema, ma or none, got {self.grokfast!r}")
         need(0 <= self.alpha < 1, f"--alpha must lie in [0, 1), got {self.alpha}")
         need(self.lamb >= 0, f"--lamb must be >= 0, got {self.lamb}")
@@ -275,13 +280,13 @@ def _presets() -> dict:
         "Lee et al. 2024 as ironjr/grokfast runs it: 2 layers, LayerNorm with the residual after ln1 (their quirk), "
         "attention biases, GELU, 99 output classes, torch init; x*y mod 97 (y != 0), 50% train; Adam with coupled "
         "L2 wd 0.005, LambdaLR warm-up, shuffled epochs of 512; Grokfast-EMA alpha 0.98 lamb 2; validated every epoch, "
-        "train accuracy from the training steps",
+        "train accuracy from the training steps; --seed S draws their seed S's weights, split and batch order (--rng stream)",
         ModelConfig(n_layers=2, act="gelu", layernorm=True, attn_bias=True, resid_after_ln1=True,
                     unembed_all_tokens=True, init="torch", n_ctx=4, d_vocab=99, d_vocab_out=99),
         TaskSpec("x*y | y!=0", 97, 0.5, "a op b ="),
         TrainConfig(steps=5000, lr=1e-3, wd=0.005, optimizer="adam", warmup=10, warmup_schedule="lambdalr",
                     batch_size=512, minibatches="epoch", grokfast="ema", alpha=0.98, lamb=2.0, eval_every=10,
-                    eval_train=False, checkpoint_every=1000),
+                    eval_train=False, checkpoint_every=1000, rng="stream"),
     )
     pizza = Preset(
         "pizza",

@@ -270,37 +270,70 @@ class Task:
         self.op_tokens = [first_op + i for i in range(len(self.ops))] if "op" in slots else []
         self.d_vocab = p + (1 if "=" in slots else 0) + len(self.op_tokens)
 
+        self.split_kind = "hash"
         train_rows, test_rows = [], []
         for i, o in enumerate(self.ops):
-            pairs, answers = o.table(p)
-            n = len(answers)
-            rows = np.zeros((n, self.n_ctx + 1), dtype=np.int64)
-            for j, s in enumerate(slots):
-                if s == "a":
-                    rows[:, j] = pairs[:, 0]
-                elif s == "b":
-                    rows[:, j] = pairs[:, 1]
-                elif s == "=":
-                    rows[:, j] = self.eq_token
-                else:
-                    rows[:, j] = self.op_tokens[i]
-            rows[:, -1] = answers
+            rows = self._rows(i)
+            n = len(rows)
             perm = seeded_permutation(n, self.seed * 1000003 + i)
             n_train = math.floor(self.frac * n + 1e-9)  # floor, as Nanda et al. (3830 of 12769 at 30%)
             if n_train < 1 or n_train >= n:
                 raise ConfigError(f"--frac {frac} leaves an empty train or test set for {o.name!r} ({n} pairs)")
             train_rows.append(rows[perm[:n_train]])
             test_rows.append(rows[perm[n_train:]])
-        tr, te = np.concatenate(train_rows), np.concatenate(test_rows)
+        self._set_split(np.concatenate(train_rows), np.concatenate(test_rows))
+
+    def _rows(self, op_index: int) -> np.ndarray:
+        """[n, n_ctx + 1]: the tokens of every defined pair of one operation in (x, y) order, then the answer."""
+        pairs, answers = self.ops[op_index].table(self.p)
+        rows = np.zeros((len(answers), self.n_ctx + 1), dtype=np.int64)
+        for j, s in enumerate(self.layout.split()):
+            if s == "a":
+                rows[:, j] = pairs[:, 0]
+            elif s == "b":
+                rows[:, j] = pairs[:, 1]
+            elif s == "=":
+                rows[:, j] = self.eq_token
+            else:
+                rows[:, j] = self.op_tokens[op_index]
+        rows[:, -1] = answers
+        return rows
+
+    def _set_split(self, tr: np.ndarray, te: np.ndarray) -> None:
         self.train = Split(torch.from_numpy(tr[:, :-1]).to(self.device), torch.from_numpy(tr[:, -1]).to(self.device))
         self.test = Split(torch.from_numpy(te[:, :-1]).to(self.device), torch.from_numpy(te[:, -1]).to(self.device))
+
+    def n_pairs(self) -> int:
+        """Examples in the whole table (train + test)."""
+        return len(self.train) + len(self.test)
+
+    def split_by(self, perm: torch.Tensor, seed: int) -> "Task":
+        """This task re-split by ``perm``, a permutation of the whole table (each operation's pairs in (x, y)
+        order, one operation after another, unstratified): train is perm's first floor(frac n) rows in perm's
+        order, test the rest, as `torch.randperm(n).split(n // 2)` splits in ironjr/grokfast's main.py.
+        ``seed`` is recorded as the task's seed (TrainConfig.rng "stream": the run's seed drew perm)."""
+        rows = np.concatenate([self._rows(i) for i in range(len(self.ops))])
+        perm = perm.cpu().numpy()
+        if sorted(perm.tolist()) != list(range(len(rows))):
+            raise ConfigError(f"split_by needs a permutation of the task's {len(rows)} pairs, got {len(perm)} indices")
+        n_train = math.floor(self.frac * len(rows) + 1e-9)
+        t = object.__new__(Task)
+        t.__dict__.update(self.__dict__)
+        t.seed, t.split_kind = int(seed), "stream"
+        t._set_split(rows[perm[:n_train]], rows[perm[n_train:]])
+        return t
 
     @classmethod
     def from_spec(cls, spec, seed: int = 0, device="cpu") -> "Task":
         return cls(spec.op, spec.p, spec.frac, seed, spec.layout, device)
 
     def spec(self) -> dict:
-        return {"op": self.op, "p": self.p, "frac": self.frac, "seed": self.seed, "layout": self.layout}
+        """What rebuilds this task: Task(**spec) for a hash split; a "stream" split (split_by) is redrawn
+        by grokfast.stream from the run's seed and model."""
+        s = {"op": self.op, "p": self.p, "frac": self.frac, "seed": self.seed, "layout": self.layout}
+        if self.split_kind != "hash":
+            s["split"] = self.split_kind
+        return s
 
     def all_pairs(self, op_index: int = 0) -> Split:
         """Every defined (x, y) of one operation in (x, y) order, as tokens: for analysis over the full table."""

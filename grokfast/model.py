@@ -137,11 +137,11 @@ class Transformer(nn.Module):
 
     Init (Nanda et al.): every matrix randn / sqrt(d_model), W_U randn / sqrt(d_vocab); biases 0,
     LayerNorm weights 1; with cfg.init "pizza" the same but W_in randn / sqrt(d_mlp); with "torch",
-    PyTorch's module defaults (init_weights). ``seed``
-    makes the init the same on every device.
+    PyTorch's module defaults, drawn in ironjr/grokfast's order (_init_torch_defaults). ``seed`` (or a
+    ``generator`` to draw from) makes the init the same on every device.
     """
 
-    def __init__(self, cfg: ModelConfig, seed: int = 0, device="cpu"):
+    def __init__(self, cfg: ModelConfig, seed: int = 0, device="cpu", generator: torch.Generator | None = None):
         super().__init__()
         self.cfg = cfg
         self.embed = Embed(cfg)
@@ -150,12 +150,14 @@ class Transformer(nn.Module):
         if cfg.layernorm:
             self.ln_final = LayerNorm(cfg)
         self.unembed = Unembed(cfg)
-        self.init_weights(seed)
+        self.init_weights(seed, generator)
         self.to(device)
 
     @torch.no_grad()
-    def init_weights(self, seed: int) -> None:
-        g = torch.Generator().manual_seed(int(seed))
+    def init_weights(self, seed: int = 0, generator: torch.Generator | None = None) -> None:
+        """Draws the initial weights from ``generator`` (advancing it: TrainConfig.rng "stream" goes on to
+        draw the split and the batches from it), or from a fresh generator seeded with ``seed``."""
+        g = generator if generator is not None else torch.Generator().manual_seed(int(seed))
         if self.cfg.init == "torch":
             return self._init_torch_defaults(g)
         for name, p in self.named_parameters():
@@ -171,27 +173,48 @@ class Transformer(nn.Module):
                 p.zero_()
 
     def _init_torch_defaults(self, g: torch.Generator) -> None:
-        """The distribution PyTorch's modules give ironjr/grokfast's Decoder: W_E and W_pos N(0, 1)
-        (nn.Embedding); W_Q, W_K, W_V xavier-uniform over the stacked in-projection [3 H d_head, d_model],
-        U(+-sqrt(6 / (d_model + 3 H d_head))), and W_O U(+-1 / sqrt(H d_head)) with every attention bias 0
-        (nn.MultiheadAttention); W_in, b_in, W_U, b_U U(+-1 / sqrt(d_model)) and W_out, b_out
-        U(+-1 / sqrt(d_mlp)) (nn.Linear); LayerNorm weights 1, biases 0."""
+        """PyTorch's module defaults, drawn as constructing ironjr/grokfast's Decoder draws them after
+        torch.manual_seed(seed): the same calls, shapes and order, so one seed gives their weights.
+        nn.Embedding W_E [d_vocab, D] and a position table of n_ctx + 1 rows (their seq_len 5 for 4 input
+        positions; the last row is never read and is dropped here), both N(0, 1); per block, in
+        nn.MultiheadAttention's order: out_proj as an nn.Linear [D, H d_head] (kaiming-uniform, U(+-1 /
+        sqrt(H d_head)); its bias drawn, then zeroed), then the stacked in-projection [3 H d_head, D]
+        xavier-uniform, U(+-sqrt(6 / (D + 3 H d_head))), attention biases 0; then the MLP's two
+        nn.Linear, W_in [d_mlp, D] and b_in U(+-1 / sqrt(D)), W_out [D, d_mlp] and b_out U(+-1 /
+        sqrt(d_mlp)); last the bias-free head [d_vocab_out, D], U(+-1 / sqrt(D)); LayerNorm weights 1,
+        biases 0."""
         cfg = self.cfg
-        D, HD, F = cfg.d_model, cfg.n_heads * cfg.d_head, cfg.d_mlp
-        bounds = {"W_Q": math.sqrt(6 / (D + 3 * HD)), "W_K": math.sqrt(6 / (D + 3 * HD)),
-                  "W_V": math.sqrt(6 / (D + 3 * HD)), "W_O": 1 / math.sqrt(HD), "W_in": 1 / math.sqrt(D),
-                  "b_in": 1 / math.sqrt(D), "W_U": 1 / math.sqrt(D), "b_U": 1 / math.sqrt(D),
-                  "W_out": 1 / math.sqrt(F), "b_out": 1 / math.sqrt(F)}
-        for name, p in self.named_parameters():
+        H, Dh, D, F = cfg.n_heads, cfg.d_head, cfg.d_model, cfg.d_mlp
+        init = nn.init
+
+        def linear(n_out, n_in, bias=True):          # nn.Linear.reset_parameters, as [n_out, n_in]
+            w = init.kaiming_uniform_(torch.empty(n_out, n_in), a=math.sqrt(5), generator=g)
+            b = init.uniform_(torch.empty(n_out), -1 / math.sqrt(n_in), 1 / math.sqrt(n_in), generator=g) if bias else None
+            return w, b
+
+        for name, p in self.named_parameters():   # LayerNorm and the attention biases
             leaf = name.rsplit(".", 1)[-1]
-            if leaf in ("W_E", "W_pos"):
-                p.copy_(torch.randn(p.shape, generator=g))
-            elif leaf in bounds:
-                p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * bounds[leaf])
-            elif leaf == "w":
+            if leaf == "w":
                 p.fill_(1.0)
-            else:
+            elif not leaf.startswith("W_"):
                 p.zero_()
+        self.embed.W_E.copy_(init.normal_(torch.empty(cfg.d_vocab, D), generator=g))
+        self.pos_embed.W_pos.copy_(init.normal_(torch.empty(cfg.n_ctx + 1, D), generator=g)[:cfg.n_ctx])
+        for blk in self.blocks:
+            a = blk.attn
+            w_o, _ = linear(D, H * Dh)                                        # out_proj (bias then zeroed)
+            w_in = init.xavier_uniform_(torch.empty(3 * H * Dh, D), generator=g)
+            for W, chunk in zip((a.W_Q, a.W_K, a.W_V), w_in.chunk(3)):        # q = x chunk^T, per head
+                W.copy_(chunk.view(H, Dh, D).transpose(1, 2))
+            a.W_O.copy_(w_o.T.reshape(H, Dh, D))
+            w1, b1 = linear(F, D)
+            w2, b2 = linear(D, F)
+            blk.mlp.W_in.copy_(w1.T), blk.mlp.b_in.copy_(b1)
+            blk.mlp.W_out.copy_(w2.T), blk.mlp.b_out.copy_(b2)
+        w_u, b_u = linear(cfg.d_vocab_out, D, bias=cfg.unembed_bias)
+        self.unembed.W_U.copy_(w_u.T)
+        if cfg.unembed_bias:
+            self.unembed.b_U.copy_(b_u)
 
     def forward(self, tokens: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         """Logits at the last position. Pass a dict as ``cache`` to receive activations: attention

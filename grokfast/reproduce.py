@@ -143,23 +143,30 @@ def _fmt_runs(rows, key="steps_to_95", unit=""):
     return f"{med:g}{unit}" + (f" (median of {each})" if len(vals) > 1 else "")
 
 
-def reproduce_grokfast(out: Path, quick: bool, seeds, device, paper_code, threads, log) -> dict:
+GROKFAST_KINDS = ("ema", "ma", "none")   # --filters: which of the three to run (default all)
+
+
+def reproduce_grokfast(out: Path, quick: bool, seeds, device, paper_code, threads, log, filters=None) -> dict:
     seeds = list(seeds) if seeds is not None else ([0] if quick else [0, 1, 2])
+    kinds = [k for k in GROKFAST_KINDS if filters is None or k in filters]
     cap = GROKFAST_CAP
     runs, paper = {"ema": [], "ma": [], "none": []}, {"ema": [], "ma": []}
     for seed in seeds:   # interleaved: the paper's run, then ours, seed by seed, under the same load
-        for kind in ("ema", "ma"):
+        for kind in (k for k in kinds if k != "none"):
             if paper_code is not None:
                 paper[kind].append(_paper_one(kind, seed, Path(paper_code), threads, cap, log))
             runs[kind].append(_train_one(kind, seed, out / f"{kind}-seed{seed}", cap, True, device, log))
-    ema_med = _median(runs["ema"], "steps_to_95")
-    base_steps = int(ema_med) if ema_med is not None else cap
-    base_steps = max(10, base_steps - base_steps % 10)
-    runs["none"].append(_train_one("none", seeds[0], out / f"baseline-seed{seeds[0]}", base_steps, False, device, log))
-    base = runs["none"][0]
+    if "none" in kinds:
+        ema_med = _median(runs["ema"], "steps_to_95")
+        base_steps = int(ema_med) if ema_med is not None else cap
+        base_steps = max(10, base_steps - base_steps % 10)
+        runs["none"].append(_train_one("none", seeds[0], out / f"baseline-seed{seeds[0]}", base_steps, False, device,
+                                       log))
 
-    rows = []
+    rows, verdicts = [], []
     for kind, label in (("ema", "Grokfast-EMA"), ("ma", "Grokfast-MA")):
+        if kind not in kinds:
+            continue
         it, secs = GROKFAST_PAPER[kind]
         row = {"what": f"{label}: iterations to 95% validation", "paper": f"{it} ({secs} s, GTX 1080 Ti)",
                "ours": _fmt_runs(runs[kind]), "ours_seconds": _fmt_runs(runs[kind], "seconds_to_95", " s"),
@@ -170,24 +177,26 @@ def reproduce_grokfast(out: Path, quick: bool, seeds, device, paper_code, thread
             row["paper_here_seconds"] = _fmt_runs(paper[kind], "seconds_to_95", " s")
             row["paper_here_run_seconds"] = _fmt_runs(paper[kind], "run_seconds", " s")
             row["paper_here_cpu_seconds"] = _fmt_runs(paper[kind], "cpu_seconds", " s")
-        rows.append(row)
-    rows.append({"what": f"baseline (no filter): validation accuracy at iteration {base['steps_done']}",
-                 "paper": f"far from 95% (reached at {GROKFAST_PAPER['none'][0]})",
-                 "ours": f"{base['final_test_acc']:.3f}"})
-
-    verdicts = []
-    for kind in ("ema", "ma"):
         med = _median(runs[kind], "steps_to_95")
         ref_med = _median(paper[kind], "steps_to_95") if paper[kind] else None
         ref, ref_name = (ref_med, "the paper's code here") if ref_med is not None else (GROKFAST_PAPER[kind][0], "the paper")
         ok = med is not None and med <= SLACK * ref
         verdicts.append(ok)
-        rows[("ema", "ma").index(kind)]["verdict"] = (
-            f"{'reproduced' if ok else 'NOT reproduced'}: median {med if med is not None else 'not reached'} vs "
-            f"{ref:g} for {ref_name} (bound {SLACK:g}x)")
-    base_ok = base["final_test_acc"] < 0.5
-    verdicts.append(base_ok)
-    rows[2]["verdict"] = "reproduced: far from 95%" if base_ok else "NOT reproduced: the baseline is already near 95%"
+        row["verdict"] = (f"{'reproduced' if ok else 'NOT reproduced'}: median {med if med is not None else 'not reached'} "
+                          f"vs {ref:g} for {ref_name} (bound {SLACK:g}x)")
+        if paper[kind]:   # --rng stream: seed for seed the same start as their code, so the pairs compare
+            row["per_seed"] = ", ".join(f"seed {a['seed']}: {a['steps_to_95']} vs {b['steps_to_95']}"
+                                        for a, b in zip(runs[kind], paper[kind]))
+        rows.append(row)
+    if "none" in kinds:
+        base = runs["none"][0]
+        base_ok = base["final_test_acc"] < 0.5
+        verdicts.append(base_ok)
+        rows.append({"what": f"baseline (no filter): validation accuracy at iteration {base['steps_done']}",
+                     "paper": f"far from 95% (reached at {GROKFAST_PAPER['none'][0]})",
+                     "ours": f"{base['final_test_acc']:.3f}",
+                     "verdict": "reproduced: far from 95%" if base_ok else
+                                "NOT reproduced: the baseline is already near 95%"})
     curves = [(f"{k} seed {r['seed']}", r["history"]) for k in ("ema", "ma", "none") for r in runs[k]]
     return {"rows": rows, "verdict": all(verdicts), "runs": {k: [_strip(r) for r in v] for k, v in runs.items()},
             "paper_code_runs": paper, "curves": curves, "seeds": seeds}
@@ -252,8 +261,9 @@ REPRODUCTIONS = {
         "iterations to 95% validation: Grokfast-EMA 910, Grokfast-MA 790, baseline 39890",
         "EMA and MA over seeds 0,1,2 to 95% validation (--quick: seed 0), and the baseline seed 0 to the EMA's "
         "median step; with --paper-code, ironjr/grokfast's main.py interleaved seed by seed",
-        cpu_time="measured 2026-12-01 on the shared 2-core CPU, 1 thread, reference backend: our 7 runs 23 min "
-                 "(45 min with --paper-code, its 6 runs interleaved); --quick about 9 min (its runs' share)",
+        cpu_time="measured on the shared 2-core CPU, 1 thread, reference backend: 2026-12-01 (load 5-11) our 7 runs "
+                 "23 min (45 min with --paper-code, its 6 runs interleaved); 2026-12-02 (load 9-15) --filters ema "
+                 "with --paper-code 32 min (ours 3.5-6 min a run, theirs 5-7.5); --quick about 9 min",
         gpu_time="not measured (the preset's quirks run on the reference backend only)",
         run=reproduce_grokfast),
     "pizza": Reproduction(
@@ -291,6 +301,8 @@ def report_text(name: str, result: dict) -> str:
         ours = row["ours"] + (f"; seconds to 95%: {row['ours_seconds']}; whole run: {row['ours_run_seconds']} "
                               f"(CPU time {row['ours_cpu_seconds']})" if "ours_seconds" in row else "")
         lines.append(f"    ours, here:              {ours}")
+        if "per_seed" in row:
+            lines.append(f"    seed by seed (ours vs their code, the same start): {row['per_seed']}")
         lines.append(f"    verdict: {row['verdict']}")
     lines.append("")
     lines.append(f"verdict: {'REPRODUCED' if result['verdict'] else 'NOT REPRODUCED'} "
@@ -299,10 +311,11 @@ def report_text(name: str, result: dict) -> str:
 
 
 def reproduce(name: str, *, quick: bool = False, seeds=None, out=None, device=None, paper_code=None,
-              threads: Optional[int] = None, log: Callable[[str], None] | None = None) -> dict:
+              threads: Optional[int] = None, log: Callable[[str], None] | None = None, filters=None) -> dict:
     """Run reproduction `name` (see REPRODUCTIONS), write `out` (default runs/reproduce-NAME-<time>) and
     return the result: rows (paper vs ours, each with a verdict), verdict (all reproduced), report (text).
-    ``threads``: torch threads for our runs and the paper's code (default: torch's current setting)."""
+    ``threads``: torch threads for our runs and the paper's code (default: torch's current setting).
+    ``filters`` (grokfast only): which of ema, ma, none (the baseline) to run; default all three."""
     from .train import resolve_device
     if name not in REPRODUCTIONS:
         raise ConfigError(f"unknown reproduction {name!r}; choose one of: {', '.join(REPRODUCTIONS)} (see --list)")
@@ -310,6 +323,9 @@ def reproduce(name: str, *, quick: bool = False, seeds=None, out=None, device=No
         raise ConfigError(f"--seeds must be non-negative integers, got {seeds!r}")
     if paper_code is not None and name != "grokfast":
         raise ConfigError(f"--paper-code runs ironjr/grokfast's main.py: only `reproduce grokfast` takes it")
+    if filters is not None and (name != "grokfast" or not filters or set(filters) - set(GROKFAST_KINDS)):
+        raise ConfigError(f"--filters picks some of {', '.join(GROKFAST_KINDS)} for `reproduce grokfast` only, "
+                          f"got {filters!r}")
     if paper_code is not None and not Path(paper_code).is_dir():
         raise ConfigError(f"--paper-code {paper_code} is not a directory: pass a checkout of ironjr/grokfast")
     device = resolve_device(device or "cpu")
@@ -323,7 +339,8 @@ def reproduce(name: str, *, quick: bool = False, seeds=None, out=None, device=No
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     try:
-        result = REPRODUCTIONS[name].run(out, quick, seeds, device, paper_code, threads, log)
+        kw = {"filters": list(filters)} if filters is not None else {}
+        result = REPRODUCTIONS[name].run(out, quick, seeds, device, paper_code, threads, log, **kw)
     finally:
         torch.set_num_threads(old_threads)
     result["machine"] = (f"{time.strftime('%Y-%m-%d')}, {device}, {threads} torch thread(s) of {os.cpu_count()} cores, "

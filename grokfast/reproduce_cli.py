@@ -22,6 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("--paper-code", metavar="DIR",
                    help="a checkout of ironjr/grokfast: run its main.py seed by seed, interleaved with ours, and "
                         "compare on this machine (grokfast only)")
+    p.add_argument("--filters", help="grokfast only: which of ema,ma,none (the baseline) to run (default all three)")
     p.set_defaults(func=cmd_reproduce)
 
 
@@ -42,7 +43,8 @@ def cmd_reproduce(args) -> int:
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     result = reproduce(args.name, quick=args.quick, seeds=seeds, out=args.out, device=args.device,
-                       paper_code=args.paper_code, threads=args.threads)
+                       paper_code=args.paper_code, threads=args.threads,
+                       filters=None if args.filters is None else [f.strip() for f in args.filters.split(",") if f.strip()])
     print(result["report"])
     print(f"written: {result['dir']} (report.txt, result.json, curves.png, one run directory per run)")
     return 0

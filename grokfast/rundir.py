@@ -148,4 +148,7 @@ def load_model(run_dir, step: int | None = None, device="cpu"):
     model.load_state_dict(model_weights(tensors))
     t = cfg["task"]
     task = Task(t["op"], t["p"], t["frac"], t["seed"], t["layout"], device=device)
+    if cfg["train"].rng == "stream":   # the split was drawn after the init, from the run's one generator
+        from .stream import start
+        task = start(cfg["model"], task, cfg["train"].seed)[1].to(device)
     return model, task, step

@@ -10,11 +10,12 @@ import argparse
 import sys
 
 from .config import ConfigError
-from .cli import add_model_flags, add_training_flags
+from .cli import add_model_flags, add_paper_optimizer_flags, add_training_flags
 
 FIXED = ("op", "p", "frac", "layout", "data_seed", "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "act",
          "layernorm", "attn_alpha", "steps", "lr", "wd", "beta1", "beta2", "warmup", "batch_size", "grokfast",
-         "alpha", "lamb", "window", "eval_every", "checkpoint_every", "backend", "precision")
+         "alpha", "lamb", "window", "eval_every", "checkpoint_every", "backend", "precision",
+         "optimizer", "warmup_schedule", "minibatches", "eval_train", "rng")
 
 
 def add_parser(sub):
@@ -48,6 +49,7 @@ def add_parser(sub):
     g.add_argument("--data-seed", type=int, help="one train/test split for every run (default: each run's seed)")
     add_model_flags(g)
     add_training_flags(g)
+    add_paper_optimizer_flags(g)
     g.add_argument("--eval-every", type=int)
     g.add_argument("--checkpoint-every", type=int)
     g.add_argument("--backend", choices=["auto", "fused", "reference"])

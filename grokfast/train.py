@@ -222,16 +222,22 @@ def train(task: Task | None = None, model_config: ModelConfig | None = None,
     task = task.to(device)
     model_config = model_config.for_task(task)
     tcfg = train_config
+    backend, reason = resolve_backend(tcfg.backend, model_config, device, tcfg)
+
+    epoch_order = None
+    if tcfg.rng == "stream":   # init, split and batches from one generator, in the papers' scripts' order
+        from . import stream
+        model, task, batch_gen = stream.start(model_config, task, tcfg.seed, device)
+        if tcfg.batch_size is not None and tcfg.minibatches == "epoch":
+            epoch_order = stream.EpochOrder(len(task.train), tcfg.batch_size, batch_gen.get_state())
+    else:
+        model = Transformer(model_config, seed=tcfg.seed, device=device)
+        batch_gen = torch.Generator().manual_seed(tcfg.seed + 7919)
     if tcfg.batch_size is not None and tcfg.batch_size > len(task.train):
         raise ConfigError(f"--batch-size {tcfg.batch_size} exceeds the {len(task.train)} training examples; "
                           f"lower it or omit it for full batch")
-
-    backend, reason = resolve_backend(tcfg.backend, model_config, device, tcfg)
     log(f"backend: {backend} ({reason}); device: {device}; task: {task}")
-
-    model = Transformer(model_config, seed=tcfg.seed, device=device)
     stepper = make_stepper(backend, model, tcfg)
-    batch_gen = torch.Generator().manual_seed(tcfg.seed + 7919)
     step, wall0 = 0, 0.0
     history: list[dict] = []
     if start_tensors is not None:
@@ -319,7 +325,8 @@ def train(task: Task | None = None, model_config: ModelConfig | None = None,
                 if tcfg.batch_size is None:
                     tok, lab = train_t, train_l
                 elif tcfg.minibatches == "epoch":
-                    idx = epoch_batch(n_train, tcfg, step, epoch_perm).to(device)
+                    idx = (epoch_order.batch(step) if epoch_order is not None else
+                           epoch_batch(n_train, tcfg, step, epoch_perm)).to(device)
                     tok, lab = train_t[idx], train_l[idx]
                 else:
                     idx = torch.randperm(n_train, generator=batch_gen)[:tcfg.batch_size].to(device)

@@ -15,62 +15,12 @@ import torch.nn as nn
 import grokfast
 from grokfast import ModelConfig, Transformer
 from grokfast.config import ConfigError
+from ironjr_grokfast import GrokfastPaperDecoder, grokfast_paper_to_ours
 
 TOL = 1e-10
 
 
-# --- ironjr/grokfast main.py (Lee et al. 2024): Decoder over [T, B] token ids -------------------------
-class GrokfastPaperBlock(nn.Module):
-    def __init__(self, d, heads):
-        super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = nn.MultiheadAttention(d, heads)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-    def forward(self, x):                                    # x [T, B, d]
-        T = x.shape[0]
-        causal = torch.full((T, T), -math.inf, dtype=x.dtype).triu(1)
-        x = self.ln_1(x)                                      # the quirk: the residual continues from here
-        x = x + self.attn(x, x, x, attn_mask=causal, need_weights=False)[0]
-        return x + self.mlp(self.ln_2(x))
-
-
-class GrokfastPaperDecoder(nn.Module):
-    def __init__(self, d=128, layers=2, heads=4, tokens=99, seq_len=5):
-        super().__init__()
-        self.token_embeddings, self.position_embeddings = nn.Embedding(tokens, d), nn.Embedding(seq_len, d)
-        self.layers = nn.ModuleList([GrokfastPaperBlock(d, heads) for _ in range(layers)])
-        self.ln_f, self.head = nn.LayerNorm(d), nn.Linear(d, tokens, bias=False)
-
-    def forward(self, x):                                    # x [T, B] -> logits [T, B, tokens]
-        h = self.token_embeddings(x) + self.position_embeddings(torch.arange(x.shape[0]))[:, None]
-        for layer in self.layers:
-            h = layer(h)
-        return self.head(self.ln_f(h))
-
-
-def grokfast_paper_to_ours(theirs: GrokfastPaperDecoder, cfg: ModelConfig) -> dict:
-    """Their state, under our parameter names and shapes."""
-    H, Dh, D = cfg.n_heads, cfg.d_head, cfg.d_model
-    s = {"embed.W_E": theirs.token_embeddings.weight, "pos_embed.W_pos": theirs.position_embeddings.weight[:cfg.n_ctx]}
-    for l, blk in enumerate(theirs.layers):
-        b = f"blocks.{l}."
-        Wq, Wk, Wv = blk.attn.in_proj_weight.chunk(3)          # each [H*Dh, D]: q = x W^T + b
-        bq, bk, bv = blk.attn.in_proj_bias.chunk(3)
-        s.update({b + "ln1.w": blk.ln_1.weight, b + "ln1.b": blk.ln_1.bias,
-                  b + "ln2.w": blk.ln_2.weight, b + "ln2.b": blk.ln_2.bias})
-        for name, W, bias in (("Q", Wq, bq), ("K", Wk, bk), ("V", Wv, bv)):
-            s[b + f"attn.W_{name}"] = W.view(H, Dh, D).transpose(1, 2)
-            s[b + f"attn.b_{name}"] = bias.view(H, Dh)
-        s[b + "attn.W_O"] = blk.attn.out_proj.weight.T.reshape(H, Dh, D)
-        s[b + "attn.b_O"] = blk.attn.out_proj.bias
-        s[b + "mlp.W_in"], s[b + "mlp.b_in"] = blk.mlp[0].weight.T, blk.mlp[0].bias
-        s[b + "mlp.W_out"], s[b + "mlp.b_out"] = blk.mlp[2].weight.T, blk.mlp[2].bias
-    s["ln_final.w"], s["ln_final.b"] = theirs.ln_f.weight, theirs.ln_f.bias
-    s["unembed.W_U"] = theirs.head.weight.T
-    return {k: v.detach().clone() for k, v in s.items()}
-
-
+# --- ironjr/grokfast main.py (Lee et al. 2024): the Decoder restated in tests/ironjr_grokfast.py -----------
 def grokfast_task():
     return grokfast.Task.from_spec(grokfast.preset("grokfast").task)
 

@@ -49,7 +49,9 @@ def test_list_names_each_reproduction_with_cpu_and_gpu_time(capsys):
 @pytest.mark.parametrize("argv,msg", [(["reproduce"], "name a reproduction"),
                                       (["reproduce", "nope"], "unknown reproduction"),
                                       (["reproduce", "grokfast", "--seeds", "a"], "--seeds"),
-                                      (["reproduce", "grokfast", "--paper-code", "/nonexistent"], "--paper-code")])
+                                      (["reproduce", "grokfast", "--paper-code", "/nonexistent"], "--paper-code"),
+                                      (["reproduce", "grokfast", "--filters", "ema,sgd"], "--filters"),
+                                      (["reproduce", "pizza", "--filters", "ema"], "--filters")])
 def test_bad_arguments_are_one_line_and_status_2(capsys, argv, msg):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -94,6 +96,11 @@ def test_reproduce_grokfast_end_to_end_on_a_tiny_stand_in(tmp_path, monkeypatch)
     assert [r["what"].split(":")[0] for r in res["rows"]] == ["Grokfast-EMA", "Grokfast-MA", "baseline (no filter)"]
     with pytest.raises(ConfigError, match="already holds"):
         grokfast.reproduce("grokfast", seeds=[0], out=out)
+    ema = grokfast.reproduce("grokfast", seeds=[0], out=tmp_path / "ema", paper_code=tmp_path / "repo", threads=1,
+                             log=lambda m: None, filters=["ema"])                 # --filters ema: that row alone
+    assert [r["what"].split(":")[0] for r in ema["rows"]] == ["Grokfast-EMA"]
+    assert sorted(p.name for p in (tmp_path / "ema").iterdir() if p.is_dir()) == ["ema-seed0"]
+    assert "seed 0: " in ema["rows"][0]["per_seed"] and "seed by seed" in ema["report"]
 
 
 def test_reproduce_pizza_end_to_end_on_a_tiny_stand_in(tmp_path, monkeypatch):

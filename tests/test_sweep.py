@@ -7,6 +7,7 @@ gain nothing from more and the 2-core CI machine is shared.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -318,3 +319,37 @@ def test_figures(baseline, tmp_path):
     assert [p.name for p in made] == ["phase.png", "curves.png"]
     for p in made:
         assert p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_paper_optimizer_flags_reach_every_run(tmp_path, capsys):
+    """`grokfast sweep` takes `grokfast train`'s paper-semantics flags, fixed or as --grid axes."""
+    out = tmp_path / "s"
+    flags = ["sweep", *TINY_FLAGS, "--steps", "4", "--batch-size", "8", "--optimizer", "adam", "--minibatches",
+             "epoch", "--no-eval-train", "--rng", "stream", "--grid", "warmup_schedule=linear,lambdalr", "--quiet",
+             "--no-figures"]
+    assert cli_main(flags + ["--out", str(out)]) == 0
+    trains = [rundir.load_config(d)["train"] for d in sorted((out / "runs").iterdir())]
+    assert sorted(t.warmup_schedule for t in trains) == ["lambdalr", "linear"]
+    assert all((t.optimizer, t.minibatches, t.eval_train, t.rng) == ("adam", "epoch", False, "stream") for t in trains)
+    capsys.readouterr()
+    for extra, says in ((["--grid", "optimizer=adam,sgd"], "--optimizer must be adamw or adam"),
+                        (["--data-seed", "3"], "data_seed does nothing with rng stream")):
+        bad = [a for a in flags if a not in ("--optimizer", "adam")] + extra
+        assert cli_main(bad + ["--out", str(tmp_path / "bad")]) == 2, extra
+        assert says in capsys.readouterr().err, extra
+        assert not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit) as e:
+        cli_main(["sweep", *TINY_FLAGS, "--warmup-schedule", "cosine", "--out", str(tmp_path / "bad")])
+    assert e.value.code == 2
+
+
+def test_batched_executor_leaves_paper_semantics_to_the_reference(monkeypatch):
+    """What the fused optimizer does not compute (Adam with coupled L2, the LambdaLR warm-up), and the
+    reference-only --no-eval-train and --rng stream, train one by one instead of failing in the batched launch."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    r = S.expand(tiny_spec(fixed={**TINY, "backend": "fused"}))[0]
+    assert S.batchable(r, "cpu") is None
+    for change, says in ((dict(optimizer="adam"), "optimizer='adam'"), (dict(warmup_schedule="lambdalr"), "lambdalr"),
+                         (dict(eval_train=False), "--no-eval-train"), (dict(rng="stream"), "--rng stream")):
+        rr = dataclasses.replace(r, train=dataclasses.replace(r.train, **change))
+        assert says in (S.batchable(rr, "cpu") or ""), change

@@ -21,8 +21,12 @@ def batchable(r: RunSpec, device) -> Optional[str]:
 
     if r.train.batch_size is not None:
         return "it trains on minibatches (the batched stepper is full batch)"
+    if not r.train.eval_train:
+        return "--no-eval-train takes train numbers from each step's forward (the reference stepper's)"
+    if r.train.rng == "stream":
+        return "--rng stream draws its init and split from one generator per run (trained in turn)"
     try:
-        backend, why = resolve_backend(r.train.backend, r.model, device)
+        backend, why = resolve_backend(r.train.backend, r.model, device, r.train)
     except ConfigError as e:
         return str(e)
     if backend != "fused":

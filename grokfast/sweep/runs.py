@@ -78,6 +78,8 @@ def _identity(task: dict, mcfg: ModelConfig, tcfg: TrainConfig) -> dict:
         if tcfg.grokfast not in uses:
             t.pop(name)
     t.pop("checkpoint_every")  # where checkpoints land does not change the run
+    if t["rng"] == "independent":
+        t.pop("rng")           # the default before the field existed: earlier sweeps keep their run ids
     return {"task": task, "model": mcfg.to_dict(), "train": t}
 
 
@@ -140,6 +142,9 @@ def expand(spec: SweepSpec) -> list[RunSpec]:
             tover = {k: v for k, v in s.items() if k in train_fields}
             tover["stop_at_grok"] = spec.stop_at_grok
             tcfg = dataclasses.replace(pre.train, **tover)
+            if tcfg.rng == "stream" and "data_seed" in s:
+                raise ConfigError("data_seed does nothing with rng stream (each run's split is drawn from its seed's "
+                                  "generator): drop it, or pass --rng independent")
             if tcfg.batch_size is not None and tcfg.batch_size > len(task.train):
                 raise ConfigError(f"batch_size {tcfg.batch_size} exceeds the {len(task.train)} training examples "
                                   f"of {task.op} mod {task.p}: lower it")
