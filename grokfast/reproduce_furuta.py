@@ -18,6 +18,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+from .analyze import analyze_run, write_analysis
 from .config import preset as get_preset
 from .data import Task
 
@@ -60,8 +61,6 @@ def furuta_verdicts(m: dict) -> dict:
 
 
 def reproduce_furuta(out: Path, quick: bool, seeds, device, paper_code, threads, log) -> dict:
-    from .analyze import analyze_run, write_analysis
-    from .measures import all_measures
     from .train import train
     seeds = list(seeds) if seeds is not None else [0]
     pre = get_preset("furuta")
@@ -79,11 +78,12 @@ def reproduce_furuta(out: Path, quick: bool, seeds, device, paper_code, threads,
             run_dir = out / f"{op.replace('^', '').replace('(', '').replace(')', '')}-seed{seed}"
             t0 = time.perf_counter()
             run = train(task, pre.model, tcfg, out=run_dir, device=device, progress=False, log=lambda m: None)
-            m = all_measures(run.model, run.task)
+            a = analyze_run(run_dir, device=device)      # the final checkpoint's grokfast.measures.all_measures
+            m = a.measures
             try:
-                write_analysis(analyze_run(run_dir, device=device))
+                write_analysis(a)                         # figures and report.md in the run directory
             except Exception as e:  # the figures must never cost the result
-                log(f"warning: could not analyse {run_dir}: {e}")
+                log(f"warning: could not draw the figures of {run_dir}: {e}")
             v = {"test_acc": run.summary["final_test_acc"], "ffs": m["fourier_frequency_sparsity"],
                  "fcr": m["fourier_coefficient_ratio"], "gradient_symmetricity": m["gradient_symmetricity"],
                  "key_freqs": m.get("key_freqs"), "steps_to_grok": run.summary["steps_to_grok"]}

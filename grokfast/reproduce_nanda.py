@@ -15,6 +15,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+from .analyze import analyze_run, write_analysis
 from .config import preset as get_preset
 from .data import Task
 
@@ -26,10 +27,11 @@ KEY_FREQ_RANGE = (3, 8)   # "a handful": the paper's 5, give or take (which ones
 STEP_SLACK = 2.0          # full run: each phase end within 2x of the paper's, either way
 DELAY = 3.0               # --quick: grokking at least 3x the memorisation step (a delayed generalisation)
 
-# full: the paper's task; --quick: a CPU-sized task (p 31, 60% train, lr 3e-3, wd 2, as the `small` preset
-# that groks in seconds here), same model and optimizer semantics
+# full: the paper's task; --quick: a CPU-sized task (p 41, 40% train, lr 3e-3, wd 2 as the `small` preset; at
+# 60% train x+y mod 31 generalised almost with memorisation, a test pair's swap being in the train set),
+# same model and optimizer semantics
 NANDA_RUNS = {False: dict(op="x+y", p=113, frac=0.3, steps=25000, lr=1e-3, wd=1.0, eval_every=100, checkpoint_every=500),
-              True: dict(op="x+y", p=31, frac=0.6, steps=3000, lr=3e-3, wd=2.0, eval_every=25, checkpoint_every=100)}
+              True: dict(op="x+y", p=41, frac=0.4, steps=3000, lr=3e-3, wd=2.0, eval_every=25, checkpoint_every=100)}
 
 
 def nanda_verdicts(ends: dict, key_freqs: list | None, quick: bool) -> dict:
@@ -48,7 +50,7 @@ def nanda_verdicts(ends: dict, key_freqs: list | None, quick: bool) -> dict:
     elif quick:
         ok = mem is not None and clean >= DELAY * mem
         out["grok"] = (ok, f"grokked at step {clean}, {clean / mem:.1f}x the memorisation step {mem} (need >= {DELAY:g}x; "
-                           f"--quick runs p 31, so its steps are not the paper's)" if mem else "never memorised")
+                           f"--quick runs another p, so its steps are not the paper's)" if mem else "never memorised")
     else:
         ok = NANDA_PAPER["clean-up"] / STEP_SLACK <= clean <= NANDA_PAPER["clean-up"] * STEP_SLACK
         out["grok"] = (ok, f"step {clean} vs {NANDA_PAPER['clean-up']} (within {STEP_SLACK:g}x either way)")
@@ -72,7 +74,6 @@ def nanda_verdicts(ends: dict, key_freqs: list | None, quick: bool) -> dict:
 
 
 def reproduce_nanda(out: Path, quick: bool, seeds, device, paper_code, threads, log) -> dict:
-    from .analyze import analyze_run, write_analysis
     from .train import train
     seeds = list(seeds) if seeds is not None else [0]
     pre = get_preset("nanda")
@@ -91,8 +92,11 @@ def reproduce_nanda(out: Path, quick: bool, seeds, device, paper_code, threads, 
         t0 = time.perf_counter()
         run = train(task, mcfg, tcfg, out=run_dir, device=device, progress=False, log=lambda m: None)
         train_s = time.perf_counter() - t0
-        a = analyze_run(run_dir, device=device)
-        write_analysis(a)
+        a = analyze_run(run_dir, device=device)   # every checkpoint's progress measures, the phases
+        try:
+            write_analysis(a)                      # figures and report.md in the run directory
+        except Exception as e:  # the figures must never cost the result
+            log(f"warning: could not draw the figures of {run_dir}: {e}")
         key = a.key_freqs if "key_freqs" not in a.skipped else None
         res = {"seed": seed, "phases": a.phases, "key_freqs": key, "steps": run.summary["steps_done"],
                "final_test_acc": run.summary["final_test_acc"], "train_seconds": round(train_s, 1),
@@ -127,7 +131,7 @@ ENTRY = dict(
     "their 114 outputs and LambdaLR warm-up",
     claim="groks at about 14k epochs; key frequencies 14, 35, 41, 42, 52; phases end at 1.4k, 9.4k, 14k",
     runs="seed 0, 25000 full-batch steps, checkpoints every 500, the progress measures of every checkpoint "
-         "(--quick: x+y mod 31, 60% train, lr 3e-3, wd 2, 3000 steps, checkpoints every 100)",
+         "(--quick: x+y mod 41, 40% train, lr 3e-3, wd 2, 3000 steps, checkpoints every 100)",
     cpu_time="--quick: not measured yet; the full run not run here (25000 steps at about 12 steps/s: 35 min of "
              "training, measured 2026-12-02 on the shared 2-core CPU, plus the measures)",
     gpu_time="not measured", run=reproduce_nanda)
