@@ -318,8 +318,9 @@ def _presets() -> dict:
         "Furuta et al. 2024 as frt03/grok_mod_poly runs it: 1 layer, d_model 128, 4x32 heads, d_mlp 512, ReLU, no "
         "LayerNorm, no positional embedding, no MLP biases, 102 tokens and logits (p + 5: = + - * /), their init "
         "(W_E randn / sqrt(d_vocab), W_U randn / sqrt(d_model)); x+y mod 97 as [x, op, y] (their code drops the =), "
-        "30% train; full batch, AdamW lr 1e-3, betas (0.9, 0.98), wd 1, no warm-up, 1e5 steps; reference backend "
-        "(the fused kernels need W_pos and the MLP biases)",
+        "30% train over operands 0..96 (their train_emb.py draws operands from 0..101, the special tokens' ids "
+        "included; not reproduced); full batch, AdamW lr 1e-3, betas (0.9, 0.98), wd 1, no warm-up, 1e5 steps; "
+        "reference backend (the fused kernels need W_pos and the MLP biases)",
         ModelConfig(pos_embed=False, mlp_bias=False, unembed_all_tokens=True, extra_tokens=4, init="furuta",
                     n_ctx=3, d_vocab=102, d_vocab_out=102),
         TaskSpec("x+y", 97, 0.3, "a op b"),
