@@ -94,11 +94,13 @@ def test_reproduce_nanda_end_to_end_on_a_tiny_stand_in(tmp_path, monkeypatch):
 
 def test_reproduce_power_end_to_end_on_a_tiny_stand_in(tmp_path, monkeypatch):
     monkeypatch.setattr(P, "get_preset", lambda name: tiny("power"))
-    monkeypatch.setitem(P.POWER_RUNS, True, dict(op="x/y", p=7, fracs=(0.5, 0.8), steps=10, wd=1.0, eval_every=5))
+    monkeypatch.setitem(P.POWER_RUNS, True, dict(op="x/y", p=7, fracs=(0.5, 0.8), steps=10, lr=1e-3, wd=1.0,
+                                                 eval_every=5))
     res = grokfast.reproduce("power", quick=True, out=tmp_path / "out", threads=1, log=lambda m: None)
     saved = check_written(tmp_path / "out", ("frac0.5-seed0/metrics.jsonl", "frac0.8-seed0/summary.json"))
-    assert [r["frac"] for r in saved["runs"]] == [0.5, 0.8] and saved["runs"][0]["batch_size"] == 10   # min(512, 21 // 2)
+    assert [r["frac"] for r in saved["runs"]] == [0.5, 0.8] and saved["runs"][0]["batch_size"] == 11   # min(512, ceil(21 / 2))
     assert res["verdict"] is False and "only 0 of 2" in res["report"]
+    assert json.loads((tmp_path / "out" / "frac0.5-seed0" / "config.json").read_text())["train"]["minibatches"] == "epoch"
 
 
 def test_reproduce_furuta_end_to_end_on_a_tiny_stand_in(tmp_path, monkeypatch):
