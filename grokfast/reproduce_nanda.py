@@ -28,10 +28,11 @@ STEP_SLACK = 2.0          # full run: each phase end within 2x of the paper's, e
 DELAY = 3.0               # --quick: grokking at least 3x the memorisation step (a delayed generalisation)
 
 # full: the paper's task; --quick: a CPU-sized task (p 41, 40% train, lr 3e-3, wd 2 as the `small` preset; at
-# 60% train x+y mod 31 generalised almost with memorisation, a test pair's swap being in the train set),
+# 60% train x+y mod 31 generalised almost with memorisation, a test pair's swap being in the train set; at
+# 3000 steps mod 41 was at test accuracy 0.961, still rising),
 # same model and optimizer semantics
 NANDA_RUNS = {False: dict(op="x+y", p=113, frac=0.3, steps=25000, lr=1e-3, wd=1.0, eval_every=100, checkpoint_every=500),
-              True: dict(op="x+y", p=41, frac=0.4, steps=3000, lr=3e-3, wd=2.0, eval_every=25, checkpoint_every=100)}
+              True: dict(op="x+y", p=41, frac=0.4, steps=4500, lr=3e-3, wd=2.0, eval_every=25, checkpoint_every=150)}
 
 
 def nanda_verdicts(ends: dict, key_freqs: list | None, quick: bool) -> dict:
@@ -131,7 +132,7 @@ ENTRY = dict(
     "their 114 outputs and LambdaLR warm-up",
     claim="groks at about 14k epochs; key frequencies 14, 35, 41, 42, 52; phases end at 1.4k, 9.4k, 14k",
     runs="seed 0, 25000 full-batch steps, checkpoints every 500, the progress measures of every checkpoint "
-         "(--quick: x+y mod 41, 40% train, lr 3e-3, wd 2, 3000 steps, checkpoints every 100)",
+         "(--quick: x+y mod 41, 40% train, lr 3e-3, wd 2, 4500 steps, checkpoints every 150)",
     cpu_time="--quick: not measured yet; the full run not run here (25000 steps at about 12 steps/s: 35 min of "
              "training, measured 2026-12-02 on the shared 2-core CPU, plus the measures)",
     gpu_time="not measured", run=reproduce_nanda)
