@@ -64,11 +64,17 @@ class ModelConfig(_Dict):
     resid_after_ln1: the residual stream continues from ln1's output, x = ln1(x); x = x + attn(x), as
     in ironjr/grokfast's Block (needs layernorm). unembed_all_tokens: a logit for every input token
     (d_vocab_out = d_vocab, so `=` and the operation tokens compete in the softmax; labels stay 0..p-1),
-    as ironjr/grokfast's head and Nanda et al.'s code have. init: the initial distribution, "nanda"
+    as ironjr/grokfast's head and Nanda et al.'s code have. pos_embed False: no positional embedding (no
+    pos_embed.W_pos; attention tells positions apart by the causal mask alone), mlp_bias False: no b_in, b_out,
+    extra_tokens: that many unused token ids after the task's (rows of W_E, and logits with
+    unembed_all_tokens, that no input or label uses), all three as frt03/grok_mod_poly's model has them
+    (Furuta et al.: its vocabulary is p + 5 tokens, = + - * /, whatever the operation; no positions, no
+    biases). init: the initial distribution, "nanda"
     (every matrix randn / sqrt(d_model), W_U randn / sqrt(d_vocab), biases 0) or "torch" (PyTorch's
     module defaults as ironjr/grokfast's nn.Embedding, nn.MultiheadAttention and nn.Linear give them;
     see Transformer.init_weights) or "pizza" (nanda's, but W_in randn / sqrt(d_mlp), as Zhong et al.'s
-    train script).
+    train script) or "furuta" (nanda's with the scales of W_E and W_U swapped: W_E randn / sqrt(d_vocab),
+    W_U randn / sqrt(d_model), as frt03/grok_mod_poly's Embed and Unembed).
     """
 
     n_layers: int = 1
@@ -84,7 +90,10 @@ class ModelConfig(_Dict):
     ln_eps: float = 1e-5
     resid_after_ln1: bool = False
     unembed_all_tokens: bool = False
-    init: str = "nanda"          # nanda | torch | pizza
+    pos_embed: bool = True
+    mlp_bias: bool = True
+    extra_tokens: int = 0
+    init: str = "nanda"          # nanda | torch | pizza | furuta
     n_ctx: int = 3
     d_vocab: int = 114
     d_vocab_out: int = 113
@@ -104,7 +113,10 @@ class ModelConfig(_Dict):
         need(self.act in ("relu", "gelu"), f"act must be 'relu' or 'gelu', got {self.act!r}")
         need(0.0 <= float(self.attn_alpha) <= 1.0, f"attn_alpha must lie in [0, 1], got {self.attn_alpha}")
         need(self.ln_eps > 0, f"ln_eps must be positive, got {self.ln_eps}")
-        need(self.init in ("nanda", "torch", "pizza"), f"init must be nanda, torch or pizza, got {self.init!r}")
+        need(self.init in ("nanda", "torch", "pizza", "furuta"),
+             f"init must be nanda, torch, pizza or furuta, got {self.init!r}")
+        need(isinstance(self.extra_tokens, int) and not isinstance(self.extra_tokens, bool) and self.extra_tokens >= 0,
+             f"extra_tokens must be a non-negative integer, got {self.extra_tokens!r}")
         need(not self.resid_after_ln1 or self.layernorm,
              "resid_after_ln1 takes the residual after ln1: it needs layernorm on (--layernorm)")
 
@@ -114,13 +126,16 @@ class ModelConfig(_Dict):
 
     def for_task(self, task) -> "ModelConfig":
         """This config with d_vocab, d_vocab_out and n_ctx taken from a Task."""
-        out = task.d_vocab if self.unembed_all_tokens else task.d_vocab_out
-        return replace(self, d_vocab=task.d_vocab, d_vocab_out=out, n_ctx=task.n_ctx)
+        vocab = task.d_vocab + self.extra_tokens
+        out = vocab if self.unembed_all_tokens else task.d_vocab_out
+        return replace(self, d_vocab=vocab, d_vocab_out=out, n_ctx=task.n_ctx)
 
     def param_shapes(self) -> dict:
         """Parameter name -> shape, in the order of the parameter contract (DESIGN.md)."""
         H, D, Dh, F = self.n_heads, self.d_model, self.d_head, self.d_mlp
-        s = {"embed.W_E": (self.d_vocab, D), "pos_embed.W_pos": (self.n_ctx, D)}
+        s = {"embed.W_E": (self.d_vocab, D)}
+        if self.pos_embed:
+            s["pos_embed.W_pos"] = (self.n_ctx, D)
         for l in range(self.n_layers):
             b = f"blocks.{l}."
             if self.layernorm:
@@ -132,8 +147,12 @@ class ModelConfig(_Dict):
                 s[b + "attn.b_O"] = (D,)
             if self.layernorm:
                 s[b + "ln2.w"], s[b + "ln2.b"] = (D,), (D,)
-            s[b + "mlp.W_in"], s[b + "mlp.b_in"] = (D, F), (F,)
-            s[b + "mlp.W_out"], s[b + "mlp.b_out"] = (F, D), (D,)
+            s[b + "mlp.W_in"] = (D, F)
+            if self.mlp_bias:
+                s[b + "mlp.b_in"] = (F,)
+            s[b + "mlp.W_out"] = (F, D)
+            if self.mlp_bias:
+                s[b + "mlp.b_out"] = (D,)
         if self.layernorm:
             s["ln_final.w"], s["ln_final.b"] = (D,), (D,)
         s["unembed.W_U"] = (D, self.d_vocab_out)
@@ -297,6 +316,21 @@ def _presets() -> dict:
         TaskSpec("x+y", 59, 0.8, "a b"),
         TrainConfig(steps=20000, lr=1e-3, wd=2.0, warmup=10, eval_every=100, checkpoint_every=1000),
     )
+    # Faithful to frt03/grok_mod_poly (Furuta et al. 2024), train_emb.py with config_add_transformer_emb.py;
+    # tests/test_paper_presets.py restates that model and checks both.
+    furuta = Preset(
+        "furuta",
+        "Furuta et al. 2024 as frt03/grok_mod_poly runs it: 1 layer, d_model 128, 4x32 heads, d_mlp 512, ReLU, no "
+        "LayerNorm, no positional embedding, no MLP biases, 102 tokens and logits (p + 5: = + - * /), their init "
+        "(W_E randn / sqrt(d_vocab), W_U randn / sqrt(d_model)); x+y mod 97 as [x, op, y] (their code drops the =), "
+        "30% train over operands 0..96 (their train_emb.py draws operands from 0..101, the special tokens' ids "
+        "included; not reproduced); full batch, AdamW lr 1e-3, betas (0.9, 0.98), wd 1, no warm-up, 1e5 steps; "
+        "reference backend (the fused kernels need W_pos and the MLP biases)",
+        ModelConfig(pos_embed=False, mlp_bias=False, unembed_all_tokens=True, extra_tokens=4, init="furuta",
+                    n_ctx=3, d_vocab=102, d_vocab_out=102),
+        TaskSpec("x+y", 97, 0.3, "a op b"),
+        TrainConfig(steps=100000, lr=1e-3, wd=1.0, warmup=0, eval_every=100, checkpoint_every=5000),
+    )
     # Small enough to grok in well under a minute on a 2-core CPU with the reference backend.
     small = Preset(
         "small",
@@ -307,7 +341,7 @@ def _presets() -> dict:
         TrainConfig(steps=3000, lr=3e-3, wd=2.0, warmup=10, grokfast="none", alpha=0.98, lamb=2.0,
                     eval_every=25, checkpoint_every=500),
     )
-    return {p.name: p for p in (nanda, power, grokfast, pizza, small)}
+    return {p.name: p for p in (nanda, power, grokfast, pizza, furuta, small)}
 
 
 PRESETS = _presets()

@@ -91,16 +91,21 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.act = F.relu if cfg.act == "relu" else F.gelu
+        self.bias = cfg.mlp_bias
         self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
-        self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp))
+        if self.bias:
+            self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp))
         self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
-        self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
+        if self.bias:
+            self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
 
     def forward(self, x, cache=None, name=""):
-        post = self.act(x @ self.W_in + self.b_in)
+        pre = x @ self.W_in
+        post = self.act(pre + self.b_in if self.bias else pre)
         if cache is not None:
             cache[name + "post"] = post
-        return post @ self.W_out + self.b_out
+        out = post @ self.W_out
+        return out + self.b_out if self.bias else out
 
 
 class Block(nn.Module):
@@ -136,16 +141,18 @@ class Transformer(nn.Module):
     """tokens [B, n_ctx] (int64) -> logits at the last position [B, d_vocab_out] (float32).
 
     Init (Nanda et al.): every matrix randn / sqrt(d_model), W_U randn / sqrt(d_vocab); biases 0,
-    LayerNorm weights 1; with cfg.init "pizza" the same but W_in randn / sqrt(d_mlp); with "torch",
-    PyTorch's module defaults, drawn in ironjr/grokfast's order (_init_torch_defaults). ``seed`` (or a
-    ``generator`` to draw from) makes the init the same on every device.
+    LayerNorm weights 1; with cfg.init "pizza" the same but W_in randn / sqrt(d_mlp); with "furuta" W_E
+    randn / sqrt(d_vocab) and W_U randn / sqrt(d_model); with "torch", PyTorch's module defaults, drawn in
+    ironjr/grokfast's order (_init_torch_defaults). ``seed`` (or a ``generator`` to draw from) makes the
+    init the same on every device.
     """
 
     def __init__(self, cfg: ModelConfig, seed: int = 0, device="cpu", generator: torch.Generator | None = None):
         super().__init__()
         self.cfg = cfg
         self.embed = Embed(cfg)
-        self.pos_embed = PosEmbed(cfg)
+        if cfg.pos_embed:
+            self.pos_embed = PosEmbed(cfg)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
         if cfg.layernorm:
             self.ln_final = LayerNorm(cfg)
@@ -164,6 +171,8 @@ class Transformer(nn.Module):
             leaf = name.rsplit(".", 1)[-1]
             if leaf.startswith("W_"):
                 scale = self.cfg.d_vocab if leaf == "W_U" else self.cfg.d_model
+                if leaf in ("W_E", "W_U") and self.cfg.init == "furuta":  # frt03/grok_mod_poly: scales swapped
+                    scale = self.cfg.d_vocab if leaf == "W_E" else self.cfg.d_model
                 if leaf == "W_in" and self.cfg.init == "pizza":  # Zhong et al.'s train script
                     scale = self.cfg.d_mlp
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(scale))
@@ -222,7 +231,9 @@ class Transformer(nn.Module):
         layer's at the last position only: [B, d_mlp]), and ``resid_final`` [B, d_model]."""
         # F.embedding, not W_E[tokens]: the indexing's backward (index_put_ with accumulate) adds rows in an
         # order that changes from call to call with several CPU threads; embedding's (index_add_) does not.
-        x = F.embedding(tokens, self.embed.W_E) + self.pos_embed.W_pos                 # [B, T, D]
+        x = F.embedding(tokens, self.embed.W_E)                                       # [B, T, D]
+        if self.cfg.pos_embed:
+            x = x + self.pos_embed.W_pos
         L = len(self.blocks)
         for l, block in enumerate(self.blocks):
             x = block(x, last_only=(l == L - 1), cache=cache, name=f"blocks.{l}.")

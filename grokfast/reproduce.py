@@ -278,6 +278,14 @@ REPRODUCTIONS = {
 }
 
 
+# Nanda et al., Power et al. and Furuta et al.: one module each (grokfast/reproduce_nanda.py, _power.py, _furuta.py)
+from .reproduce_furuta import ENTRY as _FURUTA  # noqa: E402
+from .reproduce_nanda import ENTRY as _NANDA  # noqa: E402
+from .reproduce_power import ENTRY as _POWER  # noqa: E402
+
+REPRODUCTIONS.update({e["name"]: Reproduction(**e) for e in (_NANDA, _POWER, _FURUTA)})
+
+
 def list_text() -> str:
     lines = []
     for r in REPRODUCTIONS.values():

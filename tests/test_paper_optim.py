@@ -170,3 +170,26 @@ def test_no_eval_train_takes_train_numbers_from_the_steps(monkeypatch):
                           minibatches="epoch", progress=False, log=lambda m: None)
     assert [r["test_loss"] for r in full.history] == [r["test_loss"] for r in run.history]   # the same training
     assert run.history[1]["train_loss"] != full.history[1]["train_loss"]
+
+
+def test_adamw_with_lambdalr_matches_nanda_et_al_trainer():
+    """progress-measures-paper transformers.py Trainer: optim.AdamW(lr 1e-3, wd 1, betas (0.9, 0.98)) and
+    LambdaLR(lambda step: min(step / 10, 1)) stepped after each update, full batch: our AdamW with
+    warmup_schedule "lambdalr" takes the same steps at 1e-12 (the linear schedule does not)."""
+    cfg = TrainConfig(lr=1e-3, wd=1.0, warmup=10, warmup_schedule="lambdalr")
+    for schedule, same in (("lambdalr", True), ("linear", False)):
+        g = torch.Generator().manual_seed(5)
+        start = {"a": torch.randn(3, 4, generator=g, dtype=torch.float64), "b": torch.randn(5, generator=g, dtype=torch.float64)}
+        mine = {k: v.clone() for k, v in start.items()}
+        theirs = [torch.nn.Parameter(v.clone()) for v in start.values()]
+        opt = AdamW(mine, replace_cfg(cfg, warmup_schedule=schedule))
+        topt = torch.optim.AdamW(theirs, lr=1e-3, weight_decay=1.0, betas=(0.9, 0.98), foreach=False)
+        sched = torch.optim.lr_scheduler.LambdaLR(topt, lambda step: min(step / 10, 1))
+        for grads in grads_sequence(15, seed=6):
+            opt.step(grads)
+            for p, k in zip(theirs, grads):
+                p.grad = grads[k].clone()
+            topt.step()
+            sched.step()
+        agree = all(torch.allclose(mine[k], p.data, rtol=1e-12, atol=1e-14) for p, k in zip(theirs, start))
+        assert agree == same, schedule

@@ -249,3 +249,131 @@ def test_pizza_preset_starts_from_the_paper_codes_distribution():
     assert init_mismatches(stats(pooled([Transformer(cfg, seed=s).state_dict() for s in range(3)])), want) == []
     nanda_init = stats(pooled([Transformer(dataclasses.replace(cfg, init="nanda"), seed=s).state_dict() for s in range(3)]))
     assert init_mismatches(nanda_init, want) == ["blocks.0.mlp.W_in"]     # their W_in scale is the quirk
+
+
+# --- Furuta et al. 2024 (frt03/grok_mod_poly model.py, train_emb.py): no positions, no MLP biases ------------
+class FurutaPaper(nn.Module):
+    """Their Transformer with use_ln False: W_E [d, V] ~ N(0, 1 / V), W_U [d, V] ~ N(0, 1 / d), every other
+    matrix randn / sqrt(d) in Nanda's shapes; no positional embedding (commented out in their code), no MLP
+    biases, the tril / -1e10 mask; V = p + 5 tokens (= + - * / after the numbers), a logit for each."""
+
+    def __init__(self, p=97, d=128, heads=4, d_mlp=512):
+        super().__init__()
+        V, Dh = p + 5, d // heads
+        r = lambda *s: nn.Parameter(torch.randn(*s) / math.sqrt(d))
+        self.W_E, self.W_U = nn.Parameter(torch.randn(d, V) / math.sqrt(V)), nn.Parameter(torch.randn(d, V) / math.sqrt(d))
+        self.W_Q, self.W_K, self.W_V, self.W_O = r(heads, Dh, d), r(heads, Dh, d), r(heads, Dh, d), r(d, heads * Dh)
+        self.W_in, self.W_out = r(d_mlp, d), r(d, d_mlp)
+
+    def forward(self, tokens):                               # [B, 3] = [x, op, y] -> logits [B, T, V]
+        x = self.W_E[:, tokens].permute(1, 2, 0)
+        T = x.shape[1]
+        q, k, v = (torch.einsum("ihd,bpd->biph", W, x) for W in (self.W_Q, self.W_K, self.W_V))
+        scores = torch.einsum("biph,biqh->biqp", k, q)
+        mask = torch.tril(torch.ones(T, T, dtype=x.dtype))
+        z = torch.einsum("biph,biqp->biqh", v, ((torch.tril(scores) - 1e10 * (1 - mask)) / math.sqrt(q.shape[-1])).softmax(-1))
+        x = x + torch.einsum("df,bqf->bqd", self.W_O, z.permute(0, 2, 1, 3).flatten(2))
+        x = x + torch.einsum("dm,bpm->bpd", self.W_out, torch.relu(torch.einsum("md,bpd->bpm", self.W_in, x)))
+        return x @ self.W_U
+
+
+FURUTA_OP_TOKEN = {"x+y": 1, "x-y": 2, "x*y": 3}        # their '+', '-', '*' ids are p + 1 .. p + 3 ('=' is p)
+
+
+def furuta_token_map(p: int, op: str) -> list:
+    """Our token id -> theirs: numbers alike; our operation token (p) is theirs; our extra tokens are their
+    other special tokens in order."""
+    theirs_op = p + FURUTA_OP_TOKEN[op]
+    return list(range(p)) + [theirs_op] + [t for t in range(p, p + 5) if t != theirs_op]
+
+
+def furuta_paper_to_ours(t: FurutaPaper, cfg: ModelConfig, perm: list) -> dict:
+    H, Dh, D = cfg.n_heads, cfg.d_head, cfg.d_model
+    s = {"embed.W_E": t.W_E.T[perm], "blocks.0.attn.W_Q": t.W_Q.transpose(1, 2),
+         "blocks.0.attn.W_K": t.W_K.transpose(1, 2), "blocks.0.attn.W_V": t.W_V.transpose(1, 2),
+         "blocks.0.attn.W_O": t.W_O.T.reshape(H, Dh, D), "blocks.0.mlp.W_in": t.W_in.T,
+         "blocks.0.mlp.W_out": t.W_out.T, "unembed.W_U": t.W_U[:, perm]}
+    return {k: v.detach().clone() for k, v in s.items()}
+
+
+def furuta_setup(op="x+y"):
+    pre = grokfast.preset("furuta")
+    task = grokfast.Task(op, pre.task.p, pre.task.frac, 0, pre.task.layout)
+    return pre.model.for_task(task), task, furuta_token_map(task.p, op)
+
+
+@pytest.mark.parametrize("op", ["x+y", "x-y", "x*y"])
+def test_furuta_preset_computes_the_paper_codes_function(op):
+    cfg, task, perm = furuta_setup(op)
+    assert (cfg.d_vocab, cfg.d_vocab_out, cfg.n_ctx) == (102, 102, 3)
+    torch.manual_seed(2)
+    theirs = FurutaPaper().double()
+    tokens = task.all_pairs().tokens[::11]                     # ours [x, op, y]; theirs with their op id
+    their_tokens = torch.tensor(perm)[tokens]
+    assert (their_tokens[:, 1] == 97 + FURUTA_OP_TOKEN[op]).all()
+    with torch.no_grad():
+        want = theirs(their_tokens)[:, -1][:, perm]            # their logits in our class order
+    got = our_logits(cfg, furuta_paper_to_ours(theirs, cfg, perm), tokens)
+    assert got.shape == want.shape == (len(tokens), 102)
+    assert (got - want).abs().max().item() < TOL
+
+
+def test_furuta_preset_trains_as_the_paper_code_and_fails_without_each_quirk():
+    """One full-batch step as train_emb.py takes it (torch.optim.AdamW, lr 1e-3, betas (0.9, 0.98), wd 1, no
+    scheduler; their high-precision cross-entropy over all 102 logits) from the same weights: the logits
+    after it agree at 1e-10. Without the preset's quirks the function or the training differs."""
+    from grokfast.optim import AdamW
+    cfg, task, perm = furuta_setup("x+y")
+    pre = grokfast.preset("furuta")
+    torch.manual_seed(3)
+    theirs = FurutaPaper().double()
+    tokens, labels = task.train.tokens[:300], task.train.labels[:300]     # a batch of the train split: seconds
+    their_tokens = torch.tensor(perm)[tokens]
+    topt = torch.optim.AdamW(theirs.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=1.0)
+    state = furuta_paper_to_ours(theirs, cfg, perm)
+    torch.nn.functional.cross_entropy(theirs(their_tokens)[:, -1], labels).backward()
+    topt.step()
+
+    def one_step(c, s):
+        ours = Transformer(c).double()
+        ours.load_state_dict(s, strict=False)
+        params = dict(ours.named_parameters())
+        loss = torch.nn.functional.cross_entropy(ours(tokens), labels)
+        grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+        with torch.no_grad():
+            AdamW({k: p.data for k, p in params.items()}, pre.train).step(grads)
+            return ours(tokens[::7])
+
+    with torch.no_grad():
+        want = theirs(their_tokens[::7])[:, -1][:, perm]
+    assert (one_step(cfg, state) - want).abs().max().item() < TOL
+    for quirk in ("pos_embed", "mlp_bias"):   # W_pos from our init / b_in, b_out at 0 but trained: another run
+        clean = dataclasses.replace(cfg, **{quirk: True})
+        assert (one_step(clean, state) - want).abs().max().item() > 1e-6, quirk
+    for quirk, value, classes in (("extra_tokens", 0, 98), ("unembed_all_tokens", False, 97)):   # fewer classes
+        clean = dataclasses.replace(cfg, **{quirk: value}).for_task(task)
+        trimmed = dict(state, **{"embed.W_E": state["embed.W_E"][:clean.d_vocab],
+                                 "unembed.W_U": state["unembed.W_U"][:, :clean.d_vocab_out]})
+        assert our_logits(clean, trimmed, tokens).shape[1] == classes != want.shape[1]
+
+
+def test_furuta_preset_starts_from_the_paper_codes_distribution():
+    cfg, _, perm = furuta_setup()
+    theirs = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        theirs.append(furuta_paper_to_ours(FurutaPaper(), cfg, perm))
+    want = stats(pooled(theirs))
+    assert init_mismatches(stats(pooled([Transformer(cfg, seed=s).state_dict() for s in range(3)])), want) == []
+    nanda_init = stats(pooled([Transformer(dataclasses.replace(cfg, init="nanda"), seed=s).state_dict() for s in range(3)]))
+    assert init_mismatches(nanda_init, want) == ["embed.W_E", "unembed.W_U"]   # their swapped scales are the quirk
+
+
+def test_fused_backend_refuses_the_furuta_quirks():
+    from grokfast.backends import fused_status
+    for quirk in ("pos_embed", "mlp_bias"):
+        cfg = dataclasses.replace(grokfast.preset("nanda").model, **{quirk: False})
+        ok, why = fused_status(cfg, "cpu", allow_interpreter=True)
+        assert not ok and quirk in why
+    with pytest.raises(ConfigError, match="extra_tokens"):
+        ModelConfig(extra_tokens=-1)
