@@ -22,7 +22,7 @@ def batchable(r: RunSpec, device) -> Optional[str]:
     if r.train.batch_size is not None:
         return "it trains on minibatches (the batched stepper is full batch)"
     try:
-        backend, why = resolve_backend(r.train.backend, r.model, device)
+        backend, why = resolve_backend(r.train.backend, r.model, device, r.train)
     except ConfigError as e:
         return str(e)
     if backend != "fused":

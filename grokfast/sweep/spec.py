@@ -16,12 +16,13 @@ from ..config import ConfigError
 TASK_AXES = ("op", "p", "frac", "data_seed", "layout")
 MODEL_AXES = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "act", "layernorm", "attn_alpha")
 TRAIN_AXES = ("seed", "lr", "wd", "beta1", "beta2", "warmup", "batch_size", "grokfast", "alpha", "lamb",
-              "window", "steps", "eval_every", "checkpoint_every", "backend", "precision")
+              "window", "steps", "eval_every", "checkpoint_every", "backend", "precision", "optimizer", "loss",
+              "orthograd", "muon_lr", "muon_momentum", "lr_matched")
 AXES = TASK_AXES + MODEL_AXES + TRAIN_AXES
 INT_AXES = {"p", "data_seed", "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "seed", "warmup",
             "batch_size", "window", "steps", "eval_every", "checkpoint_every"}
-FLOAT_AXES = {"frac", "attn_alpha", "lr", "wd", "beta1", "beta2", "alpha", "lamb"}
-BOOL_AXES = {"layernorm"}
+FLOAT_AXES = {"frac", "attn_alpha", "lr", "wd", "beta1", "beta2", "alpha", "lamb", "muon_lr", "muon_momentum"}
+BOOL_AXES = {"layernorm", "orthograd", "lr_matched"}
 # Filter settings that only matter for some filters (used to drop duplicate runs).
 FILTER_USES = {"alpha": ("ema",), "lamb": ("ema", "ma"), "window": ("ma",)}
 
