@@ -48,6 +48,7 @@ from .optim import AdamW, GrokfastFilter
 from .train import train, evaluate, Run, TrainingDiverged, Interrupted
 from .rundir import load_model, load_config, read_metrics
 from .reproduce import reproduce
+from .compare import compare
 
 __version__ = "0.1.0"
 
@@ -55,5 +56,5 @@ __all__ = [
     "ConfigError", "ModelConfig", "TrainConfig", "TaskSpec", "Preset", "PRESETS", "preset",
     "Task", "Operation", "PAPER_OPS", "Transformer", "cross_entropy64", "loss_and_grads", "resolve_backend",
     "AdamW", "GrokfastFilter", "train", "evaluate", "Run", "TrainingDiverged", "Interrupted",
-    "load_model", "load_config", "read_metrics", "reproduce",
+    "load_model", "load_config", "read_metrics", "reproduce", "compare",
 ]

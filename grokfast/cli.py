@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     # The other verbs live in their own modules: each has add_parser(sub) that adds its sub-parser and
     # sets func (a function of the parsed args returning the exit status).
-    for mod in ("check_cli", "bench_cli", "analyze_cli", "sweep_cli", "reproduce_cli"):
+    for mod in ("check_cli", "bench_cli", "analyze_cli", "sweep_cli", "reproduce_cli", "compare_cli"):
         try:
             m = __import__(f"grokfast.{mod}", fromlist=["add_parser"])
         except ModuleNotFoundError as e:
