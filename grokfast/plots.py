@@ -127,13 +127,16 @@ def compare_figure(curves: list[dict], path, title: str = "") -> Path:
         col = cmap(i % 10)
         ax.fill_between(steps, [c["lo"][j] for j in keep], [c["hi"][j] for j in keep], color=col, alpha=0.18, lw=0)
         ax.plot(steps, [c["median"][j] for j in keep], color=col, lw=1.6, label=f"{c['method']} ({c['runs']})")
+    from matplotlib.ticker import ScalarFormatter
+
     ax.axhline(0.99, color="gray", ls=":", lw=1)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.set_xlabel("step")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(loc="upper left", fontsize=7, title="method (seeds)", title_fontsize=7)
+    ax.legend(loc="best", fontsize=7, title="method (seeds)", title_fontsize=7)
     ax.set_title(title or "test accuracy per method", fontsize=9)
     return _save(fig, path)
 

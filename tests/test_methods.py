@@ -233,3 +233,19 @@ def test_fused_optimizer_takes_the_matched_lr():
     assert unsupported_training(cfgs[0]) is None
     opt = FusedOptimizer.from_configs(cfgs, 10)
     assert opt.lr.tolist() == pytest.approx([3e-3, 1e-3], rel=1e-7)
+
+
+def test_sweeps_take_the_methods_as_axes_and_keep_old_run_ids():
+    from grokfast import sweep as S
+    from grokfast.sweep.runs import _identity
+    runs = S.expand(S.SweepSpec(preset="small", grid={"orthograd": [False, True], "lr_matched": [False, True],
+                                                      "lamb": [2.0, 5.0]}, fixed={"steps": 10}))
+    assert len(runs) == 6      # lamb matters to lr-matched runs only: 1 + 1 + 2 + 2
+    assert {(r.train.orthograd, r.train.lr_matched, r.train.lamb) for r in runs} == {
+        (o, True, l) for o in (False, True) for l in (2.0, 5.0)} | {(o, False, 2.0) for o in (False, True)}
+    assert S.parse_grid_arg("optimizer=adamw,muon") == ("optimizer", ["adamw", "muon"])
+    assert S.parse_grid_arg("orthograd=true,false") == ("orthograd", [True, False])
+    # a run that uses none of the new settings has the identity (and so the run id) it had before them
+    r = runs[0]
+    new = {"optimizer", "loss", "orthograd", "lr_matched", "muon_lr", "muon_momentum"}
+    assert not new & set(_identity(r.task, r.model, r.train)["train"])
