@@ -136,3 +136,22 @@ def test_resume_takes_no_other_settings(tmp_path, capsys):
     assert "drop --method" in capsys.readouterr().err
     assert main(["compare", "--resume", str(tmp_path)]) == 2
     assert "no compare.json" in capsys.readouterr().err
+
+
+def test_batched_compare_runs_lr_matched_on_the_fused_kernels(tmp_path):
+    """On the batched executor (fused kernels; the Triton interpreter on a CPU) an lr-matched run is AdamW at
+    lr * (1 + lamb): the same bits as AdamW given that lr, trained beside it in one launch."""
+    import torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fixed = dict(op="x", p=7, frac=0.6, d_model=16, n_heads=2, d_head=8, d_mlp=32, steps=4, eval_every=4,
+                 checkpoint_every=4, warmup=0, backend="fused", lr=1e-2)
+    res = grokfast.compare(["adamw:lr=0.03", "lr-matched"], [0], preset="small", out=tmp_path / "c", device=device,
+                           executor="batched", figures=False, log=lambda m: None, **fixed)
+    assert res.executor == "batched" and [r["backend"] for r in res.rows] == ["fused", "fused"]
+    a, m = (rundir.load_checkpoint(rundir.list_checkpoints(tmp_path / "c" / "runs" / r["run_id"])[-1][1])[0]
+            for r in res.rows)
+    assert rundir.read_json(tmp_path / "c" / "runs" / res.rows[1]["run_id"] / "config.json")["train"]["lr"] == 1e-2
+    assert res.rows[0]["steps_done"] == res.rows[1]["steps_done"]
+    for k in a:
+        if k.startswith("model."):
+            assert torch.equal(a[k], m[k]), k
