@@ -50,6 +50,7 @@ from .rundir import load_model, load_config, read_metrics
 from .reproduce import reproduce
 from .lens import to_hooked_transformer
 from .importers import import_model
+from .compare import compare
 
 __version__ = "0.1.0"
 
@@ -58,4 +59,5 @@ __all__ = [
     "Task", "Operation", "PAPER_OPS", "Transformer", "cross_entropy64", "loss_and_grads", "resolve_backend",
     "AdamW", "GrokfastFilter", "train", "evaluate", "Run", "TrainingDiverged", "Interrupted",
     "load_model", "load_config", "read_metrics", "reproduce", "to_hooked_transformer", "import_model",
+    "load_model", "load_config", "read_metrics", "reproduce", "compare",
 ]

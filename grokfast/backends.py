@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from .config import ConfigError, ModelConfig, TrainConfig
-from .model import Transformer, cross_entropy64, loss_and_grads_reference
-from .optim import AdamW, GrokfastFilter
+from .model import Transformer, loss_and_grads_reference, loss_fn
+from .optim import GrokfastFilter, make_optimizer
 
 BACKENDS = ("auto", "fused", "reference")
 
@@ -79,9 +79,10 @@ def resolve_backend(name: str, cfg: ModelConfig, device, tcfg: TrainConfig | Non
 
 
 class ReferenceStepper:
-    """One optimizer step of the reference backend: forward, float64 loss, autograd backward,
-    Grokfast filter, AdamW (or Adam with coupled L2, TrainConfig.optimizer). ``step(tokens, labels)``
-    returns the loss (a device tensor, no sync)."""
+    """One optimizer step of the reference backend: forward, float64 loss (cross-entropy or StableMax,
+    TrainConfig.loss), autograd backward, Grokfast filter, orthograd (when asked for), AdamW (or Adam with
+    coupled L2, or Muon: TrainConfig.optimizer). ``step(tokens, labels)`` returns the loss (a device
+    tensor, no sync)."""
 
     name = "reference"
     mode = "eager"          # (the fused stepper's is "cuda-graph" once its step is captured)
@@ -90,12 +91,13 @@ class ReferenceStepper:
         self.model = model
         self.params = dict(model.named_parameters())
         self.filter = GrokfastFilter.from_config(tcfg)
-        self.opt = AdamW({n: p.data for n, p in self.params.items()}, tcfg)
+        self.opt = make_optimizer({n: p.data for n, p in self.params.items()}, tcfg)
+        self.loss_fn = loss_fn(tcfg.loss)
         self.correct = None
 
     def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = self.model(tokens)
-        loss = cross_entropy64(logits, labels)
+        loss = self.loss_fn(logits, labels)
         self.correct = (logits.detach().argmax(-1) == labels).sum()   # before the update (eval_train False)
         grads = torch.autograd.grad(loss, list(self.params.values()))
         grads = self.filter.apply(dict(zip(self.params, grads)))

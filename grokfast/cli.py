@@ -43,6 +43,16 @@ def add_training_flags(g) -> None:
     g.add_argument("--alpha", type=float, help="Grokfast-EMA momentum (0.98)")
     g.add_argument("--lamb", type=float, help="Grokfast amplification (EMA 2.0, MA 5.0 in the paper)")
     g.add_argument("--window", type=int, help="Grokfast-MA window (100)")
+    g.add_argument("--loss", choices=["ce", "stablemax"],
+                   help="ce: cross-entropy (default); stablemax: Prieto et al.'s StableMax cross-entropy (reference backend)")
+    g.add_argument("--orthograd", action=argparse.BooleanOptionalAction, default=None,
+                   help="make each tensor's gradient orthogonal to its weights, rescaled to its norm, before the "
+                        "optimizer (Prieto et al. 2025; reference backend)")
+    g.add_argument("--muon-lr", type=float, help="--optimizer muon: the hidden matrices' learning rate (0.02)")
+    g.add_argument("--muon-momentum", type=float, help="--optimizer muon: momentum (0.95)")
+    g.add_argument("--lr-matched", action=argparse.BooleanOptionalAction, default=None,
+                   help="no Grokfast filter but AdamW at lr * (1 + lamb): the step a filter with --lamb gives a "
+                        "constant gradient (the 'is it just a larger learning rate' control)")
     g.add_argument("--precision", choices=["ieee", "tf32x3", "tf32"],
                    help="the fused kernels' float32 products: ieee (default, exact float32), tf32x3 (three TF32 "
                         "tensor-core products, near float32), tf32 (one, ~1e-3 relative)")
@@ -51,8 +61,10 @@ def add_training_flags(g) -> None:
 def add_paper_optimizer_flags(g) -> None:
     """The papers' optimizer semantics (TrainConfig.optimizer, warmup_schedule, minibatches, eval_train, rng),
     shared by `train` and `sweep` (where each is also a --grid axis)."""
-    g.add_argument("--optimizer", choices=["adamw", "adam"],
-                   help="adamw (decoupled weight decay; default) or adam (torch.optim.Adam: coupled L2, as ironjr/grokfast)")
+    g.add_argument("--optimizer", choices=["adamw", "adam", "muon"],
+                   help="adamw (decoupled weight decay; default), adam (torch.optim.Adam: coupled L2, as ironjr/grokfast) "
+                        "or muon (Newton-Schulz orthogonalised momentum for the hidden matrices, AdamW for the rest; "
+                        "reference backend)")
     g.add_argument("--warmup-schedule", choices=["linear", "lambdalr"],
                    help="linear: lr*min(1, t/warmup); lambdalr: lr*min(1, (t-1)/warmup), torch's LambdaLR as the "
                         "papers' code steps it (first step lr 0)")
@@ -110,7 +122,8 @@ def cmd_train(args) -> int:
     train_over = {k: getattr(args, k) for k in ("steps", "lr", "wd", "optimizer", "warmup_schedule", "minibatches", "eval_train", "rng",
                                                 "beta1", "beta2", "warmup", "batch_size",
                                                 "grokfast", "alpha", "lamb", "window", "seed", "eval_every",
-                                                "checkpoint_every", "measure_every", "backend", "stop_at_grok", "precision")
+                                                "checkpoint_every", "measure_every", "backend", "stop_at_grok", "precision",
+                                                "loss", "orthograd", "muon_lr", "muon_momentum", "lr_matched")
                   if getattr(args, k) is not None}
     if args.full_batch:
         if args.batch_size is not None:
@@ -180,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     # The other verbs live in their own modules: each has add_parser(sub) that adds its sub-parser and
     # sets func (a function of the parsed args returning the exit status).
-    for mod in ("check_cli", "bench_cli", "analyze_cli", "sweep_cli", "reproduce_cli", "import_cli"):
+    for mod in ("check_cli", "bench_cli", "analyze_cli", "sweep_cli", "reproduce_cli", "import_cli", "compare_cli"):
         try:
             m = __import__(f"grokfast.{mod}", fromlist=["add_parser"])
         except ModuleNotFoundError as e:

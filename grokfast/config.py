@@ -181,7 +181,15 @@ class TrainConfig(_Dict):
     optimizer: "adamw" (decoupled weight decay, theta *= 1 - lr_t wd) or "adam" (torch.optim.Adam:
     weight decay as coupled L2, g += wd theta after the Grokfast filter, as ironjr/grokfast runs).
     grokfast: "none", "ema" (alpha, lamb) or "ma" (window, lamb), exactly as Lee et al. define them
-    (see grokfast.filters). batch_size None means full batch. minibatches: "draw" (each step draws
+    (see grokfast.optim). batch_size None means full batch.
+
+    The other ways to grok faster (formulas in grokfast.optim and grokfast.model; `grokfast compare` runs
+    them side by side): optimizer "muon" (Newton-Schulz orthogonalised momentum at muon_lr with
+    muon_momentum for the hidden weight matrices, AdamW at lr for the rest); orthograd (Prieto et al.
+    2025: each tensor's gradient made orthogonal to its weights, rescaled to its norm, before the
+    optimizer); loss "stablemax" (their StableMax cross-entropy, float64) instead of "ce"; lr_matched
+    (plain AdamW at lr * (1 + lamb), the step a Grokfast filter with this lamb gives a constant
+    gradient, with no filter: grokfast.optim.lr_gain). minibatches: "draw" (each step draws
     batch_size examples without replacement, independently of other steps) or "epoch" (each epoch
     is a fresh shuffle cut into consecutive batches, the last one short: ceil(N / batch_size) steps).
     """
@@ -194,7 +202,7 @@ class TrainConfig(_Dict):
     eps: float = 1e-8
     warmup: int = 10
     batch_size: Optional[int] = None
-    optimizer: str = "adamw"        # adamw | adam (coupled L2 weight decay)
+    optimizer: str = "adamw"        # adamw | adam (coupled L2 weight decay) | muon
     warmup_schedule: str = "linear"  # linear | lambdalr (first step lr 0)
     minibatches: str = "draw"       # draw | epoch (shuffled epochs, short last batch)
     # independent: init, split (the Task's hash, its data seed) and batches from their own seeded generators;
@@ -205,6 +213,11 @@ class TrainConfig(_Dict):
     alpha: float = 0.98
     lamb: float = 2.0
     window: int = 100
+    loss: str = "ce"                # ce | stablemax (Prieto et al. 2025)
+    orthograd: bool = False         # gradient made orthogonal to the weights, per tensor (Prieto et al. 2025)
+    muon_lr: float = 0.02           # optimizer "muon": its hidden matrices' lr and momentum (Muon's defaults)
+    muon_momentum: float = 0.95
+    lr_matched: bool = False        # no filter, lr * (1 + lamb): the Grokfast filter's gain, as a learning rate
     seed: int = 0
     eval_every: int = 100
     checkpoint_every: int = 1000
@@ -234,7 +247,7 @@ class TrainConfig(_Dict):
         need(self.eps > 0, f"eps must be positive, got {self.eps}")
         need(self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}")
         need(self.batch_size is None or self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
-        need(self.optimizer in ("adamw", "adam"), f"--optimizer must be adamw or adam, got {self.optimizer!r}")
+        need(self.optimizer in ("adamw", "adam", "muon"), f"--optimizer must be adamw, adam or muon, got {self.optimizer!r}")
         need(self.warmup_schedule in ("linear", "lambdalr"),
              f"--warmup-schedule must be linear or lambdalr, got {self.warmup_schedule!r}")
         need(self.minibatches in ("draw", "epoch"), f"--minibatches must be draw or epoch, got {self.minibatches!r}")
@@ -243,6 +256,15 @@ class TrainConfig(_Dict):
         need(0 <= self.alpha < 1, f"--alpha must lie in [0, 1), got {self.alpha}")
         need(self.lamb >= 0, f"--lamb must be >= 0, got {self.lamb}")
         need(self.window >= 1, f"--window must be >= 1, got {self.window}")
+        need(self.loss in ("ce", "stablemax"), f"--loss must be ce or stablemax, got {self.loss!r}")
+        need(isinstance(self.orthograd, bool), f"orthograd must be true or false, got {self.orthograd!r}")
+        need(self.muon_lr > 0, f"--muon-lr must be positive, got {self.muon_lr}")
+        need(0 <= self.muon_momentum < 1, f"--muon-momentum must lie in [0, 1), got {self.muon_momentum}")
+        need(not self.lr_matched or self.grokfast == "none",
+             f"--lr-matched is plain AdamW at lr * (1 + lamb) in place of a Grokfast filter: drop --grokfast "
+             f"{self.grokfast}")
+        need(not self.lr_matched or self.optimizer == "adamw",
+             f"--lr-matched matches AdamW's step to a Grokfast run: use --optimizer adamw, not {self.optimizer}")
         need(0 < self.stop_acc <= 1, f"stop_acc must lie in (0, 1], got {self.stop_acc}")
         need(self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}")
         need(self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")

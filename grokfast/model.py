@@ -252,9 +252,32 @@ def cross_entropy64(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.double(), labels)
 
 
-def loss_and_grads_reference(model: Transformer, tokens: torch.Tensor, labels: torch.Tensor):
+def stablemax_s(x: torch.Tensor) -> torch.Tensor:
+    """StableMax's s(x) (Prieto et al. 2025): x + 1 for x >= 0, 1 / (1 - x) for x < 0. Positive, increasing,
+    continuous with slope 1 at 0, and linear (not exponential) for large x. (Their code writes
+    1 / (1 - x + 1e-30); the clamp below keeps the unused branch finite instead, so autograd never
+    multiplies an infinity by zero where x = 1.)"""
+    return torch.where(x >= 0, x + 1, 1 / (1 - x.clamp(max=0)))
+
+
+def stablemax_cross_entropy64(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean StableMax cross-entropy in float64 (Prieto et al. 2025, their stablemax_cross_entropy):
+    -mean_i log( s(z_i,y_i) / sum_c s(z_i,c) ), s as in stablemax_s, the logits cast to float64 first."""
+    s = stablemax_s(logits.double())
+    return -(s.gather(-1, labels[:, None]).squeeze(-1) / s.sum(-1)).log().mean()
+
+
+LOSSES = {"ce": cross_entropy64, "stablemax": stablemax_cross_entropy64}
+
+
+def loss_fn(name: str):
+    """The loss of TrainConfig.loss: "ce" (cross_entropy64) or "stablemax" (stablemax_cross_entropy64)."""
+    return LOSSES[name]
+
+
+def loss_and_grads_reference(model: Transformer, tokens: torch.Tensor, labels: torch.Tensor, loss: str = "ce"):
     """(mean loss as a float64 scalar tensor, {param name: gradient}) for one batch, via autograd."""
     params = dict(model.named_parameters())
-    loss = cross_entropy64(model(tokens), labels)
+    loss = loss_fn(loss)(model(tokens), labels)
     grads = torch.autograd.grad(loss, list(params.values()))
     return loss.detach(), {n: g for n, g in zip(params, grads)}

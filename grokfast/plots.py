@@ -119,6 +119,31 @@ def sweep_curves(curves: list, path, title: str = "") -> Path:
     return _save(fig, path)
 
 
+def compare_figure(curves: list[dict], path, title: str = "") -> Path:
+    """Test accuracy per method against a log step axis: the median over seeds as a line, the band from
+    the lowest to the highest seed (grokfast.compare.curves_data), a dotted line at 99%."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    cmap = plt.get_cmap("tab10")
+    for i, c in enumerate(curves):
+        keep = [j for j, s in enumerate(c["steps"]) if s > 0]
+        steps = [c["steps"][j] for j in keep]
+        col = cmap(i % 10)
+        ax.fill_between(steps, [c["lo"][j] for j in keep], [c["hi"][j] for j in keep], color=col, alpha=0.18, lw=0)
+        ax.plot(steps, [c["median"][j] for j in keep], color=col, lw=1.6, label=f"{c['method']} ({c['runs']})")
+    from matplotlib.ticker import ScalarFormatter
+
+    ax.axhline(0.99, color="gray", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set_xlabel("step")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(loc="best", fontsize=7, title="method (seeds)", title_fontsize=7)
+    ax.set_title(title or "test accuracy per method", fontsize=9)
+    return _save(fig, path)
+
+
 def bench_step_figure(rows: list[dict], path, title: str = "") -> Path:
     """Step time per backend (grokfast.bench rows): a bar at the median with a p10-p90 whisker, log scale;
     a backend that did not run is listed with 'not available'."""

@@ -15,7 +15,8 @@ from .cli import add_model_flags, add_paper_optimizer_flags, add_training_flags
 FIXED = ("op", "p", "frac", "layout", "data_seed", "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "act",
          "layernorm", "attn_alpha", "steps", "lr", "wd", "beta1", "beta2", "warmup", "batch_size", "grokfast",
          "alpha", "lamb", "window", "eval_every", "checkpoint_every", "backend", "precision",
-         "optimizer", "warmup_schedule", "minibatches", "eval_train", "rng")
+         "optimizer", "warmup_schedule", "minibatches", "eval_train", "rng",
+         "loss", "orthograd", "muon_lr", "muon_momentum", "lr_matched")
 
 
 def add_parser(sub):

@@ -24,7 +24,7 @@ from . import rundir
 from .backends import make_stepper, resolve_backend
 from .config import ConfigError, ModelConfig, TrainConfig, TaskSpec, preset as get_preset
 from .data import Task
-from .model import Transformer, cross_entropy64
+from .model import Transformer, loss_fn
 
 THRESHOLDS = (0.95, 0.99)
 
@@ -87,17 +87,19 @@ def default_preset_name(device=None) -> str:
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, tokens: torch.Tensor, labels: torch.Tensor, chunk: int | None = None):
+def evaluate(model: Transformer, tokens: torch.Tensor, labels: torch.Tensor, chunk: int | None = None,
+             loss: str = "ce"):
     """(mean float64 loss, accuracy) over a split, in chunks (default 32768 rows on a GPU; 1024 on a CPU,
     where activations that fit in cache make the grokfast preset's evaluation 1.7x faster than one chunk);
-    both stay on the device."""
+    both stay on the device. ``loss``: TrainConfig.loss, the one the run trains on ("ce" or "stablemax")."""
+    fn = loss_fn(loss)
     chunk = chunk or (32768 if tokens.is_cuda else 1024)
     total = torch.zeros((), dtype=torch.float64, device=tokens.device)
     correct = torch.zeros((), dtype=torch.int64, device=tokens.device)
     n = labels.shape[0]
     for i in range(0, n, chunk):
         logits = model(tokens[i:i + chunk])
-        total += cross_entropy64(logits, labels[i:i + chunk]) * logits.shape[0]
+        total += fn(logits, labels[i:i + chunk]) * logits.shape[0]
         correct += (logits.argmax(-1) == labels[i:i + chunk]).sum()
     return total / n, correct.double() / n
 
@@ -293,8 +295,8 @@ def train(task: Task | None = None, model_config: ModelConfig | None = None,
             tr_loss, tr_acc = on_the_fly[0] / on_the_fly[2], on_the_fly[1].double() / on_the_fly[2]
             on_the_fly[:] = [0.0, 0, 0]
         else:
-            tr_loss, tr_acc = evaluate(model, train_t, train_l)
-        te_loss, te_acc = evaluate(model, task.test.tokens, task.test.labels)
+            tr_loss, tr_acc = evaluate(model, train_t, train_l, loss=tcfg.loss)
+        te_loss, te_acc = evaluate(model, task.test.tokens, task.test.labels, loss=tcfg.loss)
         row = {"step": at_step, "train_loss": float(tr_loss), "test_loss": float(te_loss),
                "train_acc": float(tr_acc), "test_acc": float(te_acc), "wall": round(wall, 4)}
         if tcfg.measure_every and at_step % tcfg.measure_every == 0:
@@ -416,5 +418,9 @@ def _rewrite_metrics(out: Path, rows: list[dict]) -> None:
 
 def _title(task: Task, mcfg: ModelConfig, tcfg: TrainConfig) -> str:
     gf = "" if tcfg.grokfast == "none" else f", Grokfast-{tcfg.grokfast.upper()}"
+    gf += ", orthograd" if tcfg.orthograd else ""
+    gf += ", StableMax" if tcfg.loss == "stablemax" else ""
+    gf += f", Muon lr {tcfg.muon_lr:g}" if tcfg.optimizer == "muon" else ""
+    gf += f", lr x{1 + tcfg.lamb:g} (matched)" if tcfg.lr_matched else ""
     return (f"{task.op} mod {task.p}, {int(round(task.frac * 100))}% train; {mcfg.n_layers}L d{mcfg.d_model}, "
             f"lr {tcfg.lr:g}, wd {tcfg.wd:g}{gf}")

@@ -248,10 +248,17 @@ def aot_specs() -> list[dict]:
 def unsupported_training(tcfg) -> str | None:
     """None when this kernel computes the update a training config asks for, else one line saying why not:
     it implements AdamW (decoupled weight decay) with the linear warm-up lr * min(1, t / warmup), not Adam
-    with L2 weight decay (optimizer "adam") nor a warm-up whose first step has lr 0 ("lambdalr")."""
+    with L2 weight decay (optimizer "adam") nor Muon, nor a warm-up whose first step has lr 0 ("lambdalr");
+    the loss kernel computes cross-entropy, not StableMax (loss "stablemax"); the gradient is not made
+    orthogonal to the weights (orthograd). lr_matched is plain AdamW at lr * (1 + lamb): supported."""
     optimizer = getattr(tcfg, "optimizer", "adamw")
     if optimizer != "adamw":
         return f"optimizer={optimizer!r}: the fused optimizer implements AdamW (decoupled weight decay) only"
+    if getattr(tcfg, "orthograd", False):
+        return "orthograd: the fused optimizer does not make gradients orthogonal to the weights (reference only)"
+    loss = getattr(tcfg, "loss", "ce")
+    if loss != "ce":
+        return f"loss={loss!r}: the fused loss kernel computes cross-entropy only (StableMax is reference only)"
     schedule = getattr(tcfg, "warmup_schedule", "linear")
     if schedule != "linear" and getattr(tcfg, "warmup", 0) > 0:
         return f"warmup_schedule={schedule!r}: the fused optimizer implements the linear warm-up lr * min(1, t / warmup) only"
@@ -323,7 +330,8 @@ class FusedOptimizer:
                 if getattr(c, k) != getattr(first, k):
                     raise KernelConfigError(f"models trained in one launch must share {k}: got "
                                       f"{getattr(first, k)!r} and {getattr(c, k)!r}")
-        return cls(len(tcfgs), N, lr=[c.lr for c in tcfgs], wd=[c.wd for c in tcfgs],
+        # lr_matched: the Grokfast filters' steady-state gain 1 + lamb as a learning rate, no filter
+        return cls(len(tcfgs), N, lr=[c.lr * (1 + c.lamb if getattr(c, "lr_matched", False) else 1) for c in tcfgs], wd=[c.wd for c in tcfgs],
                    alpha=[c.alpha for c in tcfgs], lamb=[c.lamb for c in tcfgs], beta1=first.beta1,
                    beta2=first.beta2, eps=first.eps, warmup=first.warmup, grokfast=first.grokfast,
                    window=first.window, device=device)

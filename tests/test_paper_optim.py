@@ -157,7 +157,7 @@ def test_no_eval_train_takes_train_numbers_from_the_steps(monkeypatch):
     T = importlib.import_module("grokfast.train")   # the module (grokfast.train is its function)
     calls = []
     real = T.evaluate
-    monkeypatch.setattr(T, "evaluate", lambda m, tok, lab, chunk=None: calls.append(len(lab)) or real(m, tok, lab))
+    monkeypatch.setattr(T, "evaluate", lambda m, tok, lab, chunk=None, **kw: calls.append(len(lab)) or real(m, tok, lab, **kw))
     task = grokfast.Task("x+y", p=11, frac=0.5, seed=0)
     losses = []
     run = grokfast.train(task, TINY.for_task(task), TrainConfig(), steps=10, eval_every=5, eval_train=False,

@@ -19,7 +19,7 @@ RESULT_COLUMNS = ("outcome", "steps_to_memorize", "seconds_to_memorize", "steps_
                   "final_train_acc", "final_test_acc", "final_train_loss", "final_test_loss", "steps_done",
                   "wall_seconds", "backend", "device")
 CONFIG_COLUMNS = ("op", "p", "frac", "data_seed", "seed", "lr", "wd", "grokfast", "alpha", "lamb", "window",
-                  "steps", "d_model", "d_mlp", "n_layers")
+                  "optimizer", "loss", "orthograd", "lr_matched", "steps", "d_model", "d_mlp", "n_layers")
 TIME_COLUMNS = ("seconds_to_memorize", "seconds_to_grok", "wall_seconds", "seconds_to_memorize_95",
                 "seconds_to_grok_95", "steps_per_second")
 

@@ -42,9 +42,9 @@ def plan(spec: SweepSpec, device=None, executor: str = "auto", models_per_launch
     from ..backends import resolve_backend
     checked = set()
     for r in runs:  # e.g. --backend fused on a CPU: refused here, not at the first run
-        if (r.train.backend, r.model) not in checked:
-            resolve_backend(r.train.backend, r.model, device)
-            checked.add((r.train.backend, r.model))
+        if (r.train.backend, r.model, r.train) not in checked:
+            resolve_backend(r.train.backend, r.model, device, r.train)
+            checked.add((r.train.backend, r.model, r.train))
     at_once = models_per_launch or 1
     free = memory_bytes if memory_bytes is not None else available_bytes(device)
     need = check_memory(runs, at_once, free)

@@ -32,7 +32,8 @@ class RunSpec:
         t, m, c = self.task, self.model, self.train
         return {"op": t["op"], "p": t["p"], "frac": t["frac"], "data_seed": t["seed"], "seed": c.seed,
                 "lr": c.lr, "wd": c.wd, "grokfast": c.grokfast, "alpha": c.alpha, "lamb": c.lamb,
-                "window": c.window, "steps": c.steps, "d_model": m.d_model, "d_mlp": m.d_mlp,
+                "window": c.window, "optimizer": c.optimizer, "loss": c.loss, "orthograd": c.orthograd,
+                "lr_matched": c.lr_matched, "steps": c.steps, "d_model": m.d_model, "d_mlp": m.d_mlp,
                 "n_layers": m.n_layers}
 
 
@@ -75,11 +76,18 @@ def _identity(task: dict, mcfg: ModelConfig, tcfg: TrainConfig) -> dict:
     """What makes a run what it is, for its id: the config less the filter settings its filter ignores."""
     t = tcfg.to_dict()
     for name, uses in FILTER_USES.items():
-        if tcfg.grokfast not in uses:
+        if tcfg.grokfast not in uses and not (name == "lamb" and tcfg.lr_matched):
             t.pop(name)
     t.pop("checkpoint_every")  # where checkpoints land does not change the run
     if t["rng"] == "independent":
         t.pop("rng")           # the default before the field existed: earlier sweeps keep their run ids
+    # the other methods' settings (grokfast compare) count only where they are not the defaults, so the
+    # ids of runs made before they existed do not change; Muon's only with Muon
+    defaults = TrainConfig()
+    for name in ("loss", "orthograd", "lr_matched", "muon_lr", "muon_momentum"):
+        unused = name.startswith("muon_") and tcfg.optimizer != "muon"
+        if unused or t[name] == getattr(defaults, name):
+            t.pop(name)
     return {"task": task, "model": mcfg.to_dict(), "train": t}
 
 
@@ -117,7 +125,10 @@ def expand(spec: SweepSpec) -> list[RunSpec]:
         raise ConfigError("--after-grok N keeps training N steps after grokking, which --no-stop-at-grok "
                           "already does until --steps: pass one")
     filters = spec.grid.get("grokfast", [spec.fixed.get("grokfast", pre.train.grokfast)])
+    matched = spec.grid.get("lr_matched", [spec.fixed.get("lr_matched", pre.train.lr_matched)])
     for name, uses in FILTER_USES.items():
+        if name == "lamb" and any(matched):
+            continue  # lr_matched runs use lamb too
         if name in spec.grid and not any(f in uses for f in filters):
             raise ConfigError(f"{name} is swept but no run uses it (grokfast {', '.join(map(str, filters))}): "
                               f"add --grokfast {uses[0]} or drop --grid {name}=")

@@ -17,12 +17,13 @@ TASK_AXES = ("op", "p", "frac", "data_seed", "layout")
 MODEL_AXES = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "act", "layernorm", "attn_alpha")
 TRAIN_AXES = ("seed", "lr", "wd", "beta1", "beta2", "warmup", "batch_size", "grokfast", "alpha", "lamb",
               "window", "steps", "eval_every", "checkpoint_every", "backend", "precision",
-              "optimizer", "warmup_schedule", "minibatches", "eval_train", "rng")   # the papers' semantics
+              "optimizer", "warmup_schedule", "minibatches", "eval_train", "rng",      # the papers' semantics
+              "loss", "orthograd", "muon_lr", "muon_momentum", "lr_matched")            # grokfast compare's methods
 AXES = TASK_AXES + MODEL_AXES + TRAIN_AXES
 INT_AXES = {"p", "data_seed", "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "seed", "warmup",
             "batch_size", "window", "steps", "eval_every", "checkpoint_every"}
-FLOAT_AXES = {"frac", "attn_alpha", "lr", "wd", "beta1", "beta2", "alpha", "lamb"}
-BOOL_AXES = {"layernorm", "eval_train"}
+FLOAT_AXES = {"frac", "attn_alpha", "lr", "wd", "beta1", "beta2", "alpha", "lamb", "muon_lr", "muon_momentum"}
+BOOL_AXES = {"layernorm", "eval_train", "orthograd", "lr_matched"}
 # Filter settings that only matter for some filters (used to drop duplicate runs).
 FILTER_USES = {"alpha": ("ema",), "lamb": ("ema", "ma"), "window": ("ma",)}
 

@@ -1,0 +1,111 @@
+"""`grokfast compare`: the ways to grok faster side by side on one task (grokfast.compare).
+
+    grokfast compare --preset small --seeds 0-2 --steps 3000 --out compare/small
+    grokfast compare --op x+y --p 113 --frac 0.4 --method adamw --method orthograd:wd=0 --out compare/prieto
+    grokfast compare --resume compare/small
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError
+from .cli import add_model_flags, add_training_flags
+
+FIXED = ("op", "p", "frac", "layout", "data_seed", "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "act",
+         "layernorm", "attn_alpha", "steps", "lr", "wd", "beta1", "beta2", "warmup", "batch_size", "grokfast",
+         "alpha", "lamb", "window", "eval_every", "checkpoint_every", "backend", "precision", "loss", "orthograd",
+         "muon_lr", "muon_momentum", "lr_matched")
+
+
+def add_parser(sub):
+    from .compare import DEFAULT_METHODS, METHODS
+
+    methods = "\n".join(f"  {k:11s} {v[1]}" for k, v in METHODS.items())
+    p = sub.add_parser(
+        "compare", help="the ways to grok faster side by side on one task, N seeds each",
+        description="Train each method for each seed on one task until it groks (test accuracy >= 99%%) or the "
+                    "step cap (--steps); write a table (median and min/max of steps and seconds to memorise and "
+                    "to grok, how many grokked) and a figure (test accuracy per method, the seeds' spread). Every "
+                    "method starts from the same task settings (the preset and the flags below) and adds only its "
+                    "own; METHOD:KEY=VALUE,... changes more (e.g. orthograd:wd=0). Resumable (--resume).",
+        epilog=f"methods (default: {' '.join(DEFAULT_METHODS)}):\n{methods}\n\nexamples:\n"
+               "  grokfast compare --preset small --seeds 0-2 --out compare/small\n"
+               "  grokfast compare --op x+y --p 113 --frac 0.4 --method adamw --method orthograd:wd=0 "
+               "--steps 1000 --out compare/prieto\n"
+               "  grokfast compare --resume compare/small",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to compare")
+    g.add_argument("--method", action="append", metavar="NAME[:KEY=V,...]",
+                   help="a method to run (repeat for more; default: all of them)")
+    g.add_argument("--seeds", default="0-2", help="seeds for every method: 0,1,2 or 0-7 (default 0-2); each seeds "
+                                                  "the model and the train/test split unless --data-seed is given")
+    g = p.add_argument_group("the task and the settings shared by every method (override the preset)")
+    g.add_argument("--preset", help="nanda | power | pizza | small (default: nanda on a GPU, small on a CPU)")
+    g.add_argument("--op", help="operation formula, e.g. 'x+y'")
+    g.add_argument("--p", type=int, help="modulus")
+    g.add_argument("--frac", type=float, help="train fraction, in (0, 1)")
+    g.add_argument("--layout", help="token layout: 'a b =', 'a op b =', 'a op b' or 'a b'")
+    g.add_argument("--data-seed", type=int, help="one train/test split for every run (default: each run's seed)")
+    add_model_flags(g)
+    add_training_flags(g)
+    g.add_argument("--eval-every", type=int)
+    g.add_argument("--checkpoint-every", type=int)
+    g.add_argument("--backend", choices=["auto", "fused", "reference"])
+    g = p.add_argument_group("run")
+    g.add_argument("--executor", choices=["auto", "sequential", "batched"], default="auto",
+                   help="sequential: one run after another (reference on a CPU); batched: the methods the fused "
+                        "kernels run, M models per launch (GPU)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    g.add_argument("--out", metavar="COMPARE_DIR", help="directory to write")
+    g.add_argument("--resume", metavar="COMPARE_DIR", help="continue a killed comparison: finished runs are kept")
+    g.add_argument("--dry-run", action="store_true", help="check the input and list the runs; train nothing")
+    g.add_argument("--no-figures", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args) -> int:
+    import importlib
+
+    from .sweep import parse_seeds
+    from .train import Interrupted, default_preset_name, resolve_device
+
+    C = importlib.import_module("grokfast.compare")   # the module (grokfast.compare is the function)
+    device = resolve_device(args.device)
+    fixed = {k: getattr(args, k) for k in FIXED if getattr(args, k) is not None}
+    if args.resume:
+        given = [f"--{k.replace('_', '-')}" for k in FIXED + ("preset", "out") if getattr(args, k) is not None]
+        given += ["--method"] if args.method else []
+        given += ["--seeds"] if args.seeds != "0-2" else []
+        if given:
+            raise ConfigError(f"--resume continues a comparison with its own spec: drop {' '.join(given)}")
+    elif not args.out:
+        raise ConfigError("--out COMPARE_DIR is needed: the folder for the runs, the table and the figure")
+    preset = None if args.resume else (args.preset or default_preset_name(device))
+    if args.preset is None and not args.resume:
+        print(f"preset: {preset} (default on {device.type}; pass --preset to choose)", file=sys.stderr)
+    if args.dry_run:
+        spec = (C.CompareSpec.from_dict(C.rundir.read_json(C._open(None, None, args.resume)[1] / "compare.json"))
+                if args.resume else C.CompareSpec(preset, args.method or list(C.DEFAULT_METHODS),
+                                                  parse_seeds(args.seeds), fixed))
+        runs, chosen = C.plan(spec, device, args.executor)
+        for r in runs:
+            print(f"{r.index:4d}  {r.run_id}")
+        print(f"{len(runs)} runs; executor: {chosen}")
+        return 0
+    try:
+        if args.resume:
+            res = C.compare(resume=args.resume, device=device, executor=args.executor, figures=not args.no_figures)
+        else:
+            res = C.compare(args.method, parse_seeds(args.seeds), preset=preset, out=args.out, device=device,
+                            executor=args.executor, figures=not args.no_figures, **fixed)
+    except Interrupted:
+        d = args.resume or args.out
+        print(f"grokfast: comparison interrupted; finished runs are kept: continue with grokfast compare --resume {d}",
+              file=sys.stderr)
+        return 130
+    print(res.markdown, end="")
+    print(f"table: {res.dir / 'table.md'} (and table.csv, table.json; per run: results.csv)")
+    if (res.dir / "curves.png").exists():
+        print(f"figure: {res.dir / 'curves.png'}")
+    return 0
