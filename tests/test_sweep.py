@@ -332,7 +332,7 @@ def test_paper_optimizer_flags_reach_every_run(tmp_path, capsys):
     assert sorted(t.warmup_schedule for t in trains) == ["lambdalr", "linear"]
     assert all((t.optimizer, t.minibatches, t.eval_train, t.rng) == ("adam", "epoch", False, "stream") for t in trains)
     capsys.readouterr()
-    for extra, says in ((["--grid", "optimizer=adam,sgd"], "--optimizer must be adamw or adam"),
+    for extra, says in ((["--grid", "optimizer=adam,sgd"], "--optimizer must be adamw, adam or muon"),
                         (["--data-seed", "3"], "data_seed does nothing with rng stream")):
         bad = [a for a in flags if a not in ("--optimizer", "adam")] + extra
         assert cli_main(bad + ["--out", str(tmp_path / "bad")]) == 2, extra
