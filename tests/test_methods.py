@@ -246,6 +246,18 @@ def test_sweeps_take_the_methods_as_axes_and_keep_old_run_ids():
     assert S.parse_grid_arg("optimizer=adamw,muon") == ("optimizer", ["adamw", "muon"])
     assert S.parse_grid_arg("orthograd=true,false") == ("orthograd", [True, False])
     # a run that uses none of the new settings has the identity (and so the run id) it had before them
+    # (optimizer was in the identity before: it stays)
     r = runs[0]
-    new = {"optimizer", "loss", "orthograd", "lr_matched", "muon_lr", "muon_momentum"}
+    new = {"loss", "orthograd", "lr_matched", "muon_lr", "muon_momentum"}
     assert not new & set(_identity(r.task, r.model, r.train)["train"])
+
+
+def test_a_plain_runs_id_is_the_one_it_had_before_the_new_settings():
+    """The run id of a sweep run that uses none of the settings added since (Furuta's model quirks, rng,
+    compare's methods) is the id sweeps gave it before them (computed at commit c505683: small preset, steps
+    10, seed 0), so an earlier sweep resumes instead of redoing its runs."""
+    from grokfast import sweep as S
+    run = S.expand(S.SweepSpec(preset="small", fixed={"steps": 10}))[0]
+    assert run.run_id == "seed0-0dcacf7e"
+    nanda = S.expand(S.SweepSpec(preset="nanda", fixed={"steps": 10, "lr": 3e-3}))[0]
+    assert nanda.run_id == "seed0-7c40d954"

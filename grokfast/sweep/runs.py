@@ -88,7 +88,11 @@ def _identity(task: dict, mcfg: ModelConfig, tcfg: TrainConfig) -> dict:
         unused = name.startswith("muon_") and tcfg.optimizer != "muon"
         if unused or t[name] == getattr(defaults, name):
             t.pop(name)
-    return {"task": task, "model": mcfg.to_dict(), "train": t}
+    m = mcfg.to_dict()
+    for name in ("pos_embed", "mlp_bias", "extra_tokens"):   # Furuta et al.'s quirks: only where they are on,
+        if m[name] == getattr(ModelConfig(), name):         # so runs made before them keep their ids
+            m.pop(name)
+    return {"task": task, "model": m, "train": t}
 
 
 def expand(spec: SweepSpec) -> list[RunSpec]:
