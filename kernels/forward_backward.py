@@ -394,16 +394,19 @@ def _step(cfg, lay, flat, tokens, index, labels, ws, grad_out, loss_out, flush_t
     return xf
 
 
-def loss_and_grads_flat(cfg, flat, tokens, labels, grad_out=None, loss_out=None, precision=None, flush_tasks=()):
+def loss_and_grads_flat(cfg, flat, tokens, labels, grad_out=None, loss_out=None, precision=None, flush_tasks=(),
+                        index=None):
     """flat [M, N] float32 contiguous (ParamLayout(cfg)); tokens [B, n_ctx] int64 (shared by all M models) or
     [M, B, n_ctx]; labels [B] or [M, B] int64. Writes grad_out [M, N] float32 (every entry; the mean-loss gradient)
     and loss_out [M] float32 (mean cross-entropy per model); allocates them if None; returns (loss_out, grad_out).
     No host synchronisation (capturable in a CUDA graph once buffers are allocated). precision: the
     float32 dot mode (_common.PRECISIONS; None: the current default, "ieee" unless changed). flush_tasks:
     (kind, fields, programs) tasks of flush.flush_kernel to run in the step's last launch (the optimizer's
-    scalars: FusedOptimizer.scalars_task)."""
+    scalars: FusedOptimizer.scalars_task). index: the tokens' token-scatter index when the caller keeps it
+    current itself (batch_draw.draw_batch writes it with the batch); None: token_index(cfg, tokens)."""
     lay, M, tokens3, labels, B = _prepare(cfg, flat, tokens, labels)
-    index = token_index(cfg, tokens)          # cached per tokens tensor: no work while it is unchanged
+    if index is None:
+        index = token_index(cfg, tokens)      # cached per tokens tensor: no work while it is unchanged
     tokens = tokens3
     grad_out = _out("grad_out", grad_out, (M, lay.numel), torch.float32, flat.device)
     loss_out = _out("loss_out", loss_out, (M,), torch.float32, flat.device)

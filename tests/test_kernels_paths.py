@@ -226,7 +226,7 @@ class RecordedGraph:
 
     def replay(self):
         for kernel, grid, args, cx, num_warps in self.launches:
-            kernel[grid](**args, **cx, num_warps=num_warps)
+            _common.launch(kernel, grid, args, cx, num_warps)    # (marked as a launch: HostWork skips its copies)
 
 
 class HostWork(torch.utils._python_dispatch.TorchDispatchMode):
@@ -334,6 +334,52 @@ def test_steps_after_warm_up_make_no_table_no_copy_and_keep_addresses(monkeypatc
     assert copies == [], f"host work in the step: {copies}"
 
 
+def _train_fused(tmp_path, preset_name, graph: bool, monkeypatch, hook=None):
+    """grokfast.train as `grokfast train --preset P --backend fused` runs it (the preset's training settings:
+    warm-up, minibatches; progress bar, run directory, evaluations and checkpoints), on a model and task
+    sized for the interpreter; on a CPU a RecordedGraph stands in for the CUDA graph. hook: on_step."""
+    import dataclasses
+    import grokfast
+    from grokfast.config import preset as get_preset
+    monkeypatch.setattr(stepper_mod, "_graphs_wanted", lambda device, cuda_graph: graph)
+    if INTERPRETED:
+        monkeypatch.setattr(stepper_mod, "capture_graph", lambda run, device: RecordedGraph(run))
+    pre = get_preset(preset_name)
+    task = grokfast.Task(pre.task.op, 7, 0.7, 0, pre.task.layout, device=DEVICE)
+    cfg = dataclasses.replace(pre.model, d_model=16, n_heads=2, d_head=8, d_mlp=32).for_task(task)
+    tcfg = dataclasses.replace(pre.train, steps=12, eval_every=5, checkpoint_every=10, backend="fused",
+                               batch_size=16 if pre.train.batch_size else None)
+    fb._CACHE.clear()
+    return grokfast.train(task, cfg, tcfg, out=tmp_path / f"{preset_name}-{graph}", device=DEVICE,
+                          on_step=hook, log=lambda m: None, figures=False)
+
+
+@pytest.mark.parametrize("preset_name", ["nanda", "power"])
+def test_train_loop_makes_no_host_op_between_replays(preset_name, tmp_path, monkeypatch):
+    """The fused trainer on a GPU: after the warm-up and the capture, a step that neither evaluates nor saves
+    (nor follows one that did) runs no torch operation on the host, only the graph's replay (HostWork counts
+    every aten op outside kernel launches and replays). Full batch (nanda) and minibatches drawn inside the
+    step (power: batch 16 of 34). The run keeps the bits of the same run with eager steps."""
+    from grokfast.rundir import list_checkpoints, load_checkpoint
+    marks = []
+    with HostWork() as hw:
+        run = _train_fused(tmp_path, preset_name, True, monkeypatch, hook=lambda step: marks.append((step, len(hw.ops))))
+    assert run.summary["step_mode"] == "cuda-graph"
+    tc = run.train_config
+    busy = {s for s in range(tc.steps + 1) if s % tc.eval_every == 0 or s % tc.checkpoint_every == 0}
+    per_step = {s: hw.ops[before:after] for (s0, before), (s, after) in zip(marks, marks[1:])}
+    quiet = [s for s in per_step if s > stepper_mod.WARMUP_STEPS + 1 and s - 1 not in busy]
+    assert len(quiet) >= 4, quiet
+    assert {s: per_step[s] for s in quiet} == {s: [] for s in quiet}
+    assert any(per_step[s] for s in per_step if s - 1 in busy)          # HostWork sees the evaluations' ops
+    eager = _train_fused(tmp_path, preset_name, False, monkeypatch)
+    assert eager.summary["step_mode"] == "eager"
+    assert [{k: v for k, v in r.items() if k != "wall"} for r in run.history] == \
+           [{k: v for k, v in r.items() if k != "wall"} for r in eager.history]
+    a, b = (load_checkpoint(list_checkpoints(r.dir)[-1][1])[0] for r in (run, eager))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_capture_failure_raises_and_restores_the_stream(monkeypatch):
     """capture_graph with a step that fails while capturing: GraphCaptureError naming the cause, the
     capture ended, and the caller back on its own stream (torch.cuda.graph would leave it on the
@@ -403,9 +449,9 @@ def test_ma_ring_addresses_past_two_to_the_31():
     lamb = torch.ones(1)
     _common.launch(grokfast_adamw_kernel, (1, 1),
                    dict(param_ptr=param, grad_ptr=grad, mom_ptr=mom, vel_ptr=vel, ema_ptr=mom, ring_ptr=ring,
-                        sum_ptr=ma_sum, alpha_ptr=lamb, lamb_ptr=lamb, scal_ptr=scal, snap_ptr=snap, N=N,
-                        window=W, eps=1e-8),
-                   dict(FILTER=2, SCALARS=5, BLOCK=BLOCK))
+                        sum_ptr=ma_sum, alpha_ptr=lamb, lamb_ptr=lamb, scal_ptr=scal, snap_ptr=snap, loss_ptr=scal,
+                        bad_ptr=snap, N=N, window=W, eps=1e-8),
+                   dict(FILTER=2, SCALARS=5, BLOCK=BLOCK, TRACK=0))
     assert torch.equal(ma_sum, torch.full((BLOCK,), float(sum(range(1, W + 1))), dtype=torch.float64))
 
 
