@@ -160,3 +160,20 @@ def draw_batch(src_tokens, src_labels, tokens_out, labels_out, index_out, counte
                 starts_ptr=starts, counter_ptr=counter, n=n, Bs=Bs, T=T, V=int(d_vocab), seed=int(seed) & M32,
                 W=half_width(n)),
            dict(ROUNDS=ROUNDS, BLOCK_B=BLOCK_B, BLOCK_V=BLOCK_V), num_warps=NUM_WARPS)
+
+
+def aot_specs(n: int = 4656, batch_size: int = 512, n_ctx: int = 4, d_vocab: int = 99) -> list[dict]:
+    """The draw kernel's compile spec for grokfast.kernels.aot at a split of n examples (default: the power
+    preset's 4656, batch 512), specialised as the JIT specialises those values (_common.specialization)."""
+    from ._common import record_launches, specialization
+    meta = torch.device("meta")
+    i64, i32 = torch.int64, torch.int32
+    with record_launches() as rec:
+        draw_batch(torch.empty((n, n_ctx), dtype=i64, device=meta), torch.empty(n, dtype=i64, device=meta),
+                   torch.empty((batch_size, n_ctx), dtype=i64, device=meta), torch.empty(batch_size, dtype=i64, device=meta),
+                   (torch.empty((1, n_ctx, batch_size), dtype=i32, device=meta),
+                    torch.empty((1, n_ctx, d_vocab + 1), dtype=i32, device=meta)),
+                   torch.empty(2, dtype=i64, device=meta), 7919, d_vocab)
+    kernel, grid, args, cx, num_warps, num_stages = rec[0]
+    return [dict(name=f"draw_batch[n={n},batch={batch_size}]", fn=kernel, num_warps=num_warps, num_stages=num_stages,
+                 **specialization(kernel, args, cx))]

@@ -218,13 +218,7 @@ def _loss_head(cfg, lay, flat, xf, labels, loss_ex, correct_ex, dlogits=None, dx
                           loss_ex, correct_ex, dlogits, dx=dxf)
 
 
-def _launch(spare: list, *plans):
-    """gemm_launch(*plans), the free slots of its last group filled from ``spare`` (weight-gradient
-    products that nothing in the pass reads, so they may run in any later launch)."""
-    plans = list(plans)
-    while spare and len(plans) % mlp.MAX_GROUP:
-        plans.append(spare.pop(0))
-    gemm_launch(*plans)
+_launch = mlp.launch_filled      # gemm_launch with free slots filled from the spare weight-gradient products
 
 
 def _backward(cfg, lay, flat, tokens, index, ws: Workspace, xf, grad_out):
@@ -249,7 +243,8 @@ def _backward(cfg, lay, flat, tokens, index, ws: Workspace, xf, grad_out):
         # MLP, then (LayerNorm 2 and) the residual: dmid = dout + d(MLP input)
         mlp_backward(dout, a.hn2 if LN else a.mid, a.pre, a.post, p[n + "mlp.W_in"], p[n + "mlp.W_out"],
                      a.dpre, a.dh2 if LN else a.dmid, g[n + "mlp.W_in"], g[n + "mlp.b_in"],
-                     g[n + "mlp.W_out"], g[n + "mlp.b_out"], cfg.act, dh_res=None if LN else dout, defer=d)
+                     g[n + "mlp.W_out"], g[n + "mlp.b_out"], cfg.act, dh_res=None if LN else dout, defer=d,
+                     spare=spare)
         if LN:
             layernorm_backward(a.mid, p[n + "ln2.w"], a.mu2, a.rs2, a.dh2, a.dmid, g[n + "ln2.w"], g[n + "ln2.b"],
                                res=dout, defer=d)
@@ -495,7 +490,7 @@ def executed_flops(cfg, M: int, B: int) -> list[dict]:
     from . import embed_attn, gemm_group, mlp, unembed_loss
     grouped = {mlp.gemm_kernel: [""], **{k: [str(g) for g in range(n)] for n, k in gemm_group.KERNELS.items()}}
     rows = []
-    for kernel, grid, args, cx, _ in _recorded_step(cfg, M, B):
+    for kernel, grid, args, cx, *_ in _recorded_step(cfg, M, B):
         if kernel in grouped:
             parts = [mlp.dot_flops(args, cx, g) for g in grouped[kernel]]
         elif kernel is unembed_loss.unembed_ce_kernel:
@@ -525,13 +520,13 @@ def aot_specs(cfg, M: int, B: int) -> list[dict]:
     compilations only."""
     rec = _recorded_step(cfg, M, B, eval_variant=True)
     specs, seen = [], set()
-    for kernel, grid, args, cx, num_warps in rec:
+    for kernel, grid, args, cx, num_warps, num_stages in rec:
         sp = specialization(kernel, args, cx)
         key = (kernel.__name__, tuple(sorted(sp["constexprs"].items())), tuple(sp["signature"].items()),
-               tuple(sorted(sp["attrs"])), num_warps)
+               tuple(sorted(sp["attrs"])), num_warps, num_stages)
         if key in seen:
             continue
         seen.add(key)
         tag = ",".join(f"{k}={v}" for k, v in cx.items())
-        specs.append(dict(name=f"{kernel.__name__}[{tag}]", fn=kernel, num_warps=num_warps, **sp))
+        specs.append(dict(name=f"{kernel.__name__}[{tag}]", fn=kernel, num_warps=num_warps, num_stages=num_stages, **sp))
     return specs
