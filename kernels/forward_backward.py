@@ -21,11 +21,11 @@ How the work is laid out (DESIGN.md, "The fused training step"), T = n_ctx, V = 
             (table-sized products), LN1, and dW_E, dW_pos.
 Launches: independent products share one launch (mlp.gemm_launch: {dX, dW, db} of each linear map, and
 weight gradients that nothing reads in later launches' free slots), everything nothing in the pass reads
-waits for its last launch (flush.flush_kernel via mlp.Deferred: split-K sums, loss mean, embedding
-gradients, the optimizer's scalars), X0 is formed by its first reader, the unembedding is fused with the
+waits for its last launch (flush.flush_kernel via mlp.Deferred: split-K sums, the LayerNorms' weight-gradient
+partials, loss mean, embedding gradients, the optimizer's scalars), X0 is formed by its first reader, the unembedding is fused with the
 loss and dxf (unembed_loss.unembed_cross_entropy), z W_O with the attention forward and dz with the
 attention backward, so a step's forward + backward is 11 launches for the nanda and pizza presets and
-34 for power (the optimizer adds
+29 for power (the optimizer adds
 optimizer.STEP_LAUNCHES = 1; tests/test_kernels_model.py::test_launches_per_step keeps these as ceilings;
 executed_flops counts each launch's dot work).
 One departure from DESIGN.md's sketch: there is no value-output table VO = x0 W_V W_O; attention

@@ -88,7 +88,7 @@ def test_layernorm_backward_at_real_size_with_deferred_splits():
     with fb.record_launches() as rec:
         layernorm_backward(dev["x"], dev["w"], mean, rstd, dev["dy"], torch.empty_like(y),
                            torch.empty(M, D, device=DEVICE), torch.empty(M, D, device=DEVICE))
-    assert [k.__name__ for k, *_ in rec] == ["ln_bwd_kernel", "gemm2_kernel"]
+    assert [k.__name__ for k, *_ in rec] == ["ln_bwd_kernel", "gemm2_kernel"] + ["split_sum_kernel"] * 2
     assert rec[1][3]["SPLIT0"] and rec[1][3]["SPLIT1"], "the real size should split both column sums"
 
     x64 = x.double().requires_grad_()
@@ -189,6 +189,41 @@ def test_every_kernel_of_the_step_gives_the_same_bits_in_any_program_order(mode,
             other = run()
     for a, b in zip(base, other):
         assert torch.equal(a, b)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("arch", ["sm_90"])
+def test_other_architectures_tiles_meet_the_bounds_and_keep_their_bits_in_any_order(arch):
+    """The tile table of another architecture (mlp.TILES: sm_90's 64 x 64 x 32 IEEE tiles) sums every contraction
+    in another order than the default tiles: the whole forward/backward with every split path still lands within
+    1e-5 of float64 per parameter (float32 sums: ~1e-7..1e-6), and shuffled program order keeps its bits."""
+    from grokfast.kernels.interpret_order import program_order
+    from grokfast.model import loss_and_grads_reference
+    cfg = every_path_cfg()
+    model, tokens, labels = model_and_data(cfg, 45, seed=7)
+    lay = ParamLayout(cfg)
+    flat = lay.flatten(model.state_dict()).to(DEVICE)
+    outs = []
+    with mlp.tile_table(arch), mlp.split_thresholds(16):
+        for mode in ("forward", "shuffled"):
+            fb._CACHE.clear()
+            loss = torch.full((1,), float("nan"), device=DEVICE)
+            grad = torch.full_like(flat, float("nan"))
+            with program_order(mode, seed=2):
+                fb.loss_and_grads_flat(cfg, flat, tokens, labels, grad_out=grad, loss_out=loss)
+            outs.append((loss, grad))
+        rec = fb._recorded_step(cfg, 1, 45)
+    blocks = {v for *_, cx, _, _ in rec for k, v in cx.items() if k.startswith("BLOCK_K")}
+    assert mlp.TILES[arch]["ieee"].k in blocks, blocks        # the table's tiles were planned
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    loss_ref, grads_ref = loss_and_grads_reference(copy.deepcopy(model).double(), tokens.cpu(), labels.cpu())
+    assert abs(outs[0][0].item() - loss_ref.item()) <= 1e-6 * abs(loss_ref.item())
+    views = lay.views(outs[0][1].cpu())
+    for name, g_ref in grads_ref.items():
+        if name.endswith("attn.b_K"):      # exactly zero in exact arithmetic: rounding only
+            assert (views[name][0].double() - g_ref).norm() <= 1e-5 * grads_ref[name.replace("b_K", "W_K")].norm()
+            continue
+        assert rel(views[name][0], g_ref) <= 1e-5, name
 
 
 @needs_interpreter
