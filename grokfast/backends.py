@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from .batches import BATCH_SEED_OFFSET, draw_indices
 from .config import ConfigError, ModelConfig, TrainConfig
 from .model import Transformer, loss_and_grads_reference, loss_fn
 from .optim import GrokfastFilter, make_optimizer
@@ -88,12 +89,15 @@ class ReferenceStepper:
     mode = "eager"          # (the fused stepper's is "cuda-graph" once its step is captured)
 
     def __init__(self, model: Transformer, tcfg: TrainConfig):
-        self.model = model
+        self.model, self.tcfg = model, tcfg
         self.params = dict(model.named_parameters())
         self.filter = GrokfastFilter.from_config(tcfg)
         self.opt = make_optimizer({n: p.data for n, p in self.params.items()}, tcfg)
         self.loss_fn = loss_fn(tcfg.loss)
         self.correct = None
+        # the first step (1-based) whose loss was NaN or inf, -1 while none (a device tensor: no sync per step)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=next(iter(self.params.values())).device)
+        self._bound = None
 
     def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = self.model(tokens)
@@ -102,7 +106,28 @@ class ReferenceStepper:
         grads = torch.autograd.grad(loss, list(self.params.values()))
         grads = self.filter.apply(dict(zip(self.params, grads)))
         self.opt.step(grads)
-        return loss.detach()
+        loss = loss.detach()
+        bad = ~torch.isfinite(loss) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, self.opt.t), self.first_bad)
+        return loss
+
+    def bind(self, tokens: torch.Tensor, labels: torch.Tensor) -> None:
+        """The training split that ``train_step`` trains on: all of it (full batch), or with batch_size and
+        minibatches "draw" the batch grokfast.batches.draw_indices gives for the step (as the fused stepper
+        draws it on the device)."""
+        if self.tcfg.batch_size is not None and self.tcfg.minibatches != "draw":
+            raise ConfigError(f"train_step draws minibatches \"draw\"; for \"{self.tcfg.minibatches}\" pass each "
+                              "batch to step()")
+        self._bound = (tokens, labels)
+
+    def train_step(self, step: int) -> torch.Tensor:
+        """One step on the bound split; ``step``: steps done before it (the draw's number). Returns the loss."""
+        tokens, labels = self._bound
+        bs = self.tcfg.batch_size
+        if bs is not None:
+            idx = draw_indices(labels.shape[0], bs, self.tcfg.seed + BATCH_SEED_OFFSET, step, device=labels.device)
+            tokens, labels = tokens[idx], labels[idx]
+        return self.step(tokens, labels)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         s = {f"model.{n}": p.data for n, p in self.params.items()}

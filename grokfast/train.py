@@ -8,7 +8,6 @@ every k steps, atomic checkpoints, resume, and the run directory (see grokfast.r
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import platform
 import signal
@@ -22,6 +21,7 @@ import torch
 
 from . import rundir
 from .backends import make_stepper, resolve_backend
+from .batches import epoch_batch
 from .config import ConfigError, ModelConfig, TrainConfig, TaskSpec, preset as get_preset
 from .data import Task
 from .model import Transformer, loss_fn
@@ -234,7 +234,6 @@ def train(task: Task | None = None, model_config: ModelConfig | None = None,
             epoch_order = stream.EpochOrder(len(task.train), tcfg.batch_size, batch_gen.get_state())
     else:
         model = Transformer(model_config, seed=tcfg.seed, device=device)
-        batch_gen = torch.Generator().manual_seed(tcfg.seed + 7919)
     if tcfg.batch_size is not None and tcfg.batch_size > len(task.train):
         raise ConfigError(f"--batch-size {tcfg.batch_size} exceeds the {len(task.train)} training examples; "
                           f"lower it or omit it for full batch")
@@ -243,9 +242,9 @@ def train(task: Task | None = None, model_config: ModelConfig | None = None,
     step, wall0 = 0, 0.0
     history: list[dict] = []
     if start_tensors is not None:
-        stepper.load_state_dict({k: v.to(device) for k, v in start_tensors.items()})
-        if "rng.batch" in start_tensors:
-            batch_gen.set_state(start_tensors["rng.batch"])
+        # (a checkpoint's "rng.batch", the host generator of versions before 2026-12-02, is not read: batches
+        # are a function of the step now, grokfast.batches)
+        stepper.load_state_dict({k: v.to(device) for k, v in start_tensors.items() if k != "rng.batch"})
         step, wall0 = int(start_meta["step"]), float(start_meta["wall"])
         log(f"resuming {out} from step {step}")
     if out is not None:
@@ -260,7 +259,6 @@ def train(task: Task | None = None, model_config: ModelConfig | None = None,
         if out is None:
             return
         tensors = dict(stepper.state_dict())
-        tensors["rng.batch"] = batch_gen.get_state()
         rundir.save_checkpoint(out, at_step, tensors, {"step": at_step, "wall": wall, "backend": backend})
 
     def finish(at_step: int, wall: float) -> dict:
@@ -284,7 +282,13 @@ def train(task: Task | None = None, model_config: ModelConfig | None = None,
     # eval_train False: [loss sum, correct, examples] over the training steps since the last evaluation,
     # from the steps' own forward passes (the reference stepper's `correct`), as the papers' code logs them
     on_the_fly = [0.0, 0, 0] if not tcfg.eval_train and hasattr(stepper, "correct") else None
-    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+    # Minibatches "epoch" are cut on the host and fed to stepper.step(); otherwise the stepper holds the split and
+    # train_step() draws (or takes the full batch) itself: on a GPU the fused step is then one graph replay with
+    # no host work. Either way the stepper records a NaN/inf loss in stepper.first_bad on the device.
+    host_batches = tcfg.batch_size is not None and tcfg.minibatches == "epoch"
+    if not host_batches:
+        stepper.bind(train_t, train_l)
+    rows_per_step = tcfg.batch_size or n_train
     metrics_file = open(out / "metrics.jsonl", "a") if out is not None else None
 
     def do_eval(at_step: int) -> dict:
@@ -305,7 +309,7 @@ def train(task: Task | None = None, model_config: ModelConfig | None = None,
         return row
 
     def check_finite(at_step: int):
-        bad = int(first_bad)
+        bad = int(stepper.first_bad)
         if bad >= 0:
             last = rundir.list_checkpoints(out)[-1][0] if out is not None and rundir.list_checkpoints(out) else None
             where = f"; the last good checkpoint is step {last} in {out}" if last is not None else ""
@@ -324,23 +328,19 @@ def train(task: Task | None = None, model_config: ModelConfig | None = None,
     try:
         with _StopFlag() as stop:
             while step < tcfg.steps:
-                if tcfg.batch_size is None:
-                    tok, lab = train_t, train_l
-                elif tcfg.minibatches == "epoch":
+                if host_batches:
                     idx = (epoch_order.batch(step) if epoch_order is not None else
                            epoch_batch(n_train, tcfg, step, epoch_perm)).to(device)
-                    tok, lab = train_t[idx], train_l[idx]
+                    loss = stepper.step(train_t[idx], train_l[idx])
+                    rows = idx.shape[0]
                 else:
-                    idx = torch.randperm(n_train, generator=batch_gen)[:tcfg.batch_size].to(device)
-                    tok, lab = train_t[idx], train_l[idx]
-                loss = stepper.step(tok, lab)
+                    loss = stepper.train_step(step)
+                    rows = rows_per_step
                 if on_the_fly is not None:
-                    on_the_fly[0] = on_the_fly[0] + loss * lab.shape[0]
+                    on_the_fly[0] = on_the_fly[0] + loss * rows
                     on_the_fly[1] = on_the_fly[1] + stepper.correct
-                    on_the_fly[2] += lab.shape[0]
+                    on_the_fly[2] += rows
                 step += 1
-                bad = ~torch.isfinite(loss)
-                first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
                 if on_step is not None:
                     on_step(step)
                 if bar is not None:
@@ -385,22 +385,6 @@ def train(task: Task | None = None, model_config: ModelConfig | None = None,
                 _append_metric(f, row)
     summary = finish(step, wall)
     return Run(out, model, task, model_config, tcfg, history, summary, backend)
-
-
-def epoch_batch(n: int, tcfg: TrainConfig, step: int, cache: dict | None = None) -> torch.Tensor:
-    """Indices of the minibatch for 0-based `step` with minibatches "epoch": epoch e = step // k of
-    k = ceil(n / batch_size) steps is a permutation of range(n) that depends only on (seed, e), cut
-    into consecutive batches, the last one short. Being a function of the step, it resumes exactly."""
-    bs = tcfg.batch_size
-    epoch, k = divmod(step, math.ceil(n / bs))
-    perm = cache.get(epoch) if cache is not None else None
-    if perm is None:
-        g = torch.Generator().manual_seed((tcfg.seed + 7919) * 1_000_003 + epoch)
-        perm = torch.randperm(n, generator=g)
-        if cache is not None:
-            cache.clear()
-            cache[epoch] = perm
-    return perm[k * bs:(k + 1) * bs]
 
 
 def _append_metric(f, row: dict) -> None:

@@ -63,8 +63,8 @@ def pow2_floor(n: int) -> int:
 
 @contextlib.contextmanager
 def record_launches():
-    """Inside the block, ``launch`` appends (kernel, grid, args, constexprs, num_warps) to the yielded
-    list instead of running the kernel. Used with ``meta`` tensors to list kernels for AOT compiling."""
+    """Inside the block, ``launch`` appends (kernel, grid, args, constexprs, num_warps, num_stages) to the
+    yielded list instead of running the kernel (num_stages None: Triton's default). Used with ``meta`` tensors to list kernels for AOT compiling."""
     global _recorder
     prev, _recorder = _recorder, []
     try:
@@ -92,18 +92,20 @@ def in_launch() -> bool:
     return _in_launch
 
 
-def launch(kernel, grid, args: dict, constexprs: dict, num_warps: int = 4) -> None:
-    """kernel[grid](**args, **constexprs), or a record of it inside ``record_launches``."""
+def launch(kernel, grid, args: dict, constexprs: dict, num_warps: int = 4, num_stages: int | None = None) -> None:
+    """kernel[grid](**args, **constexprs), or a record of it inside ``record_launches``. num_stages: the
+    software-pipelining depth of the kernel's loops on a GPU (None: Triton's default; the interpreter ignores it)."""
     global _in_launch
     grid = tuple(int(g) for g in grid)
     if any(g <= 0 for g in grid):
         return
     if _recorder is not None:
-        _recorder.append((kernel, grid, args, constexprs, num_warps))
+        _recorder.append((kernel, grid, args, constexprs, num_warps, num_stages))
         return
     _in_launch = True
     try:
-        kernel[grid](**args, **constexprs, num_warps=num_warps, enable_fp_fusion=FP_FUSION)
+        opts = {} if num_stages is None else {"num_stages": num_stages}
+        kernel[grid](**args, **constexprs, num_warps=num_warps, enable_fp_fusion=FP_FUSION, **opts)
     finally:
         _in_launch = False
 

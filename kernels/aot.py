@@ -27,11 +27,15 @@ MODEL_BATCH = (1, 64)
 ARCHS = (80, 90)
 
 
-def collect_specs(shapes, model_batch=MODEL_BATCH):
+def collect_specs(shapes, model_batch=MODEL_BATCH, arch: int | None = None):
     """([(where, spec)], [skipped reasons]): every kernel to compile, duplicates removed. shapes: a
     sequence of (label, ModelConfig, B): the model and the examples per step. A spec is a dict(name,
-    fn, signature, constexprs) with optional attrs, num_warps, num_stages."""
-    from . import optimizer
+    fn, signature, constexprs) with optional attrs, num_warps, num_stages. arch (80, 90): the GEMMs are
+    planned with that architecture's tile table (mlp.TILES), as they are on such a GPU."""
+    from . import mlp, optimizer
+    if arch is not None:
+        with mlp.tile_table(f"sm_{arch}" if f"sm_{arch}" in mlp.TILES else "default"):
+            return collect_specs(shapes, model_batch)
 
     specs, skipped, seen = [], [], set()
 
@@ -45,6 +49,9 @@ def collect_specs(shapes, model_batch=MODEL_BATCH):
 
     for spec in optimizer.aot_specs():
         add("any", spec)
+    from . import batch_draw
+    for spec in batch_draw.aot_specs():          # minibatch "draw" (the power preset's split and batch)
+        add("power draw", spec)
     from . import forward_backward as fb
     from ._common import dot_precision
     for k, (name, cfg, B) in enumerate(shapes):
@@ -130,13 +137,16 @@ def _compile_job(job):
 
 
 def compile_all(shapes, archs=ARCHS, model_batch=MODEL_BATCH, workers: int | None = None) -> dict:
-    """Compile every spec of collect_specs(shapes, model_batch) for every arch, on ``workers`` processes
-    (default: one per CPU core); {"rows": one per (spec, arch) in spec order, "skipped": reasons}."""
+    """Compile every spec of collect_specs(shapes, model_batch, arch) for its arch, on ``workers`` processes
+    (default: one per CPU core); {"rows": one per (spec, arch), arch by arch in spec order, "skipped": reasons}."""
     global _SPECS
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("TRITON_INTERPRET is set: compile in a process without it")
-    specs, skipped = collect_specs(shapes, model_batch)
-    jobs = [(i, arch) for i in range(len(specs)) for arch in archs]
+    specs, skipped, jobs = [], [], []
+    for arch in archs:                 # each architecture's own tiles: its own specs
+        arch_specs, skipped = collect_specs(shapes, model_batch, arch)
+        jobs += [(len(specs) + i, arch) for i in range(len(arch_specs))]
+        specs += arch_specs
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     _SPECS = specs
     try:

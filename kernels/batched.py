@@ -130,9 +130,8 @@ class BatchedStepper:
         tok, lab = self.train_data
         fb.loss_and_grads_flat(self.cfg, self.flat, tok, lab, grad_out=self.grad, loss_out=self.loss,
                                precision=self.tcfgs[0].precision, flush_tasks=(self.opt.scalars_task(),))
-        self.opt.step(self.flat, self.grad, scalars=False)     # its scalars ran in the pass's last launch
-        bad = ~torch.isfinite(self.loss) & (self.first_bad < 0)
-        self.first_bad.copy_(torch.where(bad, self.opt.counters[0], self.first_bad))
+        # its scalars ran in the pass's last launch; its first program per model records a NaN/inf loss
+        self.opt.step(self.flat, self.grad, scalars=False, track=(self.loss, self.first_bad))
 
     def step(self) -> torch.Tensor:
         """One optimizer step of every model; returns loss [M] (float32, on the device, before the update;

@@ -21,11 +21,11 @@ How the work is laid out (DESIGN.md, "The fused training step"), T = n_ctx, V = 
             (table-sized products), LN1, and dW_E, dW_pos.
 Launches: independent products share one launch (mlp.gemm_launch: {dX, dW, db} of each linear map, and
 weight gradients that nothing reads in later launches' free slots), everything nothing in the pass reads
-waits for its last launch (flush.flush_kernel via mlp.Deferred: split-K sums, loss mean, embedding
-gradients, the optimizer's scalars), X0 is formed by its first reader, the unembedding is fused with the
+waits for its last launch (flush.flush_kernel via mlp.Deferred: split-K sums, the LayerNorms' weight-gradient
+partials, loss mean, embedding gradients, the optimizer's scalars), X0 is formed by its first reader, the unembedding is fused with the
 loss and dxf (unembed_loss.unembed_cross_entropy), z W_O with the attention forward and dz with the
 attention backward, so a step's forward + backward is 11 launches for the nanda and pizza presets and
-34 for power (the optimizer adds
+29 for power (the optimizer adds
 optimizer.STEP_LAUNCHES = 1; tests/test_kernels_model.py::test_launches_per_step keeps these as ceilings;
 executed_flops counts each launch's dot work).
 One departure from DESIGN.md's sketch: there is no value-output table VO = x0 W_V W_O; attention
@@ -222,13 +222,7 @@ def _loss_head(cfg, lay, flat, xf, labels, loss_ex, correct_ex, dlogits=None, dx
                           loss_ex, correct_ex, dlogits, dx=dxf)
 
 
-def _launch(spare: list, *plans):
-    """gemm_launch(*plans), the free slots of its last group filled from ``spare`` (weight-gradient
-    products that nothing in the pass reads, so they may run in any later launch)."""
-    plans = list(plans)
-    while spare and len(plans) % mlp.MAX_GROUP:
-        plans.append(spare.pop(0))
-    gemm_launch(*plans)
+_launch = mlp.launch_filled      # gemm_launch with free slots filled from the spare weight-gradient products
 
 
 def _backward(cfg, lay, flat, tokens, index, ws: Workspace, xf, grad_out):
@@ -253,7 +247,8 @@ def _backward(cfg, lay, flat, tokens, index, ws: Workspace, xf, grad_out):
         # MLP, then (LayerNorm 2 and) the residual: dmid = dout + d(MLP input)
         mlp_backward(dout, a.hn2 if LN else a.mid, a.pre, a.post, p[n + "mlp.W_in"], p[n + "mlp.W_out"],
                      a.dpre, a.dh2 if LN else a.dmid, g[n + "mlp.W_in"], g[n + "mlp.b_in"],
-                     g[n + "mlp.W_out"], g[n + "mlp.b_out"], cfg.act, dh_res=None if LN else dout, defer=d)
+                     g[n + "mlp.W_out"], g[n + "mlp.b_out"], cfg.act, dh_res=None if LN else dout, defer=d,
+                     spare=spare)
         if LN:
             layernorm_backward(a.mid, p[n + "ln2.w"], a.mu2, a.rs2, a.dh2, a.dmid, g[n + "ln2.w"], g[n + "ln2.b"],
                                res=dout, defer=d)
@@ -398,16 +393,19 @@ def _step(cfg, lay, flat, tokens, index, labels, ws, grad_out, loss_out, flush_t
     return xf
 
 
-def loss_and_grads_flat(cfg, flat, tokens, labels, grad_out=None, loss_out=None, precision=None, flush_tasks=()):
+def loss_and_grads_flat(cfg, flat, tokens, labels, grad_out=None, loss_out=None, precision=None, flush_tasks=(),
+                        index=None):
     """flat [M, N] float32 contiguous (ParamLayout(cfg)); tokens [B, n_ctx] int64 (shared by all M models) or
     [M, B, n_ctx]; labels [B] or [M, B] int64. Writes grad_out [M, N] float32 (every entry; the mean-loss gradient)
     and loss_out [M] float32 (mean cross-entropy per model); allocates them if None; returns (loss_out, grad_out).
     No host synchronisation (capturable in a CUDA graph once buffers are allocated). precision: the
     float32 dot mode (_common.PRECISIONS; None: the current default, "ieee" unless changed). flush_tasks:
     (kind, fields, programs) tasks of flush.flush_kernel to run in the step's last launch (the optimizer's
-    scalars: FusedOptimizer.scalars_task)."""
+    scalars: FusedOptimizer.scalars_task). index: the tokens' token-scatter index when the caller keeps it
+    current itself (batch_draw.draw_batch writes it with the batch); None: token_index(cfg, tokens)."""
     lay, M, tokens3, labels, B = _prepare(cfg, flat, tokens, labels)
-    index = token_index(cfg, tokens)          # cached per tokens tensor: no work while it is unchanged
+    if index is None:
+        index = token_index(cfg, tokens)      # cached per tokens tensor: no work while it is unchanged
     tokens = tokens3
     grad_out = _out("grad_out", grad_out, (M, lay.numel), torch.float32, flat.device)
     loss_out = _out("loss_out", loss_out, (M,), torch.float32, flat.device)
@@ -496,7 +494,7 @@ def executed_flops(cfg, M: int, B: int) -> list[dict]:
     from . import embed_attn, gemm_group, mlp, unembed_loss
     grouped = {mlp.gemm_kernel: [""], **{k: [str(g) for g in range(n)] for n, k in gemm_group.KERNELS.items()}}
     rows = []
-    for kernel, grid, args, cx, _ in _recorded_step(cfg, M, B):
+    for kernel, grid, args, cx, *_ in _recorded_step(cfg, M, B):
         if kernel in grouped:
             parts = [mlp.dot_flops(args, cx, g) for g in grouped[kernel]]
         elif kernel is unembed_loss.unembed_ce_kernel:
@@ -526,13 +524,13 @@ def aot_specs(cfg, M: int, B: int) -> list[dict]:
     compilations only."""
     rec = _recorded_step(cfg, M, B, eval_variant=True)
     specs, seen = [], set()
-    for kernel, grid, args, cx, num_warps in rec:
+    for kernel, grid, args, cx, num_warps, num_stages in rec:
         sp = specialization(kernel, args, cx)
         key = (kernel.__name__, tuple(sorted(sp["constexprs"].items())), tuple(sp["signature"].items()),
-               tuple(sorted(sp["attrs"])), num_warps)
+               tuple(sorted(sp["attrs"])), num_warps, num_stages)
         if key in seen:
             continue
         seen.add(key)
         tag = ",".join(f"{k}={v}" for k, v in cx.items())
-        specs.append(dict(name=f"{kernel.__name__}[{tag}]", fn=kernel, num_warps=num_warps, **sp))
+        specs.append(dict(name=f"{kernel.__name__}[{tag}]", fn=kernel, num_warps=num_warps, num_stages=num_stages, **sp))
     return specs

@@ -52,11 +52,11 @@ def ln_fwd_kernel(X, W, Bb, Y, MEAN, RSTD, R, D, eps,
 
 @triton.jit
 def ln_bwd_kernel(X, W, MEAN, RSTD, DY, DX, RES, PART, R, D,
-                  sx_m, sx_r, sw_m, sst_m, sdy_m, sdy_r, sdx_m, sdx_r, sres_m, sres_r, spart_m,
+                  sx_m, sx_r, sw_m, sst_m, sdy_m, sdy_r, sdx_m, sdx_r, sres_m, sres_r, spart_m, spart_s, spart_w,
                   HAS_RES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """DX = LayerNorm backward (+ RES) for BLOCK_R rows, and this row block's partial weight
-    gradients PART[m, pid, :D] = sum_rows DY * xhat, PART[m, pid, D:2D] = sum_rows DY
-    (PART [M, cdiv(R, BLOCK_R), 2D] contiguous); grid (cdiv(R, BLOCK_R), M)."""
+    gradients PART(m, pid, 0)[:D] = sum_rows DY * xhat, PART(m, pid, 1)[:D] = sum_rows DY, where
+    PART(m, s, w) = PART + m spart_m + s spart_s + w spart_w; grid (cdiv(R, BLOCK_R), M)."""
     m = tl.program_id(1).to(tl.int64)
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     ds = tl.arange(0, BLOCK_D)
@@ -76,9 +76,9 @@ def ln_bwd_kernel(X, W, MEAN, RSTD, DY, DX, RES, PART, R, D,
     if HAS_RES:
         dx += tl.load(RES + m * sres_m + rows[:, None] * sres_r + ds[None, :], mask=mask, other=0.0)
     tl.store(DX + m * sdx_m + rows[:, None] * sdx_r + ds[None, :], dx, mask=mask)
-    part = PART + m * spart_m + tl.program_id(0) * 2 * D
+    part = PART + m * spart_m + tl.program_id(0).to(tl.int64) * spart_s
     tl.store(part + ds, tl.sum(dy * xhat, axis=0), mask=dmask)
-    tl.store(part + D + ds, tl.sum(dy, axis=0), mask=dmask)
+    tl.store(part + spart_w + ds, tl.sum(dy, axis=0), mask=dmask)
 
 
 def _rows_check(name, t, M, D):
@@ -123,8 +123,10 @@ def layernorm_forward(x, w, b, y, mean, rstd, eps, embed=None):
 
 def layernorm_backward(x, w, mean, rstd, dy, dx, dw, db, res=None, defer=None):
     """dx = LayerNorm backward of dy (+ res); dw, db [M, D] the weight and bias gradients summed over
-    rows. x, dy, dx, res [M, R, D]; mean, rstd [M, R] from layernorm_forward. With defer (an
-    mlp.Deferred), dw and db are complete only after ``defer.flush()``."""
+    rows. x, dy, dx, res [M, R, D]; mean, rstd [M, R] from layernorm_forward. The kernel writes each row
+    block's partial sums; without defer one more launch sums them (column sums), with defer (an
+    mlp.Deferred) they are split-K partials that its flush sums (s = 0, 1, ... in order: one launch
+    fewer per LayerNorm), and dw, db are complete only after ``defer.flush()``."""
     M, R, D = x.shape
     for n, t in (("x", x), ("dy", dy), ("dx", dx)) + ((("res", res),) if res is not None else ()):
         _rows_check(n, t, M, D)
@@ -137,15 +139,23 @@ def layernorm_backward(x, w, mean, rstd, dy, dx, dw, db, res=None, defer=None):
     BD = pow2(D, 16)
     BR = max(1, _block_r(BD) // 2)          # more live tiles than the forward
     n_blocks = triton.cdiv(R, BR)
-    part = torch.empty((M, n_blocks, 2 * D), dtype=torch.float32, device=x.device)
+    if defer is not None:
+        part = defer.buffer((2, n_blocks, M, D), x.device)     # [which, s, m, d]: two split-K partial sets
+        strides = dict(spart_m=D, spart_s=M * D, spart_w=n_blocks * M * D)
+    else:
+        part = torch.empty((M, n_blocks, 2 * D), dtype=torch.float32, device=x.device)
+        strides = dict(spart_m=part.stride(0), spart_s=2 * D, spart_w=D)
     launch(ln_bwd_kernel, (n_blocks, M),
            dict(X=x, W=w, MEAN=mean, RSTD=rstd, DY=dy, DX=dx, RES=res if res is not None else dx, PART=part,
                 R=R, D=D,
                 sx_m=x.stride(0), sx_r=x.stride(1), sw_m=w.stride(0), sst_m=mean.stride(0),
                 sdy_m=dy.stride(0), sdy_r=dy.stride(1), sdx_m=dx.stride(0), sdx_r=dx.stride(1),
                 sres_m=res.stride(0) if res is not None else 0, sres_r=res.stride(1) if res is not None else 0,
-                spart_m=part.stride(0)),
+                **strides),
            dict(HAS_RES=res is not None, BLOCK_R=BR, BLOCK_D=BD))
-    # fixed-order sums over the row blocks (split-K when long), both in one launch
-    gemm_launch(colsum_plan(part[:, :, :D], dw, defer=defer), colsum_plan(part[:, :, D:], db, defer=defer))
+    if defer is not None:
+        defer.add(part[0].view(n_blocks, M, 1, D), dw.view(M, 1, 1, D))
+        defer.add(part[1].view(n_blocks, M, 1, D), db.view(M, 1, 1, D))
+    else:   # fixed-order sums over the row blocks (split-K when long), both in one launch
+        gemm_launch(colsum_plan(part[:, :, :D], dw), colsum_plan(part[:, :, D:], db))
     return dx

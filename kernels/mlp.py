@@ -31,15 +31,18 @@ atomics (and bit-identical from run to run for the same shapes): right away by s
 or, with a ``Deferred``, later and for every weight gradient of the pass in the pass's last launch
 (flush.flush_kernel, driven by a device table of (buffer address, output address, shape, strides)
 rows, which also carries the pass's other put-off work).
-Block sizes: BLOCK_R in {16, 32} (1 for column sums), BLOCK_N in {16, 32, 64}, BLOCK_K = 16, 8 warps; every dot
-dimension >= 16 (masks pad small operands), float32 accumulators, dots at
-``_common.DOT_PRECISION`` ("ieee" by default). act: 0 none, 1 ReLU, 2 GELU (exact, erf form).
+Block sizes come from TILES, a table per GPU architecture chosen where the GEMM is planned (gemm_plan,
+``tile_arch``): BLOCK_R and BLOCK_N the smallest power of two >= R and N within the table's caps (16 at
+least; BLOCK_R 1 for column sums), its BLOCK_K, warps and pipelining stages. Every dot dimension >= 16
+(masks pad small operands), float32 accumulators, dots at ``_common.DOT_PRECISION`` ("ieee" by default).
+act: 0 none, 1 ReLU, 2 GELU (exact, erf form).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -49,6 +52,76 @@ from . import _common
 from ._common import check, launch, pow2
 
 ACTS = {None: 0, "relu": 1, "gelu": 2}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tiles per architecture
+
+@dataclass(frozen=True)
+class Tiles:
+    """The tile shape of the float32 GEMMs on one architecture and precision class: caps on BLOCK_R and
+    BLOCK_N (each problem takes the smallest power of two >= its size, 16 at least, up to the cap), BLOCK_K,
+    warps for a problem launched alone, for a grouped launch, and for a group with an activation epilogue
+    (the GELU backward holds more live values), and num_stages (None: Triton's default)."""
+    r: int
+    n: int
+    k: int
+    warps: int
+    group_warps: int
+    act_warps: int
+    stages: int | None = None
+
+
+# "default": the interpreter, the CPU and unknown GPUs; the tiles every CPU test runs. sm_80: the same
+# 32 x 64 x 16 (whatever compiles with no spill on sm_80 and sm_90 at the presets' shapes: 8 warps alone or
+# with an activation; grouped at 8 warps they spilled 16-20 bytes). sm_90, IEEE float32 (CUDA-core FMAs):
+# 64 x 64 x 32 tiles read each shared-memory operand half as often per multiply-add as 32 x 64 x 16 (the
+# sm_90 SASS of the small tiles loads shared memory about once per FMA); the registers allow it (python -m
+# grokfast.aot shows no spill). TF32 modes ("tf32"): 32 x 32 tiles everywhere (3xTF32 holds split operands;
+# 32 x 64 spilled 12 bytes on sm_90 with Triton 3.6). None of these is timed yet: no GPU session so far.
+TILES = {
+    "default": {"ieee": Tiles(32, 64, 16, 8, 4, 8), "tf32": Tiles(32, 32, 16, 8, 4, 8)},
+    "sm_80": {"ieee": Tiles(32, 64, 16, 8, 4, 8), "tf32": Tiles(32, 32, 16, 8, 4, 8)},
+    "sm_90": {"ieee": Tiles(64, 64, 32, 8, 8, 4, 2), "tf32": Tiles(32, 32, 16, 8, 4, 8)},
+}
+TILE_ARCH = os.environ.get("GROKFAST_TILE_ARCH")     # force one table (tests: the sm_90 tiles under the interpreter)
+if TILE_ARCH is not None and TILE_ARCH not in TILES:
+    raise ValueError(f"GROKFAST_TILE_ARCH must be one of {', '.join(TILES)}, got {TILE_ARCH!r}")
+
+
+@contextlib.contextmanager
+def tile_table(arch: str | None):
+    """Inside the block, GEMMs are planned with TILES[arch] whatever the device (AOT compiling for an
+    architecture on meta tensors; tests of other architectures' summation orders). None: no override."""
+    global TILE_ARCH
+    if arch is not None and arch not in TILES:
+        raise ValueError(f"arch must be one of {', '.join(TILES)}, got {arch!r}")
+    prev, TILE_ARCH = TILE_ARCH, arch if arch is not None else TILE_ARCH
+    try:
+        yield
+    finally:
+        TILE_ARCH = prev
+
+
+_CAPABILITY: dict = {}
+
+
+def tile_arch(device) -> str:
+    """The TILES key for GEMMs on ``device``: the override (tile_table, GROKFAST_TILE_ARCH), else "sm_90"
+    or "sm_80" for a CUDA device of compute capability 9.x or 8.x, else "default"."""
+    if TILE_ARCH is not None:
+        return TILE_ARCH
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "default"
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CAPABILITY:
+        _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)[0]
+    return {9: "sm_90", 8: "sm_80"}.get(_CAPABILITY[idx], "default")
+
+
+def tiles_for(device, precision: str) -> Tiles:
+    return TILES[tile_arch(device)]["ieee" if precision == "ieee" else "tf32"]
 
 
 @triton.jit
@@ -415,8 +488,8 @@ class GemmPlan:
     """One GEMM problem ready to launch: its runtime arguments and constexprs (GEMM_ARGS and
     GEMM_CONSTEXPRS), its number of programs, and what to do with split-K partials afterwards."""
 
-    def __init__(self, args, cx, n_programs, ws, out4, defer):
-        self.args, self.cx, self.n_programs = args, cx, n_programs
+    def __init__(self, args, cx, n_programs, ws, out4, defer, tiles: Tiles = TILES["default"]["ieee"]):
+        self.args, self.cx, self.n_programs, self.tiles = args, cx, n_programs, tiles
         self.k_steps = args["KO"] * triton.cdiv(min(args["K_SPLIT"], args["KI"]), cx["BLOCK_K"])   # per program
         self._ws, self._out4, self._defer = ws, out4, defer
 
@@ -467,9 +540,8 @@ def gemm_plan(a, b, out, bias=None, res=None, act=None, pre_out=None, dact=None,
             raise ValueError(f"{name} must have the shape of out {[M, J, R, N]}, got {list(t.shape)}")
     dummy = C
     prec = precision or _common.DOT_PRECISION
-    # TF32 modes hold split operands (3xTF32: hi and lo of each): 32 x 32 tiles keep the grouped kernels
-    # free of spills on sm_90 with Triton 3.6 (32 x 64 spilled 12 bytes there)
-    BR, BN, BK = pow2(R, 16, 32), pow2(N, 16, 64 if prec == "ieee" else 32), 16
+    tl_ = tiles_for(C.device, prec)            # this architecture's tiles (TILES)
+    BR, BN, BK = pow2(R, 16, tl_.r), pow2(N, 16, tl_.n), tl_.k
     if ones:
         if R != 1 or KO != 1:
             raise ValueError("gemm: ones=True needs a [M, 1, K] row of ones")
@@ -511,7 +583,7 @@ def gemm_plan(a, b, out, bias=None, res=None, act=None, pre_out=None, dact=None,
     cx = dict(HAS_BIAS=Bi is not None, HAS_RES=Rs is not None, ACT=ACTS[act], STORE_PRE=act is not None,
               DACT=ACTS[dact], SPLIT=S > 1, PRECISION=prec, A_ONES=bool(ones), A_SUM=embed is not None,
               BLOCK_R=BR, BLOCK_N=BN, BLOCK_K=BK)
-    return GemmPlan(args, cx, tiles * M * J * S, ws, C, defer)
+    return GemmPlan(args, cx, tiles * M * J * S, ws, C, defer, tl_)
 
 
 def dot_flops(args: dict, cx: dict, suffix: str = "") -> tuple[int, int]:
@@ -557,13 +629,13 @@ def gemm_launch(*plans: GemmPlan) -> None:
             for g, p in enumerate(group[:-1]):
                 first += p.n_programs
                 args[f"NP{g}"] = first
-        # 32 x 64 x 16 tiles. Warps: whatever compiles with no spill on sm_80 and sm_90 at the presets'
-        # shapes (python -m grokfast.aot): 8 for one problem or a group with an activation epilogue (at 4
-        # warps the GELU backward's group spilled 4 bytes); 4 for the other groups (at 8 warps they spilled
-        # 16-20 bytes: ptxas held them to 80-88 registers)
+        # warps and stages from the tile table (one architecture's: every plan of a pass has the same); the
+        # most any problem of the group asks for
         act = any(p.cx["ACT"] or p.cx["DACT"] for p in group)
-        warps = 8 if len(group) == 1 or act else 4
-        launch(kernel, (sum(p.n_programs for p in group),), args, cx, num_warps=warps)
+        warps = max(p.tiles.warps if len(group) == 1 else p.tiles.act_warps if act else p.tiles.group_warps
+                    for p in group)
+        stages = max((p.tiles.stages for p in group if p.tiles.stages is not None), default=None)
+        launch(kernel, (sum(p.n_programs for p in group),), args, cx, num_warps=warps, num_stages=stages)
         for p in group:
             p.finish()
 
@@ -659,19 +731,29 @@ def mlp_forward(h, W_in, b_in, W_out, b_out, resid, pre, post, out, act):
     return out
 
 
+def launch_filled(spare: list | None, *plans: GemmPlan) -> None:
+    """gemm_launch(*plans), the free slots of its last group filled from ``spare`` (weight-gradient products
+    that nothing in the pass reads before its end, so they may run in any later launch); spare shrinks."""
+    plans = list(plans)
+    while spare and len(plans) % MAX_GROUP:
+        plans.append(spare.pop(0))
+    gemm_launch(*plans)
+
+
 def mlp_backward(dout, h, pre, post, W_in, W_out, dpre, dh, dW_in, db_in, dW_out, db_out, act, dh_res=None,
-                 defer: Deferred | None = None):
+                 defer: Deferred | None = None, spare: list | None = None):
     """Backward of mlp_forward's MLP given dout = dLoss/d out [M, R, D]:
 
         dpre = (dout W_out^T) * act'(pre)     [M, R, F]
         dW_out = post^T dout, db_out = sum_r dout, dW_in = h^T dpre, db_in = sum_r dpre
         dh = dpre W_in^T (+ dh_res, e.g. the residual path's gradient when there is no LayerNorm)
-    Two grouped launches: {dpre, dW_out, db_out}, then {dW_in, db_in, dh}. The four weight and bias
-    gradients are complete after ``defer.flush()`` when defer is given.
+    Two grouped launches: {dpre, dW_out, db_out}, then {dW_in, db_in, dh}, their free slots filled from
+    ``spare`` (launch_filled). The four weight and bias gradients are complete after ``defer.flush()`` when
+    defer is given.
     """
-    gemm_launch(gemm_plan(dout, W_out.transpose(1, 2), dpre, dact=act, z=pre),
-                gemm_plan(post.transpose(1, 2), dout, dW_out, defer=defer),
-                colsum_plan(dout, db_out, defer=defer))
-    gemm_launch(gemm_plan(h.transpose(1, 2), dpre, dW_in, defer=defer),
-                colsum_plan(dpre, db_in, defer=defer),
-                gemm_plan(dpre, W_in.transpose(1, 2), dh, res=dh_res))
+    launch_filled(spare, gemm_plan(dout, W_out.transpose(1, 2), dpre, dact=act, z=pre),
+                  gemm_plan(post.transpose(1, 2), dout, dW_out, defer=defer),
+                  colsum_plan(dout, db_out, defer=defer))
+    launch_filled(spare, gemm_plan(h.transpose(1, 2), dpre, dW_in, defer=defer),
+                  colsum_plan(dpre, db_in, defer=defer),
+                  gemm_plan(dpre, W_in.transpose(1, 2), dh, res=dh_res))

@@ -148,12 +148,15 @@ def grokfast_adamw_kernel(
     lamb_ptr,       # [M] float32 Grokfast amplification per model
     scal_ptr,       # [SCALARS + 2 M] float32 from adamw_scalars_kernel
     snap_ptr,       # [2] int64 (t, c) of this step, from adamw_scalars_kernel
+    loss_ptr,       # [M] float32 this step's loss per model (read only when TRACK)
+    bad_ptr,        # [M] int64 first step whose loss was NaN or inf, -1 while none (updated when TRACK)
     N,              # parameters per model
     window,         # W, the MA window (>= 1)
     eps,
     FILTER: tl.constexpr,   # 0 none, 1 EMA, 2 MA
     SCALARS: tl.constexpr,
     BLOCK: tl.constexpr,
+    TRACK: tl.constexpr,    # 1: block 0 of model m also sets bad[m] = t if loss[m] is not finite and bad[m] < 0
 ):
     """One Grokfast + AdamW step for block ``pid(1)`` of model ``pid(0)``; grid (M, cdiv(N, BLOCK))."""
     model = tl.program_id(0).to(tl.int64)
@@ -161,6 +164,13 @@ def grokfast_adamw_kernel(
     mask = offs < N
     row = model * N + offs
     count = tl.load(snap_ptr + 1)
+    if TRACK:
+        if tl.program_id(1) == 0:
+            # the trainer's divergence check, on the device: no host work per step
+            loss = tl.load(loss_ptr + model)
+            bad = tl.load(bad_ptr + model)
+            nonfinite = (loss != loss) | (tl.abs(loss) == float("inf"))
+            tl.store(bad_ptr + model, tl.where(nonfinite & (bad < 0), tl.load(snap_ptr), bad))
 
     g = tl.load(grad_ptr + row, mask=mask, other=0.0)
     if FILTER == 1:
@@ -222,12 +232,13 @@ def grokfast_adamw_kernel(
 
 def aot_specs() -> list[dict]:
     """The optimizer's compile specs for grokfast.kernels.aot: the scalar kernel (with and without a
-    filter) and the element kernel (one per filter); their code does not depend on M or N (runtime
-    arguments)."""
+    filter) and the element kernel (one per filter, then each with the divergence check TRACK); their
+    code does not depend on M or N (runtime arguments)."""
     sig = {"param_ptr": "*fp32", "grad_ptr": "*fp32", "mom_ptr": "*fp32", "vel_ptr": "*fp32",
            "ema_ptr": "*fp32", "ring_ptr": "*fp32", "sum_ptr": "*fp64", "alpha_ptr": "*fp32",
-           "lamb_ptr": "*fp32", "scal_ptr": "*fp32", "snap_ptr": "*i64", "N": "i32", "window": "i32",
-           "eps": "fp32", "FILTER": "constexpr", "SCALARS": "constexpr", "BLOCK": "constexpr"}
+           "lamb_ptr": "*fp32", "scal_ptr": "*fp32", "snap_ptr": "*i64", "loss_ptr": "*fp32", "bad_ptr": "*i64",
+           "N": "i32", "window": "i32", "eps": "fp32", "FILTER": "constexpr", "SCALARS": "constexpr",
+           "BLOCK": "constexpr", "TRACK": "constexpr"}
     scal_sig = {"counter_ptr": "*i64", "betas_ptr": "*fp64", "lr_ptr": "*fp32", "wd_ptr": "*fp32",
                 "scal_ptr": "*fp32", "snap_ptr": "*i64", "M": "i32", "warmup_steps": "i32",
                 "ADVANCE_C": "constexpr", "SCALARS": "constexpr", "BLOCK_M": "constexpr"}
@@ -235,10 +246,10 @@ def aot_specs() -> list[dict]:
     def aligned(signature):
         # Torch allocations are 16-byte aligned; triton's launcher specialises on it, so compile it in too.
         return {(i,): [["tt.divisibility", 16]] for i, k in enumerate(signature) if k.endswith("_ptr")}
-    return [dict(name=f"grokfast_adamw[{kind}]", fn=grokfast_adamw_kernel, signature=sig,
-                 constexprs={"FILTER": code, "SCALARS": SCALARS, "BLOCK": BLOCK}, attrs=aligned(sig),
-                 num_warps=NUM_WARPS)
-            for kind, code in FILTERS.items()] + [
+    return [dict(name=f"grokfast_adamw[{kind}{',track' if track else ''}]", fn=grokfast_adamw_kernel,
+                 signature=sig, constexprs={"FILTER": code, "SCALARS": SCALARS, "BLOCK": BLOCK, "TRACK": track},
+                 attrs=aligned(sig), num_warps=NUM_WARPS)
+            for track in (0, 1) for kind, code in FILTERS.items()] + [
             dict(name=f"adamw_scalars[advance_c={a}]", fn=adamw_scalars_kernel, signature=scal_sig,
                  constexprs={"ADVANCE_C": a, "SCALARS": SCALARS, "BLOCK_M": BLOCK_M}, attrs=aligned(scal_sig),
                  num_warps=SCALAR_WARPS)
@@ -363,13 +374,18 @@ class FusedOptimizer:
         return (ADAMW_SCALARS, [self.counters, self.betas, self.lr, self.wd, self._scal, self._snap, self.M,
                                 self.warmup, 0 if self.kind == "none" else 1], 1)
 
-    def step(self, params: torch.Tensor, grads: torch.Tensor, scalars: bool = True) -> None:
+    def step(self, params: torch.Tensor, grads: torch.Tensor, scalars: bool = True, track=None) -> None:
         """params [M, N] <- one filtered AdamW step with raw gradients grads [M, N]. Two launches (the
         scalar kernel, which also advances the counters, then the element kernel), no sync; one (the
-        element kernel) with scalars=False, when the caller ran scalars_task() since the last step."""
+        element kernel) with scalars=False, when the caller ran scalars_task() since the last step.
+        track: None, or (loss [M] float32, first_bad [M] int64): the element kernel also sets
+        first_bad[m] = t (this step, 1-based) where loss[m] is NaN or inf and first_bad[m] < 0."""
         if params.shape != (self.M, self.N) or grads.shape != (self.M, self.N):
             raise ValueError(f"expected params and grads [{self.M}, {self.N}], got {tuple(params.shape)}, "
                              f"{tuple(grads.shape)}")
+        if track is not None and (track[0].shape != (self.M,) or track[0].dtype != torch.float32
+                                  or track[1].shape != (self.M,) or track[1].dtype != torch.int64):
+            raise ValueError(f"track must be (loss [{self.M}] float32, first_bad [{self.M}] int64)")
         if not (params.is_contiguous() and grads.is_contiguous()):
             raise ValueError("params and grads must be contiguous")
         dummy = self.mom  # never read when the filter does not use it
@@ -384,6 +400,9 @@ class FusedOptimizer:
                     ema_ptr=self.ema if self.ema is not None else dummy,
                     ring_ptr=self.ring if self.ring is not None else dummy,
                     sum_ptr=self.ma_sum if self.ma_sum is not None else self.betas, alpha_ptr=self.alpha,
-                    lamb_ptr=self.lamb, scal_ptr=self._scal, snap_ptr=self._snap, N=self.N, window=self.window,
+                    lamb_ptr=self.lamb, scal_ptr=self._scal, snap_ptr=self._snap,
+                    loss_ptr=track[0] if track is not None else self._scal,
+                    bad_ptr=track[1] if track is not None else self._snap, N=self.N, window=self.window,
                     eps=self.eps),
-               dict(FILTER=FILTERS[self.kind], SCALARS=SCALARS, BLOCK=BLOCK), num_warps=NUM_WARPS)
+               dict(FILTER=FILTERS[self.kind], SCALARS=SCALARS, BLOCK=BLOCK, TRACK=int(track is not None)),
+               num_warps=NUM_WARPS)

@@ -24,6 +24,7 @@ from .layout import ParamLayout
 from .optimizer import FusedOptimizer
 
 WARMUP_STEPS = 2   # eager steps before capture: they compile every kernel (no compilation while capturing)
+BATCH_SEED_OFFSET = 7919   # the minibatch seed is the run's seed + this (grokfast/batches.py, same value)
 
 
 def _fb():
@@ -128,6 +129,10 @@ class FusedStepper:
             params[n].data = view[0]
         self.grad = torch.zeros_like(self.flat)
         self.loss = torch.zeros(1, dtype=torch.float32, device=self.device)
+        # the first step (1-based) whose loss was NaN or inf, -1 while none: set inside the step (optimizer TRACK)
+        self.first_bad = torch.full((1,), -1, dtype=torch.int64, device=self.device)
+        self._bound = None         # (tokens, labels) of the split bound for train_step, contiguous
+        self._batch = None         # minibatch "draw": (tokens [Bs, T], labels [Bs], (perm, starts)) drawn on the device
         self.opt = FusedOptimizer.from_configs([tcfg], self.layout.numel, device=self.device)
         self._filter_seen = 0      # host mirror of the filter count: which state_dict keys exist
         self._eager_steps = 0
@@ -150,13 +155,78 @@ class FusedStepper:
             self._contig = c = (*key, tokens.contiguous(), labels.contiguous())
         return c[4], c[5]
 
-    def _run(self, tokens, labels):
+    def _run(self, tokens, labels, index=None):
         tokens, labels = self._contiguous(tokens, labels)
         _fb().loss_and_grads_flat(self.cfg, self.flat, tokens, labels, grad_out=self.grad, loss_out=self.loss,
-                                  precision=self.tcfg.precision, flush_tasks=(self.opt.scalars_task(),))
-        self.opt.step(self.flat, self.grad, scalars=False)     # its scalars ran in the pass's last launch
+                                  precision=self.tcfg.precision, flush_tasks=(self.opt.scalars_task(),), index=index)
+        # its scalars ran in the pass's last launch; it also records a NaN/inf loss in first_bad
+        self.opt.step(self.flat, self.grad, scalars=False, track=(self.loss, self.first_bad))
+
+    # -- training on a bound split: the trainer's step, no host work between graph replays ----------
+
+    def bind(self, tokens: torch.Tensor, labels: torch.Tensor) -> None:
+        """The training split (tokens [n, n_ctx], labels [n] int64 on the stepper's device) that ``train_step``
+        trains on: all of it per step (full batch), or with tcfg.batch_size and minibatches "draw" a batch drawn
+        on the device inside the step (kernels/batch_draw.py: a function of the batch seed tcfg.seed + 7919
+        and the optimizer's step counter, so a resumed run draws the same batches). Checks the token range
+        once (a host sync)."""
+        from .forward_backward import check_token_range
+        tokens, labels = tokens.contiguous(), labels.contiguous()
+        check_token_range(self.cfg, tokens, labels)
+        self._bound = (tokens, labels)
+        bs = self.tcfg.batch_size
+        if bs is None:
+            self._batch = None
+            return
+        if self.tcfg.minibatches != "draw":
+            raise KernelConfigError(f"train_step draws minibatches \"draw\" on the device; for \"{self.tcfg.minibatches}\" "
+                                    "pass each batch to step()")
+        T, V = tokens.shape[1], self.cfg.d_vocab
+        dev = self.device
+        self._batch = (torch.zeros((bs, T), dtype=torch.int64, device=dev), torch.zeros(bs, dtype=torch.int64, device=dev),
+                       (torch.zeros((1, T, bs), dtype=torch.int32, device=dev),
+                        torch.zeros((1, T, V + 1), dtype=torch.int32, device=dev)))
+
+    def _run_bound(self):
+        if self._batch is None:
+            self._run(*self._bound)
+            return
+        from .batch_draw import draw_batch
+        tok, lab, index = self._batch
+        draw_batch(*self._bound, tok, lab, index, self.opt.counters, self.tcfg.seed + BATCH_SEED_OFFSET, self.cfg.d_vocab)
+        self._run(tok, lab, index)
+
+    def train_step(self, step: int | None = None) -> None:
+        """One optimizer step on the bound split (``bind``); ``step`` (steps done, the reference stepper's
+        draw number) is not read: the draw reads the optimizer's device counter, which equals it. Returns nothing and, once the step is a CUDA graph,
+        runs no torch operation on the host: the loss stays in ``self.loss``, a NaN/inf loss is recorded in
+        ``self.first_bad`` on the device."""
+        if self._bound is None:
+            raise KernelConfigError("train_step needs the training split: call bind(tokens, labels) first")
+        if self._graph is not None and self._static is not None:
+            raise KernelConfigError("this stepper's graph trains the batches fed to step(): keep using step()")
+        if self._use_graph and self._eager_steps >= WARMUP_STEPS and (self._graph is not None or self._capture_bound()):
+            self._graph.replay()
+        else:
+            self._run_bound()
+            self._eager_steps += 1
+        if self.tcfg.grokfast != "none":
+            self._filter_seen += 1
+
+    def _capture_bound(self) -> bool:
+        tokens = self._batch[0] if self._batch is not None else self._bound[0]
+        ws = _fb()._workspace(self.cfg, 1, tokens.shape[0], self.device, True)
+        index = self._batch[2] if self._batch is not None else _fb().token_index(self.cfg, tokens)
+        self._graph = capture_graph(self._run_bound, self.device)
+        self._keep = (ws, ws.deferred.held(), index)
+        self._static = None        # the graph reads the bound split, not batch buffers fed by step()
+        return True
 
     def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on this batch; returns the loss (a float64 device tensor, no sync). For a
+        stepper trained with train_step (a graph of the bound split), an error: one graph per stepper."""
+        if self._graph is not None and self._static is None:
+            raise KernelConfigError("this stepper's graph trains the bound split: use train_step(), not step()")
         if self._use_graph and self._eager_steps >= WARMUP_STEPS and self._graph_ready(tokens, labels):
             self._feed(tokens, labels)
             self._graph.replay()

@@ -276,8 +276,9 @@ def test_group_kernels_file_is_generated_from_mlp():
 # weight-gradient partials and the unembedding fused with the loss brought nanda from 31 to 18; the
 # segmented token scatter (no split launch) and the flush carrying the loss mean and the embedding
 # gradients, the unembedding's input gradient formed with the loss, X0 formed by its first reader, dz
-# formed inside the attention backward and z W_O inside the attention forward, to 11.
-MAX_LAUNCHES = {"nanda": 11, "pizza": 11, "power": 34}
+# formed inside the attention backward and z W_O inside the attention forward, to 11. Power: 34 to 29 with
+# the LayerNorms' weight-gradient partials summed in the flush (5 column-sum launches gone).
+MAX_LAUNCHES = {"nanda": 11, "pizza": 11, "power": 29}
 
 
 @pytest.mark.parametrize("name", sorted(MAX_LAUNCHES))
@@ -516,7 +517,8 @@ def test_aot_specs_cover_every_kernel_with_full_signatures():
     cfg = ModelConfig.preset("power")
     specs = fb.aot_specs(cfg, M=1, B=4096)
     names = {s["fn"].__name__ for s in specs}
-    assert names == {"ln_fwd_kernel", "gemm_kernel", "gemm2_kernel", "gemm3_kernel", "gemm4_kernel",
+    # (no gemm2_kernel: the LayerNorms' weight-gradient pairs, its last users here, are summed in the flush)
+    assert names == {"ln_fwd_kernel", "gemm_kernel", "gemm3_kernel", "gemm4_kernel",
                      "attn_fwd_kernel", "ln_bwd_kernel",
                      "flush_kernel", "unembed_ce_kernel", "mean_reduce_kernel",
                      "attn_bwd_kernel", "token_scatter_kernel"}

@@ -184,7 +184,6 @@ class BatchedExecutor:
         grokked = [False] * M
         measure = getattr(runs[0].train, "measure_every", None)
         scratch = Transformer(runs[0].model, device=device) if measure else None
-        batch_rng = [torch.Generator().manual_seed(r.train.seed + 7919).get_state() for r in runs]
         t_start = time.perf_counter()
 
         def wall(i):
@@ -217,7 +216,6 @@ class BatchedExecutor:
         def save(row, step):
             i = int(st.ids[row])
             tensors = st.state_dict(row)
-            tensors["rng.batch"] = batch_rng[i]
             rundir.save_checkpoint(dirs[i], step, tensors, {"step": step, "wall": wall(i), "backend": "fused"})
 
         def finish(i, step, outcome=None):
