@@ -540,3 +540,18 @@ def test_grok_quirks_are_validated_and_refused_by_the_fused_backend():
         c = dataclasses.replace(grokfast.preset("power").model, **{quirk: value})
         ok, why = fused_status(c, "cpu", allow_interpreter=True)
         assert not ok and quirk in why and str(value) in why
+
+
+def test_slot_inputs_read_the_fixed_or_missing_positions():
+    """The probes' view of what block 0 reads at a's and b's slots: W_E plus the sinusoidal row (grok: no ln1
+    before the block, it is post-LayerNorm), or W_E alone (furuta: no positions)."""
+    from grokfast.model import sinusoidal_positions
+    from grokfast.probes import slot_inputs
+    for name, pos in (("grok", sinusoidal_positions(5, 128)), ("furuta", torch.zeros(3, 128, dtype=torch.float64))):
+        task = grokfast.Task.from_spec(grokfast.preset(name).task)
+        model = Transformer(grokfast.preset(name).model.for_task(task), seed=1)
+        got = slot_inputs(model, task)
+        slots = task.layout.split()
+        W_E = model.embed.W_E.detach().double()[:task.p]
+        for s in ("a", "b"):
+            assert (got[s] - (W_E + pos[slots.index(s)])).abs().max().item() < 1e-12, (name, s)
