@@ -156,7 +156,8 @@ class Transformer(nn.Module):
     Init (Nanda et al.): every matrix randn / sqrt(d_model), W_U randn / sqrt(d_vocab); biases 0,
     LayerNorm weights 1; with cfg.init "pizza" the same but W_in randn / sqrt(d_mlp); with "furuta" W_E
     randn / sqrt(d_vocab) and W_U randn / sqrt(d_model); with "torch", PyTorch's module defaults, drawn in
-    ironjr/grokfast's order (_init_torch_defaults). ``seed`` (or a ``generator`` to draw from) makes the
+    ironjr/grokfast's order (_init_torch_defaults); with "grok", PyTorch's defaults for openai/grok's modules
+    (W_E N(0, 1), each matrix U(+-1 / sqrt(fan_in)); their distribution, not their draws). ``seed`` (or a ``generator`` to draw from) makes the
     init the same on every device.
     """
 
@@ -183,9 +184,9 @@ class Transformer(nn.Module):
         if self.cfg.init == "torch":
             return self._init_torch_defaults(g)
         for name, p in self.named_parameters():
-            if self.cfg.init == "grok":   # PyTorch's defaults: nn.Embedding N(0, 1), bias-free nn.Linear
-                leaf = name.rsplit(".", 1)[-1]  # U(+-1 / sqrt(fan_in)), fan_in the input width of each map
-                if leaf == "W_E":
+            if self.cfg.init == "grok":   # PyTorch's defaults: nn.Embedding N(0, 1) (a learned W_pos too, as a
+                leaf = name.rsplit(".", 1)[-1]  # table), bias-free nn.Linear U(+-1 / sqrt(fan_in)), fan_in its input width
+                if leaf in ("W_E", "W_pos"):
                     p.copy_(torch.randn(p.shape, generator=g))
                 elif leaf.startswith("W_"):
                     fan_in = p.shape[1] * p.shape[0] if leaf == "W_O" else p.shape[-2]
