@@ -89,7 +89,7 @@ def _add_train(sub):
                                 "'x/y if y odd else x-y', 's5'; a comma-separated list is a multi-task mixture")
     g.add_argument("--p", type=int, help="modulus (the number of classes)")
     g.add_argument("--frac", type=float, help="fraction of all pairs used for training, in (0, 1)")
-    g.add_argument("--layout", help="token layout: 'a b =', 'a op b =', 'a op b' or 'a b'")
+    g.add_argument("--layout", help="token layout: 'a b =', 'a op b =', 'eos a op b =' (openai/grok's <|eos|> first), 'a op b' or 'a b'")
     g.add_argument("--seed", type=int, help="model init and minibatch seed (default 0)")
     g.add_argument("--data-seed", type=int, help="train/test split seed (default: --seed)")
     add_model_flags(p.add_argument_group("model (override the preset)"))

@@ -74,7 +74,14 @@ class ModelConfig(_Dict):
     module defaults as ironjr/grokfast's nn.Embedding, nn.MultiheadAttention and nn.Linear give them;
     see Transformer.init_weights) or "pizza" (nanda's, but W_in randn / sqrt(d_mlp), as Zhong et al.'s
     train script) or "furuta" (nanda's with the scales of W_E and W_U swapped: W_E randn / sqrt(d_vocab),
-    W_U randn / sqrt(d_model), as frt03/grok_mod_poly's Embed and Unembed).
+    W_U randn / sqrt(d_model), as frt03/grok_mod_poly's Embed and Unembed) or "grok" (PyTorch's module
+    defaults as openai/grok's bias-free model has them: W_E N(0, 1), every other matrix U(+-1 / sqrt(fan_in)),
+    LayerNorm 1 and 0; the same distribution, not the same draws).
+    openai/grok's model (Power et al.) needs two more: ln_position "post" (x = ln1(x + attn(x)); x = ln2(x +
+    mlp(x)); no ln_final; needs layernorm) and pos_embed "sinusoidal" (a fixed table added to the embedding,
+    not a parameter: row t, column i is sin(t / 10000^(i / d_model)) for even i, cos(t / 10000^((i - 1) /
+    d_model)) for odd i). pos_embed takes True or "learned" (stored as True), False or "none" (stored as
+    False), or "sinusoidal".
     """
 
     n_layers: int = 1
@@ -90,16 +97,26 @@ class ModelConfig(_Dict):
     ln_eps: float = 1e-5
     resid_after_ln1: bool = False
     unembed_all_tokens: bool = False
-    pos_embed: bool = True
+    pos_embed: object = True     # True (learned W_pos; "learned" accepted) | False (none; "none") | "sinusoidal"
+    ln_position: str = "pre"     # pre | post (openai/grok: x = LN(x + attn(x)); x = LN(x + mlp(x)), no ln_final)
     mlp_bias: bool = True
     extra_tokens: int = 0
-    init: str = "nanda"          # nanda | torch | pizza | furuta
+    init: str = "nanda"          # nanda | torch | pizza | furuta | grok
     n_ctx: int = 3
     d_vocab: int = 114
     d_vocab_out: int = 113
 
     def __post_init__(self):
+        # "learned" and "none" are stored as True and False, so config.json files and sweep run ids written
+        # before pos_embed took a string stay as they were
+        if isinstance(self.pos_embed, str) and self.pos_embed in ("learned", "none"):
+            object.__setattr__(self, "pos_embed", self.pos_embed == "learned")
         self.validate()
+
+    @property
+    def learned_pos(self) -> bool:
+        """A trained pos_embed.W_pos parameter (pos_embed True)."""
+        return self.pos_embed is True
 
     def validate(self) -> None:
         def need(cond, msg):
@@ -113,8 +130,17 @@ class ModelConfig(_Dict):
         need(self.act in ("relu", "gelu"), f"act must be 'relu' or 'gelu', got {self.act!r}")
         need(0.0 <= float(self.attn_alpha) <= 1.0, f"attn_alpha must lie in [0, 1], got {self.attn_alpha}")
         need(self.ln_eps > 0, f"ln_eps must be positive, got {self.ln_eps}")
-        need(self.init in ("nanda", "torch", "pizza", "furuta"),
-             f"init must be nanda, torch, pizza or furuta, got {self.init!r}")
+        need(self.init in ("nanda", "torch", "pizza", "furuta", "grok"),
+             f"init must be nanda, torch, pizza, furuta or grok, got {self.init!r}")
+        need(isinstance(self.pos_embed, bool) or self.pos_embed == "sinusoidal",
+             f"pos_embed must be learned, none or sinusoidal, got {self.pos_embed!r}")
+        need(self.ln_position in ("pre", "post"), f"ln_position must be 'pre' or 'post', got {self.ln_position!r}")
+        need(self.ln_position == "pre" or self.layernorm,
+             "ln_position 'post' puts a LayerNorm after each residual add: it needs layernorm on (--layernorm)")
+        need(not (self.resid_after_ln1 and self.ln_position == "post"),
+             "resid_after_ln1 is a pre-LayerNorm quirk: use it with ln_position 'pre'")
+        need(self.init != "torch" or self.learned_pos,
+             "init 'torch' draws ironjr/grokfast's learned position table: it needs pos_embed learned")
         need(isinstance(self.extra_tokens, int) and not isinstance(self.extra_tokens, bool) and self.extra_tokens >= 0,
              f"extra_tokens must be a non-negative integer, got {self.extra_tokens!r}")
         need(not self.resid_after_ln1 or self.layernorm,
@@ -134,7 +160,7 @@ class ModelConfig(_Dict):
         """Parameter name -> shape, in the order of the parameter contract (DESIGN.md)."""
         H, D, Dh, F = self.n_heads, self.d_model, self.d_head, self.d_mlp
         s = {"embed.W_E": (self.d_vocab, D)}
-        if self.pos_embed:
+        if self.learned_pos:
             s["pos_embed.W_pos"] = (self.n_ctx, D)
         for l in range(self.n_layers):
             b = f"blocks.{l}."
@@ -153,7 +179,7 @@ class ModelConfig(_Dict):
             s[b + "mlp.W_out"] = (F, D)
             if self.mlp_bias:
                 s[b + "mlp.b_out"] = (D,)
-        if self.layernorm:
+        if self.layernorm and self.ln_position == "pre":
             s["ln_final.w"], s["ln_final.b"] = (D,), (D,)
         s["unembed.W_U"] = (D, self.d_vocab_out)
         if self.unembed_bias:
@@ -308,7 +334,8 @@ def _presets() -> dict:
         "power",
         "Power et al.'s sizes on the Grokfast paper's task: 2 layers, LayerNorm, GELU, x*y mod 97 (y != 0), 50% train, "
         "batch 512; the clean pre-LayerNorm model, not openai/grok's code (post-LayerNorm, no biases, fixed sinusoidal "
-        "positions, logits over its whole vocabulary); for the Grokfast paper's code use the grokfast preset",
+        "positions, logits over its whole vocabulary: that is the grok preset); for the Grokfast paper's code use the "
+        "grokfast preset",
         ModelConfig(n_layers=2, act="gelu", layernorm=True, n_ctx=4, d_vocab=99, d_vocab_out=97),
         TaskSpec("x*y | y!=0", 97, 0.5, "a op b ="),
         TrainConfig(steps=100000, lr=1e-3, wd=0.0, warmup=10, batch_size=512, eval_every=100,
@@ -353,6 +380,22 @@ def _presets() -> dict:
         TaskSpec("x+y", 97, 0.3, "a op b"),
         TrainConfig(steps=100000, lr=1e-3, wd=1.0, warmup=0, eval_every=100, checkpoint_every=5000),
     )
+    # Faithful to openai/grok (Power et al. 2022): grok/transformer.py's model with training.py's defaults;
+    # tests/test_paper_presets.py restates that model and checks both.
+    grok = Preset(
+        "grok",
+        "Power et al. 2022 as openai/grok runs it: 2 layers, d_model 128, 4x32 heads, d_mlp 512, ReLU, post-LayerNorm "
+        "blocks (no ln_final), no bias in any linear map, fixed sinusoidal positions, 239 tokens with a logit each "
+        "(<|eos|>, =, 20 operators, 97 numbers, 120 S5 permutations: 139 unused here), PyTorch's default init; "
+        "x/y mod 97 (y != 0) as <|eos|> a op b =, 50% train; AdamW (their CustomAdamW with weight decay 'to_zero' "
+        "is AdamW's decoupled form) lr 1e-3, betas (0.9, 0.98), wd 0, LambdaLR 10-step warm-up (first step lr 0), "
+        "shuffled epochs of 512; loss on the answer only (theirs also scores the <|eos|> after it); reference backend",
+        ModelConfig(n_layers=2, act="relu", layernorm=True, ln_position="post", pos_embed="sinusoidal", mlp_bias=False,
+                    unembed_all_tokens=True, extra_tokens=139, init="grok", n_ctx=5, d_vocab=239, d_vocab_out=239),
+        TaskSpec("x/y", 97, 0.5, "eos a op b ="),
+        TrainConfig(steps=100000, lr=1e-3, wd=0.0, warmup=10, warmup_schedule="lambdalr", batch_size=512,
+                    minibatches="epoch", eval_every=100, checkpoint_every=5000),
+    )
     # Small enough to grok in well under a minute on a 2-core CPU with the reference backend.
     small = Preset(
         "small",
@@ -363,7 +406,7 @@ def _presets() -> dict:
         TrainConfig(steps=3000, lr=3e-3, wd=2.0, warmup=10, grokfast="none", alpha=0.98, lamb=2.0,
                     eval_every=25, checkpoint_every=500),
     )
-    return {p.name: p for p in (nanda, power, grokfast, pizza, furuta, small)}
+    return {p.name: p for p in (nanda, power, grokfast, pizza, furuta, grok, small)}
 
 
 PRESETS = _presets()

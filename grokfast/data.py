@@ -14,8 +14,9 @@ elements, so p must be 120). A comma separates the operations of a multi-task mi
 (``x+y,x-y``), each with its own operation token.
 
 Token ids: the numbers 0..p-1, then ``=`` (id p) when the layout has it, then one token per
-operation when the layout has ``op``. Layouts: ``a b =`` (Nanda), ``a op b =`` (Power, Grokfast),
-``a op b`` (Furuta), ``a b`` (clock and pizza). The answer is predicted at the last position.
+operation when the layout has ``op``, then ``<|eos|>`` when the layout has ``eos``. Layouts: ``a b =``
+(Nanda), ``a op b =`` (Power, Grokfast), ``eos a op b =`` (openai/grok's ``<|eos|> a op b =``), ``a op b``
+(Furuta), ``a b`` (clock and pizza). The answer is predicted at the last position.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ PAPER_OPS = [
     "s5:x.y", "s5:x.y.x^-1", "s5:x.y.x",
 ]
 
-LAYOUTS = ("a b =", "a op b =", "a op b", "a b")
+LAYOUTS = ("a b =", "a op b =", "eos a op b =", "a op b", "a b")
 S5_ORDER = 120
 
 
@@ -269,6 +270,8 @@ class Task:
         first_op = p + (1 if "=" in slots else 0)
         self.op_tokens = [first_op + i for i in range(len(self.ops))] if "op" in slots else []
         self.d_vocab = p + (1 if "=" in slots else 0) + len(self.op_tokens)
+        self.eos_token = self.d_vocab if "eos" in slots else None
+        self.d_vocab += 1 if "eos" in slots else 0
 
         self.split_kind = "hash"
         train_rows, test_rows = [], []
@@ -294,6 +297,8 @@ class Task:
                 rows[:, j] = pairs[:, 1]
             elif s == "=":
                 rows[:, j] = self.eq_token
+            elif s == "eos":
+                rows[:, j] = self.eos_token
             else:
                 rows[:, j] = self.op_tokens[op_index]
         rows[:, -1] = answers
@@ -342,8 +347,8 @@ class Task:
         slots = self.layout.split()
         toks = np.zeros((len(answers), self.n_ctx), dtype=np.int64)
         for j, s in enumerate(slots):
-            toks[:, j] = {"a": pairs[:, 0], "b": pairs[:, 1]}.get(s, self.eq_token if s == "=" else
-                                                                 (self.op_tokens[op_index] if self.op_tokens else 0))
+            toks[:, j] = {"a": pairs[:, 0], "b": pairs[:, 1], "eos": self.eos_token}.get(
+                s, self.eq_token if s == "=" else (self.op_tokens[op_index] if self.op_tokens else 0))
         return Split(torch.from_numpy(toks).to(self.device), torch.from_numpy(answers).to(self.device))
 
     def to(self, device) -> "Task":

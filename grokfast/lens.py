@@ -46,6 +46,9 @@ def to_hooked_transformer(model, dtype=None):
     c = model.cfg
     if c.resid_after_ln1:
         raise ConfigError("resid_after_ln1 (ironjr/grokfast's residual after ln1) has no HookedTransformer equivalent")
+    if getattr(c, "ln_position", "pre") != "pre" or getattr(c, "pos_embed", True) == "sinusoidal":
+        raise ConfigError("openai/grok's post-LayerNorm blocks and fixed sinusoidal positions have no "
+                          "HookedTransformer equivalent here: convert a pre-LayerNorm model with learned positions")
     sd = model.state_dict()
     dtype = dtype or next(iter(sd.values())).dtype
     ht_cfg = HookedTransformerConfig(

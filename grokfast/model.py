@@ -30,6 +30,15 @@ class PosEmbed(nn.Module):
         self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
 
 
+def sinusoidal_positions(n_ctx: int, d_model: int) -> torch.Tensor:
+    """[n_ctx, d_model] float64: row t, column i = sin(t / 10000^(i / d)) for even i, cos(t / 10000^((i - 1) / d))
+    for odd i (openai/grok's fixed position encoding; Vaswani et al.'s)."""
+    t = torch.arange(n_ctx, dtype=torch.float64)[:, None]
+    i = torch.arange(d_model)
+    angle = t / 10000.0 ** ((i - i % 2).double() / d_model)
+    return torch.where(i % 2 == 0, angle.sin(), angle.cos())
+
+
 class LayerNorm(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -112,6 +121,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.layernorm, self.resid_after_ln1 = cfg.layernorm, cfg.resid_after_ln1
+        self.post_ln = cfg.layernorm and cfg.ln_position == "post"
         if cfg.layernorm:
             self.ln1 = LayerNorm(cfg)
         self.attn = Attention(cfg)
@@ -120,6 +130,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, last_only: bool, cache=None, name=""):
+        if self.post_ln:  # openai/grok's DecoderBlock: x = ln1(x + attn(x)); x = ln2(x + mlp(x))
+            x = self.ln1((x[:, -1] if last_only else x) + self.attn(x, last_only, cache, name + "attn."))
+            return self.ln2(x + self.mlp(x, cache, name + "mlp."))
         h = self.ln1(x) if self.layernorm else x
         a = self.attn(h, last_only, cache, name + "attn.")
         if self.resid_after_ln1:  # ironjr/grokfast's Block: x = ln_1(x); x = x + attn(x)
@@ -143,7 +156,8 @@ class Transformer(nn.Module):
     Init (Nanda et al.): every matrix randn / sqrt(d_model), W_U randn / sqrt(d_vocab); biases 0,
     LayerNorm weights 1; with cfg.init "pizza" the same but W_in randn / sqrt(d_mlp); with "furuta" W_E
     randn / sqrt(d_vocab) and W_U randn / sqrt(d_model); with "torch", PyTorch's module defaults, drawn in
-    ironjr/grokfast's order (_init_torch_defaults). ``seed`` (or a ``generator`` to draw from) makes the
+    ironjr/grokfast's order (_init_torch_defaults); with "grok", PyTorch's defaults for openai/grok's modules
+    (W_E N(0, 1), each matrix U(+-1 / sqrt(fan_in)); their distribution, not their draws). ``seed`` (or a ``generator`` to draw from) makes the
     init the same on every device.
     """
 
@@ -151,10 +165,12 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = Embed(cfg)
-        if cfg.pos_embed:
+        if cfg.learned_pos:
             self.pos_embed = PosEmbed(cfg)
+        elif cfg.pos_embed == "sinusoidal":   # fixed, not a parameter; moves and casts with the model
+            self.register_buffer("W_pos_fixed", sinusoidal_positions(cfg.n_ctx, cfg.d_model), persistent=False)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
-        if cfg.layernorm:
+        if cfg.layernorm and cfg.ln_position == "pre":
             self.ln_final = LayerNorm(cfg)
         self.unembed = Unembed(cfg)
         self.init_weights(seed, generator)
@@ -168,6 +184,17 @@ class Transformer(nn.Module):
         if self.cfg.init == "torch":
             return self._init_torch_defaults(g)
         for name, p in self.named_parameters():
+            if self.cfg.init == "grok":   # PyTorch's defaults: nn.Embedding N(0, 1) (a learned W_pos too, as a
+                leaf = name.rsplit(".", 1)[-1]  # table), bias-free nn.Linear U(+-1 / sqrt(fan_in)), fan_in its input width
+                if leaf in ("W_E", "W_pos"):
+                    p.copy_(torch.randn(p.shape, generator=g))
+                elif leaf.startswith("W_"):
+                    fan_in = p.shape[1] * p.shape[0] if leaf == "W_O" else p.shape[-2]
+                    bound = 1 / math.sqrt(fan_in)
+                    p.copy_(torch.rand(p.shape, generator=g) * (2 * bound) - bound)
+                else:
+                    p.fill_(1.0 if leaf == "w" else 0.0)
+                continue
             leaf = name.rsplit(".", 1)[-1]
             if leaf.startswith("W_"):
                 scale = self.cfg.d_vocab if leaf == "W_U" else self.cfg.d_model
@@ -232,12 +259,14 @@ class Transformer(nn.Module):
         # F.embedding, not W_E[tokens]: the indexing's backward (index_put_ with accumulate) adds rows in an
         # order that changes from call to call with several CPU threads; embedding's (index_add_) does not.
         x = F.embedding(tokens, self.embed.W_E)                                       # [B, T, D]
-        if self.cfg.pos_embed:
+        if self.cfg.learned_pos:
             x = x + self.pos_embed.W_pos
+        elif self.cfg.pos_embed == "sinusoidal":
+            x = x + self.W_pos_fixed.to(x.dtype)   # kept in float64, rounded to the model's dtype here
         L = len(self.blocks)
         for l, block in enumerate(self.blocks):
             x = block(x, last_only=(l == L - 1), cache=cache, name=f"blocks.{l}.")
-        if self.cfg.layernorm:
+        if self.cfg.layernorm and self.cfg.ln_position == "pre":
             x = self.ln_final(x)
         if cache is not None:
             cache["resid_final"] = x

@@ -56,17 +56,28 @@ class Probe:
     found: bool
 
 
+def position_row(model, t: int) -> torch.Tensor:
+    """[d_model] float64: what the model adds to the embedding at position t (the learned W_pos, the fixed
+    sinusoidal table of pos_embed "sinusoidal", or nothing with pos_embed False)."""
+    cfg = model.cfg
+    if getattr(cfg, "pos_embed", True) is True:
+        return model.pos_embed.W_pos.detach().to(F64)[t]
+    if cfg.pos_embed == "sinusoidal":
+        return model.W_pos_fixed.detach().to(F64)[t]
+    return torch.zeros(cfg.d_model, dtype=F64, device=model.embed.W_E.device)
+
+
 def slot_inputs(model, task) -> dict[str, torch.Tensor]:
     """{"a": X_a, "b": X_b}: the input of number x at a's slot and at b's, [p, d_model] float64, as the first
-    block reads it: W_E[x] + W_pos[slot], then ln1 of block 0 where the model has LayerNorm (whose
+    block reads it: W_E[x] + W_pos[slot] (position_row), then ln1 of block 0 where the model has pre-LayerNorm (whose
     normalisation makes the two slots differ; without it the slots differ by a constant row only)."""
     p = task.p
     slots = task.layout.split()
     W_E = model.embed.W_E.detach().to(F64)[:p]
     out = {}
     for s in ("a", "b"):
-        x = W_E + model.pos_embed.W_pos.detach().to(F64)[slots.index(s)]
-        if getattr(model.cfg, "layernorm", False):
+        x = W_E + position_row(model, slots.index(s))
+        if getattr(model.cfg, "layernorm", False) and getattr(model.cfg, "ln_position", "pre") == "pre":
             ln = model.blocks[0].ln1
             x = torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=ln.eps) * ln.w.detach().to(F64) \
                 + ln.b.detach().to(F64)

@@ -74,8 +74,13 @@ def supported(cfg) -> str | None:
         (not getattr(cfg, "resid_after_ln1", False),
          "resid_after_ln1 (ironjr/grokfast's residual after the first LayerNorm): the fused kernels compute "
          "pre-LayerNorm blocks"),
-        (getattr(cfg, "pos_embed", True),
+        (getattr(cfg, "pos_embed", True) is not False,
          "pos_embed False (frt03/grok_mod_poly's model has no positional embedding): the fused kernels need W_pos"),
+        (getattr(cfg, "pos_embed", True) is True,
+         "pos_embed 'sinusoidal' (openai/grok's fixed positions): the fused kernels need a learned W_pos"),
+        (getattr(cfg, "ln_position", "pre") == "pre",
+         "ln_position 'post' (openai/grok's LayerNorm after each residual add): the fused kernels compute "
+         "pre-LayerNorm blocks"),
         (getattr(cfg, "mlp_bias", True),
          "mlp_bias False (frt03/grok_mod_poly's MLP has no biases): the fused kernels need b_in and b_out"),
     ]

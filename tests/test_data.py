@@ -222,3 +222,14 @@ def test_all_pairs_is_the_full_grid_in_order():
     s = t.all_pairs()
     assert s.tokens.tolist() == [[a, b] for a in range(7) for b in range(7)]
     assert torch.equal(s.labels, (s.tokens[:, 0] + s.tokens[:, 1]) % 7)
+
+
+def test_eos_layout_puts_the_eos_token_first_with_the_id_after_the_operations():
+    """openai/grok's `<|eos|> a op b =`: numbers 0..p-1, = p, the operation p + 1, <|eos|> p + 2."""
+    t = Task("x/y", 7, 0.5, 0, "eos a op b =")
+    assert (t.n_ctx, t.d_vocab, t.d_vocab_out, t.eos_token) == (5, 10, 7, 9)
+    for split in (t.train, t.test, t.all_pairs()):
+        assert (split.tokens[:, 0] == 9).all() and (split.tokens[:, 2] == 8).all() and (split.tokens[:, 4] == 7).all()
+    pairs = t.all_pairs()
+    assert ((pairs.labels * pairs.tokens[:, 3]) % 7 == pairs.tokens[:, 1]).all()      # x / y = c: c y = x
+    assert Task("x/y", 7, 0.5, 0, "a op b =").eos_token is None

@@ -72,6 +72,15 @@ def test_resid_after_ln1_is_refused_with_one_line():
         grokfast.to_hooked_transformer(m)
 
 
+@pytest.mark.parametrize("quirk,value", [("ln_position", "post"), ("pos_embed", "sinusoidal")])
+def test_openai_grok_quirks_are_refused_with_one_line(quirk, value):
+    need_hooked_transformer()
+    small = dict(d_model=16, n_heads=2, d_head=8, d_mlp=16)
+    m = Transformer(dataclasses.replace(grokfast.preset("power").model, **small, **{quirk: value}))
+    with pytest.raises(ConfigError, match="post-LayerNorm blocks and fixed sinusoidal positions"):
+        grokfast.to_hooked_transformer(m)
+
+
 def test_missing_transformer_lens_names_the_version(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformer_lens", None)           # import fails as if not installed
     m = Transformer(ModelConfig(d_model=16, n_heads=2, d_head=8, d_mlp=16).for_task(Task("x+y", 7, 0.5, 0)))

@@ -377,3 +377,181 @@ def test_fused_backend_refuses_the_furuta_quirks():
         assert not ok and quirk in why
     with pytest.raises(ConfigError, match="extra_tokens"):
         ModelConfig(extra_tokens=-1)
+
+
+# --- Power et al. 2022 (openai/grok grok/transformer.py, data.py, training.py): post-LayerNorm, no biases ----------
+class GrokPaper(nn.Module):
+    """Their Transformer with dropout 0 and no weight noise: nn.Embedding(239, d) plus a fixed sinusoidal table;
+    per block x = LN(x + attn(x)), x = LN(x + FFN(x)) (post-LayerNorm, no final LayerNorm), attention of
+    per-head bias-free nn.Linear Wq, Wk, Wv [d_key, d] and Wo [d, d], FFN bias-free Linear(d, 4d), ReLU,
+    Linear(4d, d); a bias-free head over all 239 tokens; future positions masked with -inf."""
+
+    def __init__(self, V=239, d=128, heads=4, layers=2, n_ctx=6):
+        super().__init__()
+        lin = lambda n_in, n_out: nn.Linear(n_in, n_out, bias=False)
+        self.embedding = nn.Embedding(V, d)
+        table = [[math.sin(t / 10000 ** (i / d)) if i % 2 == 0 else math.cos(t / 10000 ** ((i - 1) / d))
+                  for i in range(d)] for t in range(n_ctx)]
+        self.register_buffer("pe", torch.tensor(table, dtype=torch.float64))
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            q=nn.ModuleList(lin(d, d // heads) for _ in range(heads)),
+            k=nn.ModuleList(lin(d, d // heads) for _ in range(heads)),
+            v=nn.ModuleList(lin(d, d // heads) for _ in range(heads)),
+            o=lin(d, d), ln1=nn.LayerNorm(d), ff=nn.Sequential(lin(d, 4 * d), nn.ReLU(), lin(4 * d, d)),
+            ln2=nn.LayerNorm(d))) for _ in range(layers))
+        self.head = lin(d, V)
+
+    def forward(self, tokens):                                    # [B, T] -> logits [B, T, V]
+        T = tokens.shape[1]
+        x = self.embedding(tokens) + self.pe[:T].to(self.embedding.weight.dtype)
+        future = torch.ones(T, T).tril() == 0
+        for b in self.blocks:
+            heads = [((q(x) @ k(x).transpose(-2, -1)) / math.sqrt(q.out_features)).masked_fill(future, float("-inf"))
+                     .softmax(-1) @ v(x) for q, k, v in zip(b.q, b.k, b.v)]
+            x = b.ln1(x + b.o(torch.cat(heads, -1)))
+            x = b.ln2(x + b.ff(x))
+        return self.head(x)
+
+
+# their vocabulary: <|eos|> 0, = 1, the 20 operators sorted by name (2..21; "/" is the 9th: 10), numbers 22..118,
+# S5 permutations 119..238. Ours: numbers 0..96, = 97, the operation 98, <|eos|> 99, then 139 extra tokens.
+GROK_DIV = 10
+
+
+def grok_token_map() -> list:
+    """Our token id -> theirs, for the grok preset (x/y): the extra tokens are their unused ones in order."""
+    used = [22 + n for n in range(97)] + [1, GROK_DIV, 0]
+    return used + [t for t in range(239) if t not in used]
+
+
+def grok_paper_to_ours(t: GrokPaper, cfg: ModelConfig, perm: list) -> dict:
+    H, Dh, D = cfg.n_heads, cfg.d_head, cfg.d_model
+    s = {"embed.W_E": t.embedding.weight[perm], "unembed.W_U": t.head.weight.T[:, perm]}
+    for l, b in enumerate(t.blocks):
+        p = f"blocks.{l}."
+        for ours, theirs in (("W_Q", b.q), ("W_K", b.k), ("W_V", b.v)):
+            s[p + "attn." + ours] = torch.stack([h.weight.T for h in theirs])          # [H, D, Dh]
+        s[p + "attn.W_O"] = b.o.weight.T.reshape(H, Dh, D)
+        s[p + "ln1.w"], s[p + "ln1.b"], s[p + "ln2.w"], s[p + "ln2.b"] = b.ln1.weight, b.ln1.bias, b.ln2.weight, b.ln2.bias
+        s[p + "mlp.W_in"], s[p + "mlp.W_out"] = b.ff[0].weight.T, b.ff[2].weight.T
+    return {k: v.detach().clone() for k, v in s.items()}
+
+
+def grok_setup(seed=4):
+    pre = grokfast.preset("grok")
+    task = grokfast.Task.from_spec(pre.task)
+    cfg, perm = pre.model.for_task(task), grok_token_map()
+    torch.manual_seed(seed)
+    theirs = GrokPaper().double()
+    with torch.no_grad():
+        for b in theirs.blocks:                                  # LayerNorm away from 1 and 0
+            for ln in (b.ln1, b.ln2):
+                ln.weight.add_(torch.randn_like(ln.weight) * 0.3), ln.bias.add_(torch.randn_like(ln.bias) * 0.3)
+    split = task.all_pairs()
+    tokens, labels = split.tokens[::23], split.labels[::23]
+    # their model reads the whole <|eos|> a op b = c; the answer's logits are those at the = (position 4)
+    their_tokens = torch.tensor(perm)[torch.cat([tokens, labels[:, None]], 1)]
+    with torch.no_grad():
+        want = theirs(their_tokens)[:, 4][:, perm]             # in our class order
+    return cfg, task, perm, theirs, tokens, labels, their_tokens, want
+
+
+def test_grok_preset_computes_the_paper_codes_function():
+    cfg, task, perm, theirs, tokens, _, their_tokens, want = grok_setup()
+    assert (cfg.d_vocab, cfg.d_vocab_out, cfg.n_ctx) == (239, 239, 5)
+    assert (their_tokens[:, 0] == 0).all() and (their_tokens[:, 2] == GROK_DIV).all() and (their_tokens[:, 4] == 1).all()
+    got = our_logits(cfg, grok_paper_to_ours(theirs, cfg, perm), tokens)
+    assert got.shape == want.shape == (len(tokens), 239)
+    assert (got - want).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("quirk,value", [("ln_position", "pre"), ("pos_embed", "learned"), ("pos_embed", "none"),
+                                         ("unembed_all_tokens", False), ("extra_tokens", 0)])
+def test_grok_preset_fails_without_each_quirk(quirk, value):
+    cfg, task, perm, theirs, tokens, _, _, want = grok_setup()
+    clean = dataclasses.replace(cfg, **{quirk: value}).for_task(task)
+    state = grok_paper_to_ours(theirs, cfg, perm)
+    state = dict(state, **{"embed.W_E": state["embed.W_E"][:clean.d_vocab],
+                           "unembed.W_U": state["unembed.W_U"][:, :clean.d_vocab_out]})
+    got = our_logits(clean, state, tokens, strict=False)     # ln_final at 1 and 0, a learned W_pos from our init
+    assert got.shape != want.shape or (got - want).abs().max().item() > 1e-3
+
+
+def test_grok_preset_trains_as_the_paper_code_and_mlp_biases_would_change_it():
+    """Two minibatch steps as their configure_optimizers takes them: CustomAdamW (weight_decay_form "to_zero":
+    p *= 1 - lr wd, then Adam; with their default noise_factor 0 that is torch.optim.AdamW) at lr 1, betas
+    (0.9, 0.98), under LambdaLR(step / 10 * 1e-3 up to step 10), so step 1 has lr 0; wd 1 here so the decay form
+    matters. The loss is the answer's only (their code also scores the <|eos|> after it: not reproduced).
+    Our AdamW with the preset's settings gives the same logits at 1e-10; with MLP biases (trained from 0) not."""
+    from grokfast.optim import AdamW
+    cfg, task, perm, theirs, tokens, labels, their_tokens, _ = grok_setup(5)
+    tcfg = dataclasses.replace(grokfast.preset("grok").train, wd=1.0)
+    state = grok_paper_to_ours(theirs, cfg, perm)
+    opt = torch.optim.AdamW(theirs.parameters(), lr=1, betas=(0.9, 0.98), eps=1e-8, weight_decay=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(s / 10, 1.0) * 1e-3)
+    their_labels = torch.tensor(perm)[labels]
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(theirs(their_tokens)[:, 4], their_labels).backward()
+        opt.step(), sched.step()
+    with torch.no_grad():
+        want = theirs(their_tokens)[:, 4][:, perm]
+
+    def two_steps(c):
+        ours = Transformer(c).double()
+        ours.load_state_dict(state, strict=False)
+        params = dict(ours.named_parameters())
+        opt = AdamW({k: p.data for k, p in params.items()}, tcfg)
+        for _ in range(2):
+            loss = torch.nn.functional.cross_entropy(ours(tokens), labels)
+            opt.step(dict(zip(params, torch.autograd.grad(loss, list(params.values())))))
+        with torch.no_grad():
+            return ours(tokens)
+
+    assert (two_steps(cfg) - want).abs().max().item() < TOL
+    assert (two_steps(dataclasses.replace(cfg, mlp_bias=True)) - want).abs().max().item() > 1e-6
+
+
+def test_grok_preset_starts_from_the_paper_codes_distribution():
+    pre = grokfast.preset("grok")
+    cfg, perm = pre.model.for_task(grokfast.Task.from_spec(pre.task)), grok_token_map()
+    theirs = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        theirs.append(grok_paper_to_ours(GrokPaper(), cfg, perm))
+    want = stats(pooled(theirs))
+    assert init_mismatches(stats(pooled([Transformer(cfg, seed=s).state_dict() for s in range(3)])), want) == []
+    nanda_init = stats(pooled([Transformer(dataclasses.replace(cfg, init="nanda"), seed=s).state_dict() for s in range(3)]))
+    assert "embed.W_E" in init_mismatches(nanda_init, want)
+
+
+def test_grok_quirks_are_validated_and_refused_by_the_fused_backend():
+    from grokfast.backends import fused_status
+    with pytest.raises(ConfigError, match="ln_position"):
+        ModelConfig(ln_position="middle", layernorm=True)
+    with pytest.raises(ConfigError, match="layernorm"):
+        ModelConfig(ln_position="post")
+    with pytest.raises(ConfigError, match="pos_embed"):
+        ModelConfig(pos_embed="rotary")
+    cfg = grokfast.preset("grok").model
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert ModelConfig(pos_embed="none").to_dict()["pos_embed"] is False     # old config.json files read alike
+    for quirk, value in (("ln_position", "post"), ("pos_embed", "sinusoidal")):
+        c = dataclasses.replace(grokfast.preset("power").model, **{quirk: value})
+        ok, why = fused_status(c, "cpu", allow_interpreter=True)
+        assert not ok and quirk in why and str(value) in why
+
+
+def test_slot_inputs_read_the_fixed_or_missing_positions():
+    """The probes' view of what block 0 reads at a's and b's slots: W_E plus the sinusoidal row (grok: no ln1
+    before the block, it is post-LayerNorm), or W_E alone (furuta: no positions)."""
+    from grokfast.model import sinusoidal_positions
+    from grokfast.probes import slot_inputs
+    for name, pos in (("grok", sinusoidal_positions(5, 128)), ("furuta", torch.zeros(3, 128, dtype=torch.float64))):
+        task = grokfast.Task.from_spec(grokfast.preset(name).task)
+        model = Transformer(grokfast.preset(name).model.for_task(task), seed=1)
+        got = slot_inputs(model, task)
+        slots = task.layout.split()
+        W_E = model.embed.W_E.detach().double()[:task.p]
+        for s in ("a", "b"):
+            assert (got[s] - (W_E + pos[slots.index(s)])).abs().max().item() < 1e-12, (name, s)

@@ -353,3 +353,13 @@ def test_batched_executor_leaves_paper_semantics_to_the_reference(monkeypatch):
                          (dict(eval_train=False), "--no-eval-train"), (dict(rng="stream"), "--rng stream")):
         rr = dataclasses.replace(r, train=dataclasses.replace(r.train, **change))
         assert says in (S.batchable(rr, "cpu") or ""), change
+
+
+def test_run_identity_names_openai_groks_quirks_only_where_they_are_on():
+    """Sweep run ids hash _identity: a field added later (ln_position) must not change the ids of earlier runs."""
+    import grokfast
+    from grokfast.sweep.runs import _identity
+    clean = _identity({}, grokfast.preset("nanda").model, grokfast.preset("nanda").train)["model"]
+    assert "ln_position" not in clean and "pos_embed" not in clean
+    grok = _identity({}, grokfast.preset("grok").model, grokfast.preset("grok").train)["model"]
+    assert grok["ln_position"] == "post" and grok["pos_embed"] == "sinusoidal"

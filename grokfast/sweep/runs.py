@@ -89,8 +89,9 @@ def _identity(task: dict, mcfg: ModelConfig, tcfg: TrainConfig) -> dict:
         if unused or t[name] == getattr(defaults, name):
             t.pop(name)
     m = mcfg.to_dict()
-    for name in ("pos_embed", "mlp_bias", "extra_tokens"):   # Furuta et al.'s quirks: only where they are on,
-        if m[name] == getattr(ModelConfig(), name):         # so runs made before them keep their ids
+    # Furuta et al.'s and openai/grok's quirks: only where they are on, so runs made before them keep their ids
+    for name in ("pos_embed", "mlp_bias", "extra_tokens", "ln_position"):
+        if m[name] == getattr(ModelConfig(), name):
             m.pop(name)
     return {"task": task, "model": m, "train": t}
 
