@@ -79,6 +79,17 @@ def add_paper_optimizer_flags(g) -> None:
                         "accuracy from the training steps themselves, as the papers' code logs them")
 
 
+def check_resume_or_out(args, kind: str, flags: tuple, also_given: list, dir_name: str, out_for: str) -> None:
+    """`sweep` and `compare`: --resume takes no setting (``flags``: argument names, given when not None;
+    ``also_given``: flag texts the caller found changed), and without --resume, --out DIR_NAME is needed."""
+    if args.resume:
+        given = [f"--{k.replace('_', '-')}" for k in flags if getattr(args, k) is not None] + list(also_given)
+        if given:
+            raise ConfigError(f"--resume continues a {kind} with its own spec: drop {' '.join(given)}")
+    elif not args.out:
+        raise ConfigError(f"--out {dir_name} is needed: {out_for}")
+
+
 def _add_train(sub):
     p = sub.add_parser("train", help="train one model and write a run directory",
                        description="Train one model. Defaults: the nanda preset on a GPU, the small preset "

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from . import rundir
-from .config import ConfigError, TrainConfig
+from .config import ConfigError
 
 # name -> (its own settings, where they come from). Base lr, wd and the rest are the task's.
 METHODS = {
@@ -247,21 +247,10 @@ def curves_data(compare_dir, spec: CompareSpec, rows: list[dict]) -> list[dict]:
     return out
 
 
-def _open(spec, out, resume) -> tuple[CompareSpec, Path]:
-    if resume is not None:
-        if spec is not None or out is not None:
-            raise ConfigError("resume continues a comparison with its own spec: drop the methods and --out")
-        d = Path(resume)
-        if not (d / "compare.json").exists():
-            raise ConfigError(f"{d} is not a compare directory (no compare.json): pass the folder that "
-                              f"`grokfast compare --out` wrote")
-        return CompareSpec.from_dict(rundir.read_json(d / "compare.json")), d
-    if spec is None or out is None:
-        raise ConfigError("a comparison needs methods and --out COMPARE_DIR (or --resume COMPARE_DIR)")
-    d = Path(out)
-    if (d / "compare.json").exists():
-        raise ConfigError(f"{d} already holds a comparison: continue it with --resume {d}, or pick another --out")
-    return spec, d
+def open_compare_dir(spec, out, resume) -> tuple[CompareSpec, Path]:
+    """(spec, compare directory) of a new comparison (``out``) or of one to continue (``resume``)."""
+    return rundir.open_spec_dir(spec, out, resume, "compare.json", CompareSpec, command="compare",
+                                kind="comparison", needs="methods", drop="the methods")
 
 
 def plan(spec: CompareSpec, device=None, executor: str = "auto", memory_bytes: Optional[int] = None):
@@ -296,6 +285,7 @@ def compare(methods=None, seeds=None, *, preset: Optional[str] = None, out=None,
     import torch
 
     from .sweep import BatchedExecutor, SequentialExecutor, write_results
+    from .sweep.run import once_backend_line
     from .sweep.results import _finished
     from .train import default_preset_name, resolve_device
 
@@ -308,7 +298,7 @@ def compare(methods=None, seeds=None, *, preset: Optional[str] = None, out=None,
                            list(seeds) if seeds is not None else [0, 1, 2], dict(fixed))
     elif methods is not None or seeds is not None or preset is not None or fixed:
         raise ConfigError("resume continues a comparison with its own spec: drop the methods, seeds and settings")
-    spec, cdir = _open(spec, out, resume)
+    spec, cdir = open_compare_dir(spec, out, resume)
     runs, chosen = plan(spec, dev, executor, memory_bytes)
     if resume is None:
         rundir.write_json(cdir / "compare.json", spec.to_dict())
@@ -325,7 +315,7 @@ def compare(methods=None, seeds=None, *, preset: Optional[str] = None, out=None,
         log(f"[{len(rows)}/{len(runs)}] {row['point.method']}, seed {row['point.seed']}: {what}")
         write_results(cdir, spec, list(rows.values()), len(runs))
 
-    quiet = _once(log)
+    quiet = once_backend_line(log)
     if chosen == "batched":
         BatchedExecutor(dev, 0, quiet).run(todo, cdir, on_row)
     else:
@@ -345,15 +335,3 @@ def compare(methods=None, seeds=None, *, preset: Optional[str] = None, out=None,
             log(f"warning: could not draw the figure: {type(e).__name__}: {e}")
     return CompareResult(cdir, spec, table, summary, chosen)
 
-
-def _once(log):
-    """The trainer's messages, its per-run backend line only once."""
-    seen = [False]
-
-    def f(msg: str):
-        if msg.startswith("backend:"):
-            if seen[0]:
-                return
-            seen[0] = True
-        log(msg)
-    return f

@@ -9,8 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError
-from .cli import add_model_flags, add_training_flags
+from .cli import add_model_flags, add_training_flags, check_resume_or_out
 
 FIXED = ("op", "p", "frac", "layout", "data_seed", "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "act",
          "layernorm", "attn_alpha", "steps", "lr", "wd", "beta1", "beta2", "warmup", "batch_size", "grokfast",
@@ -73,21 +72,15 @@ def cmd_compare(args) -> int:
     C = importlib.import_module("grokfast.compare")   # the module (grokfast.compare is the function)
     device = resolve_device(args.device)
     fixed = {k: getattr(args, k) for k in FIXED if getattr(args, k) is not None}
-    if args.resume:
-        given = [f"--{k.replace('_', '-')}" for k in FIXED + ("preset", "out") if getattr(args, k) is not None]
-        given += ["--method"] if args.method else []
-        given += ["--seeds"] if args.seeds != "0-2" else []
-        if given:
-            raise ConfigError(f"--resume continues a comparison with its own spec: drop {' '.join(given)}")
-    elif not args.out:
-        raise ConfigError("--out COMPARE_DIR is needed: the folder for the runs, the table and the figure")
+    check_resume_or_out(args, "comparison", FIXED + ("preset", "out"),
+                        (["--method"] if args.method else []) + (["--seeds"] if args.seeds != "0-2" else []),
+                        "COMPARE_DIR", "the folder for the runs, the table and the figure")
     preset = None if args.resume else (args.preset or default_preset_name(device))
     if args.preset is None and not args.resume:
         print(f"preset: {preset} (default on {device.type}; pass --preset to choose)", file=sys.stderr)
     if args.dry_run:
-        spec = (C.CompareSpec.from_dict(C.rundir.read_json(C._open(None, None, args.resume)[1] / "compare.json"))
-                if args.resume else C.CompareSpec(preset, args.method or list(C.DEFAULT_METHODS),
-                                                  parse_seeds(args.seeds), fixed))
+        spec = (C.open_compare_dir(None, None, args.resume)[0] if args.resume
+                else C.CompareSpec(preset, args.method or list(C.DEFAULT_METHODS), parse_seeds(args.seeds), fixed))
         runs, chosen = C.plan(spec, device, args.executor)
         for r in runs:
             print(f"{r.index:4d}  {r.run_id}")

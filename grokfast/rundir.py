@@ -8,6 +8,9 @@
                                         state, "rng.*" generator states; metadata {"step", "wall", ...}
     RUN_DIR/grokking.png                train and test accuracy and loss against a log step axis
 
+A sweep or a comparison is a directory of run directories with its spec file (sweep.json, compare.json)
+on top: ``open_spec_dir`` starts a new one or opens one to continue.
+
 Every file is written atomically (a temporary file in the same directory, fsync, rename), so a
 kill at any moment leaves either the old file or the new one, never a torn one.
 """
@@ -115,6 +118,32 @@ def load_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
 def model_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The model's state_dict from a checkpoint's tensors (keys without the "model." prefix)."""
     return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+
+
+def open_spec_dir(spec, out, resume, spec_file: str, spec_cls, *, command: str, kind: str, needs: str,
+                  drop: str) -> tuple:
+    """(spec, directory) of a new many-run directory (``spec`` written to ``out`` by the caller once it is
+    checked) or of one to continue (``resume``: its ``spec_file`` read as ``spec_cls.from_dict``).
+
+    command: the verb that writes it (`grokfast sweep`), kind: what it holds ("sweep", "comparison"),
+    needs: what a new one needs besides --out ("a spec"), drop: what --resume refuses ("the grid").
+    ConfigError, one line, before any work: a resume given a spec or --out, a resume of a folder without
+    the spec file, a new one without both, a new one over an existing one."""
+    dir_name = f"{command.upper()}_DIR"
+    if resume is not None:
+        if spec is not None or out is not None:
+            raise ConfigError(f"--resume continues a {kind} with its own spec: drop {drop} and --out")
+        d = Path(resume)
+        if not (d / spec_file).exists():
+            raise ConfigError(f"{d} is not a {command} directory (no {spec_file}): pass the folder that "
+                              f"`grokfast {command} --out` wrote")
+        return spec_cls.from_dict(read_json(d / spec_file)), d
+    if spec is None or out is None:
+        raise ConfigError(f"a {kind} needs {needs} and --out {dir_name} (or --resume {dir_name})")
+    d = Path(out)
+    if (d / spec_file).exists():
+        raise ConfigError(f"{d} already holds a {kind}: continue it with --resume {d}, or pick another --out")
+    return spec, d
 
 
 def load_config(run_dir) -> dict:

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from .config import ConfigError
-from .cli import add_model_flags, add_paper_optimizer_flags, add_training_flags
+from .cli import add_model_flags, add_paper_optimizer_flags, add_training_flags, check_resume_or_out
 
 FIXED = ("op", "p", "frac", "layout", "data_seed", "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "act",
          "layernorm", "attn_alpha", "steps", "lr", "wd", "beta1", "beta2", "warmup", "batch_size", "grokfast",
@@ -97,6 +97,7 @@ def _spec_from_args(args, device):
 
 def cmd_sweep(args) -> int:
     from . import sweep as S
+    from .sweep.run import open_sweep_dir
     from .train import Interrupted, resolve_device
 
     device = None if args.device is None else resolve_device(args.device)
@@ -112,22 +113,18 @@ def cmd_sweep(args) -> int:
             raise ConfigError(f"--phase-axes {args.phase_axes!r}: name two axes, e.g. --phase-axes lr,wd "
                               f"(axes: {', '.join(S.AXES)})")
 
+    check_resume_or_out(args, "sweep", FIXED + ("preset", "random", "out"),
+                        (["--grid"] if args.grid else []) + (["--seeds"] if args.seeds != "0" else []),
+                        "SWEEP_DIR", "the folder for the runs and the results table")
     if args.resume:
-        given = [f"--{k.replace('_', '-')}" for k in FIXED + ("preset", "random", "out") if getattr(args, k) is not None]
-        given += ["--grid"] if args.grid else []
-        given += ["--seeds"] if args.seeds != "0" else []
-        if given:
-            raise ConfigError(f"--resume continues a sweep with its own spec: drop {' '.join(given)}")
         spec = None
     else:
-        if not args.out:
-            raise ConfigError("--out SWEEP_DIR is needed: the folder for the runs and the results table")
         dev = resolve_device(device)
         spec = _spec_from_args(args, dev)
 
     if args.dry_run:
         if spec is None:
-            spec = S.SweepSpec.from_dict(S.rundir.read_json(_sweep_json(args.resume)))
+            spec = open_sweep_dir(None, None, args.resume)[0]
         runs, chosen, need = S.plan(spec, device, args.executor, args.models_per_launch, memory)
         for r in runs:
             print(f"{r.index:4d}  {r.run_id}")
@@ -158,11 +155,3 @@ def cmd_sweep(args) -> int:
                     print(f"figure: {res.dir / name}")
     return 0
 
-
-def _sweep_json(d):
-    from pathlib import Path
-    p = Path(d) / "sweep.json"
-    if not p.exists():
-        raise ConfigError(f"{d} is not a sweep directory (no sweep.json): pass the folder that `grokfast sweep "
-                          f"--out` wrote")
-    return p

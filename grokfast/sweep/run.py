@@ -69,7 +69,7 @@ def run_sweep(spec: SweepSpec | None = None, out=None, *, resume=None, device=No
         # Every rank checks the input; if any rank refuses, all raise (none waits at a barrier forever).
         err = None
         try:
-            spec, sweep_dir = _open(spec, out, resume)
+            spec, sweep_dir = open_sweep_dir(spec, out, resume)
             if device is None:
                 device = torch.device(f"cuda:{dist.local_rank % torch.cuda.device_count()}"
                                       if torch.cuda.is_available() else "cpu")
@@ -116,7 +116,7 @@ def run_sweep(spec: SweepSpec | None = None, out=None, *, resume=None, device=No
                 on_disk = _finished(sweep_dir, runs) if dist.world > 1 else {}
                 write_results(sweep_dir, spec, list({**on_disk, **rows}.values()), len(runs))
 
-        run_log = _once_log(log) if dist.rank == 0 else (lambda s: None)
+        run_log = once_backend_line(log) if dist.rank == 0 else (lambda s: None)
         if chosen == "batched":
             BatchedExecutor(device, spec.after_grok, run_log, models_per_launch).run(mine, sweep_dir, on_row)
         else:
@@ -137,26 +137,13 @@ def run_sweep(spec: SweepSpec | None = None, out=None, *, resume=None, device=No
             dist.close()
 
 
-def _open(spec, out, resume) -> tuple[SweepSpec, Path]:
+def open_sweep_dir(spec, out, resume) -> tuple[SweepSpec, Path]:
     """(spec, sweep directory) of a new sweep (``out``) or of one to continue (``resume``)."""
-    if resume is not None:
-        if spec is not None or out is not None:
-            raise ConfigError("--resume continues a sweep with its own spec: drop the grid and --out")
-        sweep_dir = Path(resume)
-        if not (sweep_dir / "sweep.json").exists():
-            raise ConfigError(f"{sweep_dir} is not a sweep directory (no sweep.json): pass the folder "
-                              f"that `grokfast sweep --out` wrote")
-        return SweepSpec.from_dict(rundir.read_json(sweep_dir / "sweep.json")), sweep_dir
-    if spec is None or out is None:
-        raise ConfigError("a sweep needs a spec and --out SWEEP_DIR (or --resume SWEEP_DIR)")
-    sweep_dir = Path(out)
-    if (sweep_dir / "sweep.json").exists():
-        raise ConfigError(f"{sweep_dir} already holds a sweep: continue it with --resume {sweep_dir}, "
-                          f"or pick another --out")
-    return spec, sweep_dir
+    return rundir.open_spec_dir(spec, out, resume, "sweep.json", SweepSpec, command="sweep", kind="sweep",
+                                needs="a spec", drop="the grid")
 
 
-def _once_log(log):
+def once_backend_line(log):
     """Pass the trainer's messages through, except its per-run backend line after the first."""
     seen = [False]
 
