@@ -18,6 +18,15 @@ def _save(fig, path) -> Path:
     return path
 
 
+def _accuracy_axes(ax, ylabel: str) -> None:
+    """An accuracy panel (0 to 1) against a log step axis, gridded: the frame of sweep_curves and compare_figure."""
+    ax.set_xscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(True, which="both", alpha=0.25)
+
+
 def grokking_figure(history: list[dict], path, title: str = "", phases: dict | None = None) -> Path:
     """The classic grokking figure: train and test accuracy (left) and loss (right) against a log step
     axis. ``phases`` optionally maps a label to a step, drawn as a vertical line on both panels.
@@ -108,11 +117,7 @@ def sweep_curves(curves: list, path, title: str = "") -> Path:
         c = cmap(i / max(1, n - 1))
         ax.plot(steps, [r["train_acc"] for r in rows], color=c, alpha=0.3, lw=0.8)
         ax.plot(steps, [r["test_acc"] for r in rows], color=c, lw=1.2, label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("accuracy (solid: test, faint: train)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(True, which="both", alpha=0.25)
+    _accuracy_axes(ax, "accuracy (solid: test, faint: train)")
     if 0 < len(curves) <= 12:
         ax.legend(loc="best", fontsize=7)
     ax.set_title(title or "grokking curves")
@@ -133,12 +138,8 @@ def compare_figure(curves: list[dict], path, title: str = "") -> Path:
     from matplotlib.ticker import ScalarFormatter
 
     ax.axhline(0.99, color="gray", ls=":", lw=1)
-    ax.set_xscale("log")
+    _accuracy_axes(ax, "test accuracy")
     ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.set_xlabel("step")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(True, which="both", alpha=0.25)
     ax.legend(loc="best", fontsize=7, title="method (seeds)", title_fontsize=7)
     ax.set_title(title or "test accuracy per method", fontsize=9)
     return _save(fig, path)
@@ -359,26 +360,6 @@ def spectrum_figure(norms, labels: list[str], path, title: str = "", key_freqs=(
     ax.set_xticklabels(labels[::step], rotation=90, fontsize=7)
     ax.set_ylabel("norm")
     ax.set_title(title or "Fourier spectrum (key frequencies in red)")
-    return _save(fig, path)
-
-
-def heatmap_figure(grid, labels: list[str], path, title: str = "") -> Path:
-    """A [p, p] map over pairs of Fourier basis rows (row: a's component, column: b's), e.g. the 2D
-    Fourier spectrum of the logits, with basis labels on both axes."""
-    import numpy as np
-
-    g = np.asarray(grid, dtype=float)
-    fig, ax = plt.subplots(figsize=(7, 6))
-    im = ax.imshow(g, cmap="viridis", origin="upper")
-    step = max(1, len(labels) // 20)
-    ax.set_xticks(range(0, len(labels), step))
-    ax.set_xticklabels(labels[::step], rotation=90, fontsize=6)
-    ax.set_yticks(range(0, len(labels), step))
-    ax.set_yticklabels(labels[::step], fontsize=6)
-    ax.set_xlabel("component of b")
-    ax.set_ylabel("component of a")
-    fig.colorbar(im, ax=ax, shrink=0.8)
-    ax.set_title(title or "2D Fourier spectrum")
     return _save(fig, path)
 
 
