@@ -79,6 +79,35 @@ def add_paper_optimizer_flags(g) -> None:
                         "accuracy from the training steps themselves, as the papers' code logs them")
 
 
+# The settings `sweep` and `compare` fix for all their runs (argparse names; each a sweep axis), in the order
+# add_fixed_flags adds them; PAPER_OPTIMIZER_FIXED: those of add_paper_optimizer_flags, which compare leaves out.
+FIXED_SETTINGS = ("op", "p", "frac", "layout", "data_seed", "n_layers", "d_model", "n_heads", "d_head", "d_mlp",
+                  "act", "layernorm", "attn_alpha", "steps", "lr", "wd", "beta1", "beta2", "warmup", "batch_size",
+                  "grokfast", "alpha", "lamb", "window", "eval_every", "checkpoint_every", "backend", "precision",
+                  "optimizer", "warmup_schedule", "minibatches", "eval_train", "rng",
+                  "loss", "orthograd", "muon_lr", "muon_momentum", "lr_matched")
+PAPER_OPTIMIZER_FIXED = ("optimizer", "warmup_schedule", "minibatches", "eval_train", "rng")
+
+
+def add_fixed_flags(g, paper_optimizer: bool = True) -> None:
+    """The settings `sweep` and `compare` fix for all their runs over the preset: the preset, the task, the
+    model and training flags (with the papers' optimizer semantics unless ``paper_optimizer`` is False),
+    evaluation and checkpoint schedule, backend."""
+    g.add_argument("--preset", help="nanda | power | pizza | small (default: nanda on a GPU, small on a CPU)")
+    g.add_argument("--op", help="operation formula, e.g. 'x+y', 'x*y | y!=0'")
+    g.add_argument("--p", type=int, help="modulus")
+    g.add_argument("--frac", type=float, help="train fraction, in (0, 1)")
+    g.add_argument("--layout", help="token layout: 'a b =', 'a op b =', 'a op b' or 'a b'")
+    g.add_argument("--data-seed", type=int, help="one train/test split for every run (default: each run's seed)")
+    add_model_flags(g)
+    add_training_flags(g)
+    if paper_optimizer:
+        add_paper_optimizer_flags(g)
+    g.add_argument("--eval-every", type=int)
+    g.add_argument("--checkpoint-every", type=int)
+    g.add_argument("--backend", choices=["auto", "fused", "reference"])
+
+
 def check_resume_or_out(args, kind: str, flags: tuple, also_given: list, dir_name: str, out_for: str) -> None:
     """`sweep` and `compare`: --resume takes no setting (``flags``: argument names, given when not None;
     ``also_given``: flag texts the caller found changed), and without --resume, --out DIR_NAME is needed."""

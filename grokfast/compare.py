@@ -257,21 +257,16 @@ def plan(spec: CompareSpec, device=None, executor: str = "auto", memory_bytes: O
     """Check everything before work: (runs, executor name). ConfigError on bad input."""
     import torch
 
-    from .backends import resolve_backend
-    from .sweep import available_bytes, batched_status, check_memory
+    from .sweep import available_bytes, check_memory
+    from .sweep.run import check_backends, choose_executor
     from .train import default_device
 
     device = torch.device(device) if device is not None else default_device()
     runs = expand(spec)
-    if executor not in ("auto", "sequential", "batched"):
-        raise ConfigError(f"--executor must be auto, sequential or batched, got {executor!r}")
-    ok, why = batched_status(device, runs, explicit=(executor == "batched"))
-    if executor == "batched" and not ok:
-        raise ConfigError(f"batched fused executor: not available ({why}); use --executor sequential")
-    for r in runs:          # e.g. --backend fused with orthograd: refused here, before the first run
-        resolve_backend(r.train.backend, r.model, device, r.train)
+    chosen = choose_executor(runs, device, executor)[0]
+    check_backends(runs, device)   # e.g. --backend fused with orthograd: refused here, before the first run
     check_memory(runs, 1, memory_bytes if memory_bytes is not None else available_bytes(device))
-    return runs, ("batched" if executor == "batched" or (executor == "auto" and ok) else "sequential")
+    return runs, chosen
 
 
 def compare(methods=None, seeds=None, *, preset: Optional[str] = None, out=None, resume=None, device=None,

@@ -9,12 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import add_model_flags, add_training_flags, check_resume_or_out
+from .cli import FIXED_SETTINGS, PAPER_OPTIMIZER_FIXED, add_fixed_flags, check_resume_or_out
 
-FIXED = ("op", "p", "frac", "layout", "data_seed", "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "act",
-         "layernorm", "attn_alpha", "steps", "lr", "wd", "beta1", "beta2", "warmup", "batch_size", "grokfast",
-         "alpha", "lamb", "window", "eval_every", "checkpoint_every", "backend", "precision", "loss", "orthograd",
-         "muon_lr", "muon_momentum", "lr_matched")
+FIXED = tuple(k for k in FIXED_SETTINGS if k not in PAPER_OPTIMIZER_FIXED)
 
 
 def add_parser(sub):
@@ -40,17 +37,7 @@ def add_parser(sub):
     g.add_argument("--seeds", default="0-2", help="seeds for every method: 0,1,2 or 0-7 (default 0-2); each seeds "
                                                   "the model and the train/test split unless --data-seed is given")
     g = p.add_argument_group("the task and the settings shared by every method (override the preset)")
-    g.add_argument("--preset", help="nanda | power | pizza | small (default: nanda on a GPU, small on a CPU)")
-    g.add_argument("--op", help="operation formula, e.g. 'x+y'")
-    g.add_argument("--p", type=int, help="modulus")
-    g.add_argument("--frac", type=float, help="train fraction, in (0, 1)")
-    g.add_argument("--layout", help="token layout: 'a b =', 'a op b =', 'a op b' or 'a b'")
-    g.add_argument("--data-seed", type=int, help="one train/test split for every run (default: each run's seed)")
-    add_model_flags(g)
-    add_training_flags(g)
-    g.add_argument("--eval-every", type=int)
-    g.add_argument("--checkpoint-every", type=int)
-    g.add_argument("--backend", choices=["auto", "fused", "reference"])
+    add_fixed_flags(g, paper_optimizer=False)
     g = p.add_argument_group("run")
     g.add_argument("--executor", choices=["auto", "sequential", "batched"], default="auto",
                    help="sequential: one run after another (reference on a CPU); batched: the methods the fused "

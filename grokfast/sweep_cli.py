@@ -10,13 +10,9 @@ import argparse
 import sys
 
 from .config import ConfigError
-from .cli import add_model_flags, add_paper_optimizer_flags, add_training_flags, check_resume_or_out
+from .cli import FIXED_SETTINGS, add_fixed_flags, check_resume_or_out
 
-FIXED = ("op", "p", "frac", "layout", "data_seed", "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "act",
-         "layernorm", "attn_alpha", "steps", "lr", "wd", "beta1", "beta2", "warmup", "batch_size", "grokfast",
-         "alpha", "lamb", "window", "eval_every", "checkpoint_every", "backend", "precision",
-         "optimizer", "warmup_schedule", "minibatches", "eval_train", "rng",
-         "loss", "orthograd", "muon_lr", "muon_momentum", "lr_matched")
+FIXED = FIXED_SETTINGS
 
 
 def add_parser(sub):
@@ -42,18 +38,7 @@ def add_parser(sub):
     g.add_argument("--random", type=int, metavar="N", help="N random points of the grid instead of all of it")
     g.add_argument("--sample-seed", type=int, default=0, help="seed of the --random draw (default 0)")
     g = p.add_argument_group("fixed settings (as in `grokfast train`; override the preset)")
-    g.add_argument("--preset", help="nanda | power | pizza | small (default: nanda on a GPU, small on a CPU)")
-    g.add_argument("--op", help="operation formula, e.g. 'x+y', 'x*y | y!=0'")
-    g.add_argument("--p", type=int, help="modulus")
-    g.add_argument("--frac", type=float, help="train fraction, in (0, 1)")
-    g.add_argument("--layout", help="token layout: 'a b =', 'a op b =', 'a op b' or 'a b'")
-    g.add_argument("--data-seed", type=int, help="one train/test split for every run (default: each run's seed)")
-    add_model_flags(g)
-    add_training_flags(g)
-    add_paper_optimizer_flags(g)
-    g.add_argument("--eval-every", type=int)
-    g.add_argument("--checkpoint-every", type=int)
-    g.add_argument("--backend", choices=["auto", "fused", "reference"])
+    add_fixed_flags(g)
     g = p.add_argument_group("sweep")
     g.add_argument("--after-grok", type=int, default=0, metavar="N",
                    help="keep training N steps after a run groks (default 0: stop at grokking)")

@@ -19,6 +19,30 @@ from .sequential import SequentialExecutor
 from .spec import SweepSpec
 
 
+def choose_executor(runs: list, device, executor: str) -> tuple[str, str]:
+    """(executor name, why) for ``runs`` on ``device``: ``batched`` when asked for, or for ``auto`` where
+    batched_status allows it, else ``sequential``. ConfigError for an unknown name or a batched executor
+    that cannot run here."""
+    if executor not in ("auto", "sequential", "batched"):
+        raise ConfigError(f"--executor must be auto, sequential or batched, got {executor!r}")
+    ok, why = batched_status(device, runs, explicit=(executor == "batched"))
+    if executor == "batched" and not ok:
+        raise ConfigError(f"batched fused executor: not available ({why}); use --executor sequential")
+    return ("batched" if executor == "batched" or (executor == "auto" and ok) else "sequential"), why
+
+
+def check_backends(runs: list, device) -> None:
+    """Resolve the backend of every distinct run config on ``device``, so that one it cannot run (e.g.
+    --backend fused on a CPU, or with orthograd) is refused here, before the first run (ConfigError)."""
+    from ..backends import resolve_backend
+
+    checked = set()
+    for r in runs:
+        if (r.train.backend, r.model, r.train) not in checked:
+            resolve_backend(r.train.backend, r.model, device, r.train)
+            checked.add((r.train.backend, r.model, r.train))
+
+
 def plan(spec: SweepSpec, device=None, executor: str = "auto", models_per_launch: Optional[int] = None,
          memory_bytes: Optional[int] = None):
     """Check everything before work: (runs, executor name, bytes per model). ConfigError on bad input."""
@@ -27,24 +51,14 @@ def plan(spec: SweepSpec, device=None, executor: str = "auto", models_per_launch
 
     device = torch.device(device) if device is not None else default_device()
     runs = expand(spec)
-    if executor not in ("auto", "sequential", "batched"):
-        raise ConfigError(f"--executor must be auto, sequential or batched, got {executor!r}")
-    ok, why = batched_status(device, runs, explicit=(executor == "batched"))
-    if executor == "batched" and not ok:
-        raise ConfigError(f"batched fused executor: not available ({why}); use --executor sequential")
-    chosen = "batched" if executor == "batched" or (executor == "auto" and ok) else "sequential"
+    chosen, why = choose_executor(runs, device, executor)
     if models_per_launch is not None:
         if models_per_launch < 1:
             raise ConfigError(f"--models-per-launch must be >= 1, got {models_per_launch}")
         if chosen == "sequential" and models_per_launch > 1:
             raise ConfigError(f"--models-per-launch {models_per_launch} needs the batched executor, which is not "
                               f"available ({why}); the sequential executor trains one model at a time")
-    from ..backends import resolve_backend
-    checked = set()
-    for r in runs:  # e.g. --backend fused on a CPU: refused here, not at the first run
-        if (r.train.backend, r.model, r.train) not in checked:
-            resolve_backend(r.train.backend, r.model, device, r.train)
-            checked.add((r.train.backend, r.model, r.train))
+    check_backends(runs, device)
     at_once = models_per_launch or 1
     free = memory_bytes if memory_bytes is not None else available_bytes(device)
     need = check_memory(runs, at_once, free)
