@@ -15,8 +15,11 @@ the task's, which is what "side by side on one task" means here. Each (method, s
 trained until its first evaluation with test accuracy >= 99% or the step cap (``steps``).
 
 The runs are a sweep's runs (grokfast.sweep.RunSpec) and go through the sweep's executors: in turn on a
-CPU (reference backend), batched on a GPU where the fused kernels run the method (Grokfast EMA/MA,
-AdamW, lr-matched; orthograd, StableMax and Muon are reference only and run one by one).
+CPU (reference backend); on a GPU, batched where the fused kernels run the method, in turn on the reference
+where they refuse it. Which is which is the fused path's own answer (grokfast.sweep.batchable, from
+grokfast.kernels.optimizer.unsupported_training), and which runs share a launch the sweep's rule
+(grokfast.sweep.batch_key: e.g. adamw and lr-matched share one, each filter kind has its own); ``launch_plan``
+says it, and compare prints it before the first run.
 
 Compare directory:
 
@@ -269,6 +272,37 @@ def plan(spec: CompareSpec, device=None, executor: str = "auto", memory_bytes: O
     return runs, chosen
 
 
+def launch_plan(runs: list, device, chosen: str, compare_dir, executor: str = "auto",
+                models_per_launch: Optional[int] = None) -> tuple[Optional[tuple], list[str]]:
+    """(the batched executor's plan, or None when the runs go in turn; lines that say it): which runs train
+    batched on the fused kernels, grouped into which launches (methods and seeds), and which in turn and why.
+    The plan is BatchedExecutor.plan_launches' own, so what is printed is what runs."""
+    import torch
+
+    from .sweep import BatchedExecutor, batchable, batched_status
+
+    if chosen != "batched":
+        why = "asked for" if executor == "sequential" else f"batched unavailable: {batched_status(device, runs)[1]}"
+        return None, [f"plan: {len(runs)} runs in turn, one after another ({why})"]
+    ex = BatchedExecutor(torch.device(device), models_per_launch=models_per_launch)
+    launches, rest = ex.plan_launches(runs, compare_dir)
+    lines = []
+    for k, (start, rs) in enumerate(launches, 1):
+        methods = {}
+        for r in rs:
+            methods.setdefault(r.point["method"], []).append(str(r.point["seed"]))
+        what = "; ".join(f"{m} (seeds {','.join(seeds)})" for m, seeds in methods.items())
+        since = f" from step {start}" if start else ""
+        lines.append(f"plan: launch {k}: {len(rs)} runs batched on the fused kernels{since}: {what}")
+    alone = {}
+    for r in rest:
+        why = batchable(r, device) or "continued after it had ended: finished on its own"
+        alone.setdefault((r.point["method"], why), []).append(str(r.point["seed"]))
+    for (m, why), seeds in alone.items():
+        lines.append(f"plan: {m} (seeds {','.join(seeds)}): in turn, one by one: {why}")
+    return (launches, rest), lines
+
+
 def compare(methods=None, seeds=None, *, preset: Optional[str] = None, out=None, resume=None, device=None,
             executor: str = "auto", figures: bool = True, log: Callable[[str], None] | None = None,
             memory_bytes: Optional[int] = None, **fixed) -> CompareResult:
@@ -311,8 +345,11 @@ def compare(methods=None, seeds=None, *, preset: Optional[str] = None, out=None,
         write_results(cdir, spec, list(rows.values()), len(runs))
 
     quiet = once_backend_line(log)
+    launches, lines = launch_plan(todo, dev, chosen, cdir, executor)
+    for line in lines:
+        log(line)
     if chosen == "batched":
-        BatchedExecutor(dev, 0, quiet).run(todo, cdir, on_row)
+        BatchedExecutor(dev, 0, quiet).run(todo, cdir, on_row, plan=launches)
     else:
         SequentialExecutor(dev, 0, quiet).run(todo, cdir, on_row)
     table = sorted(rows.values(), key=lambda r: r["index"])

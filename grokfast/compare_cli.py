@@ -72,6 +72,8 @@ def cmd_compare(args) -> int:
         for r in runs:
             print(f"{r.index:4d}  {r.run_id}")
         print(f"{len(runs)} runs; executor: {chosen}")
+        for line in C.launch_plan(runs, device, chosen, args.resume or args.out, args.executor)[1]:
+            print(line)
         return 0
     try:
         if args.resume:

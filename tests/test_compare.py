@@ -155,3 +155,93 @@ def test_batched_compare_runs_lr_matched_on_the_fused_kernels(tmp_path):
     for k in a:
         if k.startswith("model."):
             assert torch.equal(a[k], m[k]), k
+
+
+PLAN_METHODS = ["adamw", "lr-matched", "ema", "ema:lamb=5", "ma", "orthograd", "stablemax", "muon"]
+
+
+def _gpu_plan(monkeypatch, tmp_path, methods, models_per_launch=64):
+    """compare's launch plan as on a CUDA GPU with the fused kernels, planned on this CPU: only the device check
+    (grokfast.backends.fused_status) is stood in; what the fused path refuses is still unsupported_training's."""
+    import torch
+
+    import grokfast.backends
+    from grokfast.compare import launch_plan
+
+    monkeypatch.setattr(grokfast.backends, "fused_status", lambda cfg, device, allow_interpreter=False:
+                        (True, "stood in for a CUDA GPU"))
+    runs = expand(CompareSpec("small", methods, [0, 1], dict(TINY_FIXED)))
+    (launches, rest), lines = launch_plan(runs, torch.device("cuda"), "batched", tmp_path,
+                                          models_per_launch=models_per_launch)
+    return runs, launches, rest, lines
+
+
+def _methods(rs):
+    return sorted({r.point["method"] for r in rs})
+
+
+def test_on_a_gpu_compare_batches_the_methods_the_fused_path_runs_and_runs_the_rest_in_turn(monkeypatch, tmp_path):
+    from grokfast.kernels.optimizer import unsupported_training
+    from grokfast.sweep import batch_key
+
+    runs, launches, rest, lines = _gpu_plan(monkeypatch, tmp_path, PLAN_METHODS)
+    fused = {r.run_id for r in runs if unsupported_training(r.train) is None}
+    assert {r.run_id for _, rs in launches for r in rs} == fused and {r.run_id for r in rest} == {
+        r.run_id for r in runs} - fused
+    assert all(len({batch_key(r) for r in rs}) == 1 for _, rs in launches)
+    # the fused path runs AdamW with or without a filter: one launch per filter kind, lr-matched (AdamW at a
+    # larger lr) beside AdamW, ema with its own lamb beside ema, every seed of a method in the same launch
+    assert sorted(_methods(rs) for _, rs in launches) == [["adamw", "lr-matched"], ["ema", "ema:lamb=5"], ["ma"]]
+    assert all(len(rs) == 2 * len(_methods(rs)) for _, rs in launches)
+    assert _methods(rest) == ["muon", "orthograd", "stablemax"]
+    assert sum(line.startswith("plan: launch ") for line in lines) == 3
+    said = {line.split(" (seeds")[0][len("plan: "):]: line for line in lines if "in turn" in line}
+    assert set(said) == {"muon", "orthograd", "stablemax"}
+    assert "orthogonal to the weights" in said["orthograd"] and "backend is reference" in said["orthograd"]
+    assert "plan: launch 1: 4 runs batched on the fused kernels: adamw (seeds 0,1); lr-matched (seeds 0,1)" in lines
+    # a launch holds at most models_per_launch runs
+    _, launches, _, _ = _gpu_plan(monkeypatch, tmp_path, ["adamw", "lr-matched"], models_per_launch=3)
+    assert [len(rs) for _, rs in launches] == [3, 1]
+
+
+def test_a_method_the_fused_path_learns_is_batched_in_launches_of_its_own(monkeypatch, tmp_path):
+    """When unsupported_training stops refusing orthograd and StableMax (fused versions are being written), the
+    plan batches them with no change here, each method in its own launch: never beside AdamW's runs."""
+    import grokfast.kernels.optimizer as opt
+
+    real = opt.unsupported_training
+    monkeypatch.setattr(opt, "unsupported_training", lambda t: None if (t.orthograd or t.loss == "stablemax")
+                        and t.optimizer == "adamw" else real(t))
+    _, launches, rest, lines = _gpu_plan(monkeypatch, tmp_path, PLAN_METHODS)
+    assert sorted(_methods(rs) for _, rs in launches) == [
+        ["adamw", "lr-matched"], ["ema", "ema:lamb=5"], ["ma"], ["orthograd"], ["stablemax"]]
+    assert _methods(rest) == ["muon"]
+
+
+def test_on_a_cpu_compare_plans_every_run_in_turn_and_says_why(tmp_path, capsys):
+    assert main(["compare", *TINY, "--method", "adamw", "--method", "ema", "--seeds", "0,1", "--device", "cpu",
+                 "--dry-run", "--out", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "4 runs; executor: sequential" in out
+    assert "plan: 4 runs in turn, one after another (batched unavailable: it needs a CUDA GPU" in out
+    assert not (tmp_path / "c").exists()
+
+
+def test_runs_differing_in_a_setting_a_launch_shares_never_share_a_launch():
+    """batch_key follows the batched stepper's own list of shared settings (SHARED_TRAIN_FIELDS) and keeps the
+    kinds of step apart: change any one of them and the key changes; a per-model setting leaves it alone."""
+    import dataclasses
+
+    from grokfast.kernels.batched import SHARED_TRAIN_FIELDS
+    from grokfast.sweep import batch_key
+    from grokfast.sweep.batched import STEP_KIND_FIELDS
+
+    r = expand(CompareSpec("small", ["adamw"], [0], dict(TINY_FIXED, warmup=5)))[0]
+    other = dict(beta1=0.8, beta2=0.9, eps=1e-6, warmup=3, grokfast="ema", window=7, batch_size=8,
+                 precision="tf32", optimizer="adam", loss="stablemax", orthograd=True, warmup_schedule="lambdalr")
+    assert set(SHARED_TRAIN_FIELDS) | set(STEP_KIND_FIELDS) <= set(other)
+    for k in sorted(set(SHARED_TRAIN_FIELDS) | set(STEP_KIND_FIELDS)):
+        changed = dataclasses.replace(r, train=dataclasses.replace(r.train, **{k: other[k]}))
+        assert batch_key(changed) != batch_key(r), k
+    for k, v in dict(lr=0.5, wd=0.1, seed=3, lamb=4.0, lr_matched=True).items():
+        assert batch_key(dataclasses.replace(r, train=dataclasses.replace(r.train, **{k: v}))) == batch_key(r), k

@@ -65,14 +65,32 @@ def batched_status(device, runs: Optional[list] = None, explicit: bool = False) 
     return True, "fused kernels on a CUDA GPU, runs grouped by model config and shape"
 
 
+# Settings that make two runs' steps different in kind. Where the fused kernels run a method (today
+# unsupported_training refuses all but AdamW with cross-entropy), its runs still train in launches of their
+# own, so a method the kernels learn (orthograd, StableMax) never shares a launch with another's runs.
+STEP_KIND_FIELDS = ("optimizer", "loss", "orthograd", "warmup_schedule")
+# What every run of one launch follows together: its evaluation, checkpoint and stopping schedule.
+SCHEDULE_FIELDS = ("eval_every", "checkpoint_every", "measure_every", "stop_at_grok")
+
+
+def _shared_train_fields() -> tuple:
+    """The TrainConfig fields the batched stepper needs equal across a launch (its SHARED_TRAIN_FIELDS)."""
+    try:
+        from grokfast.kernels.batched import SHARED_TRAIN_FIELDS
+    except Exception:   # no kernels, no batched launch (batched_status says why); the fields as of this writing
+        return ("beta1", "beta2", "eps", "warmup", "grokfast", "window", "batch_size", "precision")
+    return tuple(SHARED_TRAIN_FIELDS)
+
+
 def batch_key(r: RunSpec) -> tuple:
-    """Runs with equal keys can train in one launch: one ModelConfig, equal split sizes, the shared
-    optimizer settings (beta1, beta2, eps, warm-up, filter kind and window), the same dot precision and
-    the same evaluation and checkpoint schedule. Seeds, data seeds, lr, wd, alpha, lamb and steps may differ."""
+    """Runs with equal keys can train in one launch: one ModelConfig, equal split sizes, the settings the
+    batched stepper shares (grokfast.kernels.batched.SHARED_TRAIN_FIELDS: betas, eps, warm-up, filter kind
+    and window, dot precision, ...), the same kind of step (STEP_KIND_FIELDS) and the same evaluation,
+    checkpoint and stopping schedule. Seeds, data seeds, lr, wd, alpha, lamb, lr_matched and steps may differ."""
     t = r.train
-    return (json.dumps(r.model.to_dict(), sort_keys=True), r.n_train, r.n_test, t.beta1, t.beta2, t.eps,
-            t.warmup, t.grokfast, t.window, t.eval_every, t.checkpoint_every, getattr(t, "measure_every", None),
-            t.stop_at_grok, t.precision)
+    fields = dict.fromkeys(_shared_train_fields() + STEP_KIND_FIELDS + SCHEDULE_FIELDS)
+    return (json.dumps(r.model.to_dict(), sort_keys=True), r.n_train, r.n_test,
+            tuple((k, getattr(t, k, None)) for k in fields))
 
 
 class BatchedExecutor:
@@ -139,8 +157,11 @@ class BatchedExecutor:
                 launches.append((start, rs[i:i + cap]))
         return launches, rest
 
-    def run(self, runs: list[RunSpec], sweep_dir: Path, on_row: Callable[[dict], None]) -> None:
-        launches, rest = self.plan_launches(runs, sweep_dir)
+    def run(self, runs: list[RunSpec], sweep_dir: Path, on_row: Callable[[dict], None],
+            plan: Optional[tuple] = None) -> None:
+        """Train ``runs``: the launches of ``plan`` (plan_launches' answer for these runs; made here if None),
+        then the rest one by one."""
+        launches, rest = plan if plan is not None else self.plan_launches(runs, sweep_dir)
         for start, rs in launches:
             self._launch(rs, start, Path(sweep_dir), on_row)
         if rest:
