@@ -51,7 +51,7 @@ def batched_status(device, runs: Optional[list] = None, explicit: bool = False) 
     if getattr(kernels, "make_batched_stepper", None) is None:
         return False, "grokfast.kernels has no batched stepper (make_batched_stepper)"
     if torch.device(device).type != "cuda" and not (explicit and interpreter_on()):
-        return False, ("it needs a CUDA GPU (this sweep runs on the CPU; under TRITON_INTERPRET=1, "
+        return False, ("it needs a CUDA GPU (these runs are on the CPU; under TRITON_INTERPRET=1, "
                        "--executor batched --backend fused runs it slowly in the Triton interpreter)")
     if runs:
         whys = [batchable(r, device) for r in runs]
