@@ -145,9 +145,12 @@ def test_batched_compare_runs_lr_matched_on_the_fused_kernels(tmp_path):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fixed = dict(op="x", p=7, frac=0.6, d_model=16, n_heads=2, d_head=8, d_mlp=32, steps=4, eval_every=4,
                  checkpoint_every=4, warmup=0, backend="fused", lr=1e-2)
+    said = []
     res = grokfast.compare(["adamw:lr=0.03", "lr-matched"], [0], preset="small", out=tmp_path / "c", device=device,
-                           executor="batched", figures=False, log=lambda m: None, **fixed)
+                           executor="batched", figures=False, log=said.append, **fixed)
     assert res.executor == "batched" and [r["backend"] for r in res.rows] == ["fused", "fused"]
+    assert "plan: launch 1: 2 runs batched on the fused kernels: adamw:lr=0.03 (seeds 0); lr-matched (seeds 0)" in said
+    assert sum(m.startswith("batched launch: 2 runs") for m in said) == 1
     a, m = (rundir.load_checkpoint(rundir.list_checkpoints(tmp_path / "c" / "runs" / r["run_id"])[-1][1])[0]
             for r in res.rows)
     assert rundir.read_json(tmp_path / "c" / "runs" / res.rows[1]["run_id"] / "config.json")["train"]["lr"] == 1e-2
