@@ -73,22 +73,15 @@ STEP_KIND_FIELDS = ("optimizer", "loss", "orthograd", "warmup_schedule")
 SCHEDULE_FIELDS = ("eval_every", "checkpoint_every", "measure_every", "stop_at_grok")
 
 
-def _shared_train_fields() -> tuple:
-    """The TrainConfig fields the batched stepper needs equal across a launch (its SHARED_TRAIN_FIELDS)."""
-    try:
-        from grokfast.kernels.batched import SHARED_TRAIN_FIELDS
-    except Exception:   # no kernels, no batched launch (batched_status says why); the fields as of this writing
-        return ("beta1", "beta2", "eps", "warmup", "grokfast", "window", "batch_size", "precision")
-    return tuple(SHARED_TRAIN_FIELDS)
-
-
 def batch_key(r: RunSpec) -> tuple:
     """Runs with equal keys can train in one launch: one ModelConfig, equal split sizes, the settings the
     batched stepper shares (grokfast.kernels.batched.SHARED_TRAIN_FIELDS: betas, eps, warm-up, filter kind
     and window, dot precision, ...), the same kind of step (STEP_KIND_FIELDS) and the same evaluation,
     checkpoint and stopping schedule. Seeds, data seeds, lr, wd, alpha, lamb, lr_matched and steps may differ."""
+    from grokfast.kernels.batched import SHARED_TRAIN_FIELDS   # only batchable runs get here: kernels import
+
     t = r.train
-    fields = dict.fromkeys(_shared_train_fields() + STEP_KIND_FIELDS + SCHEDULE_FIELDS)
+    fields = dict.fromkeys(tuple(SHARED_TRAIN_FIELDS) + STEP_KIND_FIELDS + SCHEDULE_FIELDS)
     return (json.dumps(r.model.to_dict(), sort_keys=True), r.n_train, r.n_test,
             tuple((k, getattr(t, k, None)) for k in fields))
 
