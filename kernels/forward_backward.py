@@ -133,13 +133,13 @@ class Workspace:
                 a.dhn = e(M, a.R_in, D) if LN else None
                 a.dx = e(M, a.R_in, D)
             self.layers.append(a)
-        if LN:
-            self.xf, self.muf, self.rsf = e(M, B, D), e(M, B), e(M, B)
+        self.xf = e(M, B, D) if LN else None      # LayerNorm_final's output, formed by the unembedding
         self.loss_ex, self.correct_ex = e(M, B), e(M, B, dtype=torch.int32)
         self.correct = e(M, dtype=torch.int32)
         if grads:
             self.deferred = Deferred()       # the weight gradients' split-K sums, done in one launch
-            self.dlogits, self.dxf = e(M, B, P), e(M, B, D)
+            self.dlogits = e(M, B, P)
+            self.dxf = None if LN else e(M, B, D)
             self.dres = e(M, B, D) if LN else None
 
     @staticmethod
@@ -214,17 +214,25 @@ def _forward(cfg, lay, flat, tokens, ws: Workspace):
         mlp_forward(a.hn2 if LN else a.mid, p[n + "mlp.W_in"], p[n + "mlp.b_in"], p[n + "mlp.W_out"],
                     p[n + "mlp.b_out"], a.mid, a.pre, a.post, a.out, cfg.act)
         x_in = a.out
-    if LN:
-        layernorm_forward(x_in, p["ln_final.w"], p["ln_final.b"], ws.xf, ws.muf, ws.rsf, cfg.ln_eps)
-    return ws.xf if LN else x_in        # the unembedding runs fused with the loss (_loss_head)
+    return x_in     # the final LayerNorm and the unembedding run fused with the loss (_loss_head)
 
 
-def _loss_head(cfg, lay, flat, xf, labels, loss_ex, correct_ex, dlogits=None, dxf=None):
-    """Per-example loss and correct flags (and dlogits, and dxf = dlogits W_U^T) of logits = xf W_U (+ b_U),
-    in one launch: the logits never reach memory (unembed_loss.unembed_cross_entropy)."""
+def _loss_head(cfg, lay, flat, x, labels, loss_ex, correct_ex, ws, grads=False, grad_out=None):
+    """Per-example loss and correct flags of logits = xf W_U (+ b_U), xf = LayerNorm_final(x) (written to
+    ws.xf) or x, in one launch: the logits never reach memory (unembed_loss.unembed_cross_entropy). grads:
+    also ws.dlogits and the gradient of x (ws.dres through the LayerNorm, whose weight gradients go into
+    grad_out via ws.deferred, or ws.dxf). Returns xf."""
     p = lay.views(flat)
-    unembed_cross_entropy(xf, p["unembed.W_U"], p["unembed.b_U"] if cfg.unembed_bias else None, labels,
-                          loss_ex, correct_ex, dlogits, dx=dxf)
+    LN = cfg.layernorm
+    ln = (p["ln_final.w"], p["ln_final.b"], cfg.ln_eps, ws.xf) if LN else None
+    ln_grads = None
+    if grads and LN:
+        g = lay.views(grad_out)
+        ln_grads = (g["ln_final.w"], g["ln_final.b"], ws.deferred)
+    unembed_cross_entropy(x, p["unembed.W_U"], p["unembed.b_U"] if cfg.unembed_bias else None, labels,
+                          loss_ex, correct_ex, ws.dlogits if grads else None,
+                          dx=(ws.dres if LN else ws.dxf) if grads else None, ln=ln, ln_grads=ln_grads)
+    return ws.xf if LN else x
 
 
 _launch = mlp.launch_filled      # gemm_launch with free slots filled from the spare weight-gradient products
@@ -236,12 +244,10 @@ def _backward(cfg, lay, flat, tokens, index, ws: Workspace, xf, grad_out):
     HD, LN = H * Dh, cfg.layernorm
     p, g = lay.views(flat), lay.views(grad_out)
     d = ws.deferred      # weight gradients are outputs only: their split-K sums wait for the last launch
-    # dxf came with the loss (_loss_head); dW_U and db_U ride in later launches' free slots (_launch)
+    # dxf (and the final LayerNorm's backward: dres) came with the loss (_loss_head); dW_U and db_U ride in
+    # later launches' free slots (_launch)
     spare = [gemm_plan(xf.transpose(1, 2), ws.dlogits, g["unembed.W_U"], defer=d),
              *([colsum_plan(ws.dlogits, g["unembed.b_U"], defer=d)] if cfg.unembed_bias else [])]
-    if LN:
-        layernorm_backward(ws.layers[-1].out, p["ln_final.w"], ws.muf, ws.rsf, ws.dxf, ws.dres,
-                           g["ln_final.w"], g["ln_final.b"], defer=d)
     dout = ws.dres if LN else ws.dxf                    # dL / d(output of the current block)
     for l in reversed(range(cfg.n_layers)):
         a = ws.layers[l]
@@ -388,14 +394,14 @@ def _step(cfg, lay, flat, tokens, index, labels, ws, grad_out, loss_out, flush_t
     mean, the embedding gradients, the weight gradients' split-K sums and ``flush_tasks``."""
     d = ws.deferred
     d.start()
-    xf = _forward(cfg, lay, flat, tokens, ws)
-    _loss_head(cfg, lay, flat, xf, labels, ws.loss_ex, ws.correct_ex, ws.dlogits, ws.dxf)
+    x = _forward(cfg, lay, flat, tokens, ws)
+    xf = _loss_head(cfg, lay, flat, x, labels, ws.loss_ex, ws.correct_ex, ws, grads=True, grad_out=grad_out)
     mean_reduce(ws.loss_ex, ws.correct_ex, loss_out, ws.correct, defer=d)
     _backward(cfg, lay, flat, tokens, index, ws, xf, grad_out)
     for task in flush_tasks:
         d.add_task(*task)
     d.flush()
-    return xf
+    return x
 
 
 def loss_and_grads_flat(cfg, flat, tokens, labels, grad_out=None, loss_out=None, precision=None, flush_tasks=(),
@@ -442,8 +448,8 @@ def eval_flat(cfg, flat, tokens, labels, loss_out=None, correct_out=None, precis
             tk = tokens[:, c0:c1] if tokens.shape[0] == 1 else tokens[:, c0:c1].contiguous()
             lb = labels[:, c0:c1] if labels.shape[0] == 1 else labels[:, c0:c1].contiguous()
             ws = _workspace(cfg, M, c1 - c0, flat.device, False)
-            xf = _forward(cfg, lay, flat, tk, ws)
-            _loss_head(cfg, lay, flat, xf, lb, loss_ex[:, c0:c1], correct_ex[:, c0:c1])
+            x = _forward(cfg, lay, flat, tk, ws)
+            _loss_head(cfg, lay, flat, x, lb, loss_ex[:, c0:c1], correct_ex[:, c0:c1], ws)
     mean_reduce(loss_ex, correct_ex, loss_out, correct_out)
     return loss_out, correct_out
 
@@ -471,10 +477,10 @@ def _recorded_step(cfg, M: int, B: int, eval_variant: bool = False) -> list:
     labels = torch.empty((1, B), dtype=torch.int64, device=dev)
     with record_launches() as rec:
         ws = Workspace(cfg, M, B, dev, True)
-        xf = _step(cfg, lay, flat, tokens, _build_index(tokens, cfg.d_vocab), labels, ws, torch.empty_like(flat),
-                   torch.empty((M,), device=dev))
+        x = _step(cfg, lay, flat, tokens, _build_index(tokens, cfg.d_vocab), labels, ws, torch.empty_like(flat),
+                  torch.empty((M,), device=dev))
         if eval_variant:
-            _loss_head(cfg, lay, flat, xf, labels, ws.loss_ex, ws.correct_ex)
+            _loss_head(cfg, lay, flat, x, labels, ws.loss_ex, ws.correct_ex, ws)
             mean_reduce(ws.loss_ex, ws.correct_ex, torch.empty((M,), device=dev), ws.correct)
     return rec
 
