@@ -207,10 +207,10 @@ def _forward(cfg, lay, flat, tokens, ws: Workspace):
              a.qkv.view(M, R, 3 * H, Dh).permute(0, 2, 1, 3), bias=b_qkv,
              embed=embed if l == 0 and not LN else None)
         # attention, z W_O + b_O and the residual in one launch
+        # (and LayerNorm 2 of its output rows: one program holds whole rows)
         attn_forward(a.qkv, tokens, x_in, p[n + "attn.W_O"], p[n + "attn.b_O"] if cfg.attn_bias else None,
-                     a.z, a.sm, a.mid, H, Dh, a.TQ, a.table, cfg.attn_alpha)
-        if LN:
-            layernorm_forward(a.mid, p[n + "ln2.w"], p[n + "ln2.b"], a.hn2, a.mu2, a.rs2, cfg.ln_eps)
+                     a.z, a.sm, a.mid, H, Dh, a.TQ, a.table, cfg.attn_alpha,
+                     ln=(p[n + "ln2.w"], p[n + "ln2.b"], cfg.ln_eps, a.hn2, a.mu2, a.rs2) if LN else None)
         mlp_forward(a.hn2 if LN else a.mid, p[n + "mlp.W_in"], p[n + "mlp.b_in"], p[n + "mlp.W_out"],
                     p[n + "mlp.b_out"], a.mid, a.pre, a.post, a.out, cfg.act)
         x_in = a.out
@@ -260,14 +260,14 @@ def _backward(cfg, lay, flat, tokens, index, ws: Workspace, xf, grad_out):
                      a.dpre, a.dh2 if LN else a.dmid, g[n + "mlp.W_in"], g[n + "mlp.b_in"],
                      g[n + "mlp.W_out"], g[n + "mlp.b_out"], cfg.act, dh_res=None if LN else dout, defer=d,
                      spare=spare)
-        if LN:
-            layernorm_backward(a.mid, p[n + "ln2.w"], a.mu2, a.rs2, a.dh2, a.dmid, g[n + "ln2.w"], g[n + "ln2.b"],
-                               res=dout, defer=d)
         # output projection: dz = dmid W_O^T is formed inside the attention backward; dW_O, db_O ride later
         spare += [gemm_plan(a.z.transpose(1, 2), a.dmid, g[n + "attn.W_O"].reshape(M, HD, D), defer=d),
                   *([colsum_plan(a.dmid, g[n + "attn.b_O"], defer=d)] if cfg.attn_bias else [])]
-        # attention per example, then into the (position, token) tables for layer 0
-        attn_backward(a.qkv, tokens, a.sm, p[n + "attn.W_O"], a.dmid, a.G, H, Dh, a.TQ, a.table, cfg.attn_alpha)
+        # attention per example (with LayerNorm 2's backward forming dmid = LN2 backward of dh2 + dout: one program
+        # holds whole rows), then into the (position, token) tables for layer 0
+        attn_backward(a.qkv, tokens, a.sm, p[n + "attn.W_O"], a.dmid, a.G, H, Dh, a.TQ, a.table, cfg.attn_alpha,
+                      ln=(a.mid, p[n + "ln2.w"], a.mu2, a.rs2, a.dh2, dout, g[n + "ln2.w"], g[n + "ln2.b"], d)
+                      if LN else None)
         # (dq and dres are exactly zero at non-query positions: the scatter skips them)
         src = token_scatter(a.G, index, a.Gtab, zero=(T - a.TQ, HD, 3 * HD)) if a.table else a.G   # [M, R, 3 HD + D]
         dqkv, dres = src[:, :, :3 * HD], src[:, :, 3 * HD:]
