@@ -277,8 +277,9 @@ def test_group_kernels_file_is_generated_from_mlp():
 # segmented token scatter (no split launch) and the flush carrying the loss mean and the embedding
 # gradients, the unembedding's input gradient formed with the loss, X0 formed by its first reader, dz
 # formed inside the attention backward and z W_O inside the attention forward, to 11. Power: 34 to 29 with
-# the LayerNorms' weight-gradient partials summed in the flush (5 column-sum launches gone).
-MAX_LAUNCHES = {"nanda": 11, "pizza": 11, "power": 29}
+# the LayerNorms' weight-gradient partials summed in the flush (5 column-sum launches gone), 29 to 23 with the
+# final LayerNorm inside the unembedding and LayerNorm 2 inside the attention forward and backward.
+MAX_LAUNCHES = {"nanda": 11, "pizza": 11, "power": 23}
 
 
 @pytest.mark.parametrize("name", sorted(MAX_LAUNCHES))
