@@ -8,11 +8,11 @@ the number of correct argmax predictions over a split without copying logits to 
 How the work is laid out (DESIGN.md, "The fused training step"), T = n_ctx, V = d_vocab:
   forward   X0[t * V + v] = W_E[v] + W_pos[t]                       table, T * V rows
             layer 0: LN1, Q/K/V on the table rows; attention per example reads them by token;
-                     z W_O + b_O + residual; LN2 and the MLP at every position (2 layers) or at the
+                     z W_O + b_O + residual and LN2 of it; the MLP at every position (2 layers) or at the
                      last position only (1 layer)
             layer 1: LN1 and Q/K/V per example and position, attention of the last position,
                      its MLP at the last position
-            LN_final, then logits = x W_U + b_U fused with the loss: per-example loss and dlogits
+            LN_final, logits = xf W_U + b_U and the loss in one launch: per-example loss and dlogits
             (accurate on confident data) from logits that never reach memory
   backward  mirrors it: GEMMs for every weight gradient (a fixed-order sum over examples), the
             attention backward per example into G = [dq | dk | dv | dresid] rows, G summed into the
@@ -24,8 +24,10 @@ weight gradients that nothing reads in later launches' free slots), everything n
 waits for its last launch (flush.flush_kernel via mlp.Deferred: split-K sums, the LayerNorms' weight-gradient
 partials, loss mean, embedding gradients, the optimizer's scalars), X0 is formed by its first reader, the unembedding is fused with the
 loss and dxf (unembed_loss.unembed_cross_entropy), z W_O with the attention forward and dz with the
-attention backward, so a step's forward + backward is 11 launches for the nanda and pizza presets and
-29 for power (the optimizer adds
+attention backward, and a LayerNorm runs inside a launch whose programs hold whole rows (the final one's
+forward and backward in the unembedding, LN2's forward in the attention forward and its backward in the
+attention backward; LN1 keeps its own launches: its rows feed a GEMM tiled over columns), so a step's
+forward + backward is 11 launches for the nanda and pizza presets and 23 for power (the optimizer adds
 optimizer.STEP_LAUNCHES = 1; tests/test_kernels_model.py::test_launches_per_step keeps these as ceilings;
 executed_flops counts each launch's dot work).
 One departure from DESIGN.md's sketch: there is no value-output table VO = x0 W_V W_O; attention

@@ -512,6 +512,13 @@ def test_bad_inputs_raise_clear_errors():
         unembed_cross_entropy(x, W, None, lab, le, ce, dlogits=torch.empty(M, B, P + 1, device=DEVICE))
     with pytest.raises(ValueError, match="labels must be"):
         unembed_cross_entropy(x, W, None, lab[:, :3].contiguous(), le, ce)
+    # with the final LayerNorm in front: its output buffer, and somewhere for its weight gradients with dx
+    lw = torch.ones(M, D, device=DEVICE)
+    with pytest.raises(ValueError, match="xf must have shape"):
+        unembed_cross_entropy(x, W, None, lab, le, ce, ln=(lw, lw, 1e-5, torch.empty(M, B, D + 1, device=DEVICE)))
+    with pytest.raises(ValueError, match="ln_grads"):
+        unembed_cross_entropy(x, W, None, lab, le, ce, dlogits=torch.empty(M, B, P, device=DEVICE),
+                              dx=torch.empty(M, B, D, device=DEVICE), ln=(lw, lw, 1e-5, torch.empty_like(x)))
 
 
 def test_aot_specs_cover_every_kernel_with_full_signatures():
