@@ -47,6 +47,7 @@ import triton.language as tl
 
 from . import _common
 from ._common import check, launch, pow2, pow2_floor
+from .layernorm import _ln_bwd_coefs, _ln_row_stats, check_ln_params, deferred_partials
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,12 +137,16 @@ def attn_fwd_kernel(QKV, TOK, XIN, WO, BO, Z, SM, OUT,
                     sqkv_m, sqkv_r, stok_m, sx_m, sx_r, swo_m, sbo_m, sz_m, ssm_m, so_m,
                     T: tl.constexpr, TQ: tl.constexpr, TABLE: tl.constexpr, DH: tl.constexpr,
                     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_N: tl.constexpr):
+                    BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_N: tl.constexpr,
+                    LNW, LNB, HN, MEAN, RSTD, ln_eps, sln_m, shn_m, sst_m, LN: tl.constexpr):
     """Attention of query position tq = T - TQ + pid(1) for BLOCK_B examples, every head, and the output
     projection with the residual: OUT[m, b * TQ + qi, n] = sum_h z[b, qi, h] W_O[h][:, n] (+ b_O[n]) +
     XIN[row(b, tq), n] for BLOCK_N columns n (z W_O as one tl.dot per head, heads in order). Grid
     (cdiv(B, BLOCK_B) * cdiv(D, BLOCK_N), TQ, M). The programs of column tile 0 also write
-    Z[m, b * TQ + qi, h * DH:(h+1) * DH] and SM[m, b * TQ + qi, h, :T] for the backward."""
+    Z[m, b * TQ + qi, h * DH:(h+1) * DH] and SM[m, b * TQ + qi, h, :T] for the backward.
+    LN (BLOCK_N >= D: one column tile holds whole rows): also the next LayerNorm of OUT's rows,
+    HN[m, r] = (OUT[m, r] - mean) * rstd * LNW[m] + LNB[m] ([M, B * TQ, D] contiguous, model stride shn_m),
+    with MEAN, RSTD [M, B * TQ] (model stride sst_m) kept for the backward."""
     nt = tl.cdiv(D, BLOCK_N)
     pid_b = tl.program_id(0) // nt
     pid_n = tl.program_id(0) % nt
@@ -192,6 +197,15 @@ def attn_fwd_kernel(QKV, TOK, XIN, WO, BO, Z, SM, OUT,
     acc += tl.load(XIN + m * sx_m + row_q[:, None] * sx_r + ns[None, :], mask=ok_q[:, None] & nmask[None, :],
                    other=0.0)
     tl.store(OUT + m * so_m + out_row[:, None] * D + ns[None, :], acc, mask=bmask[:, None] & nmask[None, :])
+    if LN:
+        omask = bmask[:, None] & nmask[None, :]
+        mu, rstd = _ln_row_stats(tl.where(omask, acc, 0.0), omask, D, ln_eps)
+        lw = tl.load(LNW + m * sln_m + ns, mask=nmask, other=0.0)
+        lb = tl.load(LNB + m * sln_m + ns, mask=nmask, other=0.0)
+        hn = (acc - mu[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]
+        tl.store(HN + m * shn_m + out_row[:, None] * D + ns[None, :], hn, mask=omask)
+        tl.store(MEAN + m * sst_m + out_row, mu, mask=bmask)
+        tl.store(RSTD + m * sst_m + out_row, rstd, mask=bmask)
 
 
 @triton.jit
@@ -199,12 +213,21 @@ def attn_bwd_kernel(QKV, TOK, SM, WO, DMID, G,
                     B, V, D, NH, scale, alpha,
                     sqkv_m, sqkv_r, stok_m, ssm_m, swo_m, sdm_m, sg_m, sg_r,
                     T: tl.constexpr, TQ: tl.constexpr, TABLE: tl.constexpr, DH: tl.constexpr,
-                    BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_D: tl.constexpr):
+                    BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_D: tl.constexpr,
+                    LX, LW, LMU, LRS, LDY, LRES, PART, slx_m, sln_m, sst_m, sldy_m, slres_m,
+                    spart_m, spart_s, spart_w, LN: tl.constexpr):
     """Per-example attention backward of head h for BLOCK_B examples, all TQ query positions;
     grid (cdiv(B, BLOCK_B), M * NH). Writes G[m, b * T + t] blocks dq, dk, dv of head h for every t
     (dq = 0 where t holds no query) and (head 0) the residual block: DMID[b * TQ + qi] at t = tq, else 0.
     dz[b, qi, h] = DMID[b * TQ + qi] W_O[h]^T (WO [M, NH, DH, D], contiguous per model), 16 columns of
-    d_model at a time (products summed in a fixed order)."""
+    d_model at a time (products summed in a fixed order).
+    LN: DMID is an output, the backward of the LayerNorm that read the rows (LayerNorm 2) plus the residual
+    gradient: DMID[r] = rstd (dy LW - c2 - xhat c1) + LRES[r] with dy = LDY[r], xhat = (LX[r] - LMU[r]) LRS[r],
+    c1, c2 the row means of dy LW xhat and dy LW (layernorm._ln_bwd_coefs; every row tensor [M, B * TQ, D]
+    contiguous per model, LMU, LRS [M, B * TQ]). Every head's program forms the row sums from one
+    [BLOCK_B, BLOCK_D] pass and DMID's columns where dz needs them; head 0's programs write DMID and this
+    row block's weight-gradient partials PART + m spart_m + pid(0) spart_s (+ spart_w) [D]: sums over its
+    rows of dy * xhat and dy."""
     pid_b = tl.program_id(0)
     pmh = tl.program_id(1)
     m = (pmh // NH).to(tl.int64)
@@ -226,6 +249,12 @@ def attn_bwd_kernel(QKV, TOK, SM, WO, DMID, G,
     dv = tl.zeros((BLOCK_B, BLOCK_T, BLOCK_DH), dtype=tl.float32)
     g_base = G + m * sg_m
     bt_mask = bmask[:, None] & emask[None, :]
+    if LN:
+        ds = tl.arange(0, BLOCK_D)
+        rd_mask = bmask[:, None] & (ds < D)[None, :]
+        lw = tl.load(LW + m * sln_m + ds, mask=ds < D, other=0.0)
+        pw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        pb = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for qi in tl.static_range(TQ):
         tq = T - TQ + qi
         is_q = (ts == tq)[None, :]
@@ -238,11 +267,35 @@ def attn_bwd_kernel(QKV, TOK, SM, WO, DMID, G,
         sm = tl.load(SM + m * ssm_m + (out_row * NH + h)[:, None] * T + ts[None, :],
                      mask=bmask[:, None] & allowed, other=0.0)
         pattern = alpha * sm + (1.0 - alpha) * tl.where(allowed, 1.0, 0.0)
+        if LN:
+            lrow = out_row[:, None] * D + ds[None, :]
+            mu = tl.load(LMU + m * sst_m + out_row, mask=bmask, other=0.0)
+            rs = tl.load(LRS + m * sst_m + out_row, mask=bmask, other=0.0)
+            dy = tl.load(LDY + m * sldy_m + lrow, mask=rd_mask, other=0.0)
+            xhat = tl.where(rd_mask, (tl.load(LX + m * slx_m + lrow, mask=rd_mask, other=0.0) - mu[:, None])
+                            * rs[:, None], 0.0)
+            c1, c2 = _ln_bwd_coefs(dy, xhat, lw, D)
+            pw += tl.sum(dy * xhat, axis=0)
+            pb += tl.sum(dy, axis=0)
+            if h == 0:
+                dmr = rs[:, None] * (dy * lw[None, :] - c2[:, None] - xhat * c1[:, None])
+                dmr += tl.load(LRES + m * slres_m + lrow, mask=rd_mask, other=0.0)
+                tl.store(DMID + m * sdm_m + lrow, dmr, mask=rd_mask)
+                tl.store(g_base + (bs * T + tq)[:, None] * sg_r + 3 * HD + ds[None, :], dmr, mask=rd_mask)
         dz = tl.zeros((BLOCK_B, BLOCK_DH), dtype=tl.float32)
         for d0 in range(0, D, 16):
             dd = d0 + tl.arange(0, 16)
-            dm = tl.load(DMID + m * sdm_m + out_row[:, None] * D + dd[None, :],
-                         mask=bmask[:, None] & (dd < D)[None, :], other=0.0)                   # [BB, 16]
+            if LN:      # DMID's columns dd, formed here (head 0 writes them; other programs cannot read them)
+                cm = bmask[:, None] & (dd < D)[None, :]
+                crow = out_row[:, None] * D + dd[None, :]
+                xh = tl.where(cm, (tl.load(LX + m * slx_m + crow, mask=cm, other=0.0) - mu[:, None]) * rs[:, None], 0.0)
+                lwc = tl.load(LW + m * sln_m + dd, mask=dd < D, other=0.0)
+                dm = rs[:, None] * (tl.load(LDY + m * sldy_m + crow, mask=cm, other=0.0) * lwc[None, :] - c2[:, None]
+                                    - xh * c1[:, None])
+                dm = tl.where(cm, dm + tl.load(LRES + m * slres_m + crow, mask=cm, other=0.0), 0.0)   # [BB, 16]
+            else:
+                dm = tl.load(DMID + m * sdm_m + out_row[:, None] * D + dd[None, :],
+                             mask=bmask[:, None] & (dd < D)[None, :], other=0.0)                   # [BB, 16]
             wo = tl.load(WO + m * swo_m + (h * DH + es)[:, None] * D + dd[None, :],
                          mask=emask[:, None] & (dd < D)[None, :], other=0.0)                   # [BDH, 16]
             dz += tl.sum(dm[:, None, :] * wo[None, :, :], axis=2)
@@ -265,11 +318,17 @@ def attn_bwd_kernel(QKV, TOK, SM, WO, DMID, G,
         rd_mask = bmask[:, None] & dmask[None, :]
         for t in tl.static_range(T):
             if t >= T - TQ:
-                d = tl.load(DMID + m * sdm_m + (bs * TQ + (t - (T - TQ)))[:, None] * D + ds[None, :],
-                            mask=rd_mask, other=0.0)
+                if not LN:      # (with LN, written in the query loop)
+                    d = tl.load(DMID + m * sdm_m + (bs * TQ + (t - (T - TQ)))[:, None] * D + ds[None, :],
+                                mask=rd_mask, other=0.0)
+                    tl.store(g_base + (bs * T + t)[:, None] * sg_r + 3 * HD + ds[None, :], d, mask=rd_mask)
             else:
-                d = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
-            tl.store(g_base + (bs * T + t)[:, None] * sg_r + 3 * HD + ds[None, :], d, mask=rd_mask)
+                tl.store(g_base + (bs * T + t)[:, None] * sg_r + 3 * HD + ds[None, :],
+                         tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32), mask=rd_mask)
+        if LN:
+            part = PART + m * spart_m + pid_b.to(tl.int64) * spart_s + ds
+            tl.store(part, pw, mask=dmask)
+            tl.store(part + spart_w, pb, mask=dmask)
 
 
 def _attn_blocks(T, Dh, D, budget):
@@ -284,7 +343,8 @@ def _tokens_check(tokens, M, B, T, device):
         raise ValueError(f"tokens must be a contiguous int64 [1 or {M}, {B}, {T}] tensor, got {list(tokens.shape)}")
 
 
-def attn_forward(qkv, tokens, x_in, W_O, b_O, z, sm, out, n_heads, d_head, n_query, table, alpha, precision=None):
+def attn_forward(qkv, tokens, x_in, W_O, b_O, z, sm, out, n_heads, d_head, n_query, table, alpha, precision=None,
+                 ln=None):
     """Attention of the query positions T - n_query .. T - 1 (causal) for every example, and the output
     projection with the residual, in one launch: out = z W_O (+ b_O) + x_in[query rows].
 
@@ -292,7 +352,9 @@ def attn_forward(qkv, tokens, x_in, W_O, b_O, z, sm, out, n_heads, d_head, n_que
     tokens int64 [1 or M, B, T] contiguous; x_in [M, R_in, D] the residual stream the rows index
     (d_model contiguous); W_O [M, H, Dh, D] (contiguous per model); b_O [M, D] or None. Writes
     z [M, B * n_query, H * Dh], sm [M, B * n_query * H * T] (the softmax before the attention-rate mix) and
-    out [M, B * n_query, D]. V (for table rows) is R_in // T. precision: the dot mode (None: the default)."""
+    out [M, B * n_query, D]. V (for table rows) is R_in // T. precision: the dot mode (None: the default).
+    ln: (w, b, eps, hn, mean, rstd) to run the next LayerNorm on out in the same launch (one program holds whole
+    rows: d_model <= 256): hn [M, B * n_query, D] = LayerNorm(out) * w + b, mean and rstd [M, B * n_query]."""
     M, R_in, W3 = qkv.shape
     H, Dh = n_heads, d_head
     _, B, T = tokens.shape
@@ -315,22 +377,41 @@ def attn_forward(qkv, tokens, x_in, W_O, b_O, z, sm, out, n_heads, d_head, n_que
     BT, BDH = pow2(T, 2), pow2(Dh, 16)
     BB = max(16, min(64, pow2_floor(max(1, 2048 // (BT * BDH)))))   # >= 16: a tl.dot operand
     BN = pow2(D, 16, 64)
+    lnargs = dict(LNW=out, LNB=out, HN=out, MEAN=out, RSTD=out, ln_eps=0.0, sln_m=0, shn_m=0, sst_m=0)
+    if ln is not None:
+        w, b, eps, hn, mean, rstd = ln
+        check_ln_params("attn_forward", M, D, w=w, b=b)
+        check("hn", hn, torch.float32, shape=(M, B * TQ, D))
+        check("mean", mean, torch.float32, shape=(M, B * TQ))
+        check("rstd", rstd, torch.float32, shape=(M, B * TQ))
+        if not (hn.is_contiguous() and mean.stride() == rstd.stride() and mean.stride(1) == 1
+                and w.stride(0) == b.stride(0)) or D > 256:
+            raise ValueError("attn_forward: ln needs hn contiguous, mean and rstd in one layout, w and b in one "
+                             f"layout, d_model <= 256 (got {D})")
+        BN = pow2(D, 16)            # one column tile: the LayerNorm needs whole rows
+        lnargs = dict(LNW=w, LNB=b, HN=hn, MEAN=mean, RSTD=rstd, ln_eps=float(eps), sln_m=w.stride(0),
+                      shn_m=hn.stride(0), sst_m=mean.stride(0))
     launch(attn_fwd_kernel, (triton.cdiv(B, BB) * triton.cdiv(D, BN), TQ, M),
            dict(QKV=qkv, TOK=tokens, XIN=x_in, WO=W_O, BO=b_O if b_O is not None else x_in, Z=z, SM=sm, OUT=out,
                 B=B, V=R_in // T, D=D, NH=H, scale=1.0 / math.sqrt(Dh), alpha=float(alpha),
                 sqkv_m=qkv.stride(0), sqkv_r=qkv.stride(1), stok_m=tokens.stride(0) if tokens.shape[0] > 1 else 0,
                 sx_m=x_in.stride(0), sx_r=x_in.stride(1), swo_m=W_O.stride(0),
                 sbo_m=b_O.stride(0) if b_O is not None else 0, sz_m=z.stride(0), ssm_m=sm.stride(0),
-                so_m=out.stride(0)),
+                so_m=out.stride(0), **lnargs),
            dict(T=T, TQ=TQ, TABLE=bool(table), DH=Dh, HAS_BIAS=b_O is not None,
-                PRECISION=precision or _common.DOT_PRECISION, BLOCK_B=BB, BLOCK_T=BT, BLOCK_DH=BDH, BLOCK_N=BN))
+                PRECISION=precision or _common.DOT_PRECISION, BLOCK_B=BB, BLOCK_T=BT, BLOCK_DH=BDH, BLOCK_N=BN,
+                LN=ln is not None))
 
 
-def attn_backward(qkv, tokens, sm, W_O, dmid, G, n_heads, d_head, n_query, table, alpha):
+def attn_backward(qkv, tokens, sm, W_O, dmid, G, n_heads, d_head, n_query, table, alpha, ln=None):
     """Per-example attention backward into G [M, B * T, 3 * H * Dh + D] (row b * T + t; blocks
     dq | dk | dv | dres, every entry written). dmid [M, B * n_query, D] = dL/d(block residual after
     attention), copied into dres at query rows; dL/dz = dmid W_O^T is formed on chip (W_O [M, H, Dh, D],
-    contiguous per model)."""
+    contiguous per model).
+    ln: (x, w, mean, rstd, dy, res, dw, db, defer) when a LayerNorm read the block residual (LayerNorm 2):
+    dmid is then written here, dmid = LayerNorm backward of dy (its output's gradient) + res, from its input
+    rows x and layernorm_forward's mean, rstd (x, dy, res [M, B * n_query, D] contiguous; w, dw, db [M, D]);
+    dw, db are split-K partials of ``defer`` (an mlp.Deferred): complete after its flush."""
     M, R_in, _ = qkv.shape
     H, Dh = n_heads, d_head
     _, B, T = tokens.shape
@@ -348,12 +429,31 @@ def attn_backward(qkv, tokens, sm, W_O, dmid, G, n_heads, d_head, n_query, table
         raise ValueError("attn_backward: qkv, sm, dmid, G must be contiguous")
     # five live [BB, BT, BDH] tiles, and the query loop unrolled n_query times: no spills on sm_80/sm_90
     BB, BT, BDH, BD = _attn_blocks(T, Dh, D, 1024 if TQ == 1 else 512)
-    launch(attn_bwd_kernel, (triton.cdiv(B, BB), M * H),
+    n_blocks = triton.cdiv(B, BB)
+    lnargs = dict(LX=dmid, LW=dmid, LMU=dmid, LRS=dmid, LDY=dmid, LRES=dmid, PART=dmid, slx_m=0, sln_m=0, sst_m=0,
+                  sldy_m=0, slres_m=0, spart_m=0, spart_s=0, spart_w=0)
+    if ln is not None:
+        x, w, mean, rstd, dy, res, dw, db, defer = ln
+        check_ln_params("attn_backward", M, D, w=w, dw=dw, db=db)
+        for n, t in (("x", x), ("dy", dy), ("res", res)):
+            check(n, t, torch.float32, shape=(M, B * TQ, D))
+            if not t.is_contiguous():
+                raise ValueError(f"attn_backward: ln's {n} must be contiguous")
+        for n, t in (("mean", mean), ("rstd", rstd)):
+            check(n, t, torch.float32, shape=(M, B * TQ))
+        if mean.stride() != rstd.stride() or mean.stride(1) != 1 or D > 256:
+            raise ValueError(f"attn_backward: ln's mean and rstd must share a layout, d_model <= 256 (got {D})")
+        part, strides = deferred_partials(defer, n_blocks, M, D, dw, db, dmid.device)
+        lnargs = dict(LX=x, LW=w, LMU=mean, LRS=rstd, LDY=dy, LRES=res, PART=part, slx_m=x.stride(0),
+                      sln_m=w.stride(0), sst_m=mean.stride(0), sldy_m=dy.stride(0), slres_m=res.stride(0), **strides)
+    launch(attn_bwd_kernel, (n_blocks, M * H),
            dict(QKV=qkv, TOK=tokens, SM=sm, WO=W_O, DMID=dmid, G=G, B=B, V=R_in // T, D=D, NH=H,
                 scale=1.0 / math.sqrt(Dh), alpha=float(alpha),
                 sqkv_m=qkv.stride(0), sqkv_r=qkv.stride(1), stok_m=tokens.stride(0) if tokens.shape[0] > 1 else 0,
-                ssm_m=sm.stride(0), swo_m=W_O.stride(0), sdm_m=dmid.stride(0), sg_m=G.stride(0), sg_r=G.stride(1)),
-           dict(T=T, TQ=TQ, TABLE=bool(table), DH=Dh, BLOCK_B=BB, BLOCK_T=BT, BLOCK_DH=BDH, BLOCK_D=BD))
+                ssm_m=sm.stride(0), swo_m=W_O.stride(0), sdm_m=dmid.stride(0), sg_m=G.stride(0), sg_r=G.stride(1),
+                **lnargs),
+           dict(T=T, TQ=TQ, TABLE=bool(table), DH=Dh, BLOCK_B=BB, BLOCK_T=BT, BLOCK_DH=BDH, BLOCK_D=BD,
+                LN=ln is not None))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,11 +8,11 @@ the number of correct argmax predictions over a split without copying logits to 
 How the work is laid out (DESIGN.md, "The fused training step"), T = n_ctx, V = d_vocab:
   forward   X0[t * V + v] = W_E[v] + W_pos[t]                       table, T * V rows
             layer 0: LN1, Q/K/V on the table rows; attention per example reads them by token;
-                     z W_O + b_O + residual; LN2 and the MLP at every position (2 layers) or at the
+                     z W_O + b_O + residual and LN2 of it; the MLP at every position (2 layers) or at the
                      last position only (1 layer)
             layer 1: LN1 and Q/K/V per example and position, attention of the last position,
                      its MLP at the last position
-            LN_final, then logits = x W_U + b_U fused with the loss: per-example loss and dlogits
+            LN_final, logits = xf W_U + b_U and the loss in one launch: per-example loss and dlogits
             (accurate on confident data) from logits that never reach memory
   backward  mirrors it: GEMMs for every weight gradient (a fixed-order sum over examples), the
             attention backward per example into G = [dq | dk | dv | dresid] rows, G summed into the
@@ -24,8 +24,10 @@ weight gradients that nothing reads in later launches' free slots), everything n
 waits for its last launch (flush.flush_kernel via mlp.Deferred: split-K sums, the LayerNorms' weight-gradient
 partials, loss mean, embedding gradients, the optimizer's scalars), X0 is formed by its first reader, the unembedding is fused with the
 loss and dxf (unembed_loss.unembed_cross_entropy), z W_O with the attention forward and dz with the
-attention backward, so a step's forward + backward is 11 launches for the nanda and pizza presets and
-29 for power (the optimizer adds
+attention backward, and a LayerNorm runs inside a launch whose programs hold whole rows (the final one's
+forward and backward in the unembedding, LN2's forward in the attention forward and its backward in the
+attention backward; LN1 keeps its own launches: its rows feed a GEMM tiled over columns), so a step's
+forward + backward is 11 launches for the nanda and pizza presets and 23 for power (the optimizer adds
 optimizer.STEP_LAUNCHES = 1; tests/test_kernels_model.py::test_launches_per_step keeps these as ceilings;
 executed_flops counts each launch's dot work).
 One departure from DESIGN.md's sketch: there is no value-output table VO = x0 W_V W_O; attention
@@ -133,13 +135,13 @@ class Workspace:
                 a.dhn = e(M, a.R_in, D) if LN else None
                 a.dx = e(M, a.R_in, D)
             self.layers.append(a)
-        if LN:
-            self.xf, self.muf, self.rsf = e(M, B, D), e(M, B), e(M, B)
+        self.xf = e(M, B, D) if LN else None      # LayerNorm_final's output, formed by the unembedding
         self.loss_ex, self.correct_ex = e(M, B), e(M, B, dtype=torch.int32)
         self.correct = e(M, dtype=torch.int32)
         if grads:
             self.deferred = Deferred()       # the weight gradients' split-K sums, done in one launch
-            self.dlogits, self.dxf = e(M, B, P), e(M, B, D)
+            self.dlogits = e(M, B, P)
+            self.dxf = None if LN else e(M, B, D)
             self.dres = e(M, B, D) if LN else None
 
     @staticmethod
@@ -207,24 +209,32 @@ def _forward(cfg, lay, flat, tokens, ws: Workspace):
              a.qkv.view(M, R, 3 * H, Dh).permute(0, 2, 1, 3), bias=b_qkv,
              embed=embed if l == 0 and not LN else None)
         # attention, z W_O + b_O and the residual in one launch
+        # (and LayerNorm 2 of its output rows: one program holds whole rows)
         attn_forward(a.qkv, tokens, x_in, p[n + "attn.W_O"], p[n + "attn.b_O"] if cfg.attn_bias else None,
-                     a.z, a.sm, a.mid, H, Dh, a.TQ, a.table, cfg.attn_alpha)
-        if LN:
-            layernorm_forward(a.mid, p[n + "ln2.w"], p[n + "ln2.b"], a.hn2, a.mu2, a.rs2, cfg.ln_eps)
+                     a.z, a.sm, a.mid, H, Dh, a.TQ, a.table, cfg.attn_alpha,
+                     ln=(p[n + "ln2.w"], p[n + "ln2.b"], cfg.ln_eps, a.hn2, a.mu2, a.rs2) if LN else None)
         mlp_forward(a.hn2 if LN else a.mid, p[n + "mlp.W_in"], p[n + "mlp.b_in"], p[n + "mlp.W_out"],
                     p[n + "mlp.b_out"], a.mid, a.pre, a.post, a.out, cfg.act)
         x_in = a.out
-    if LN:
-        layernorm_forward(x_in, p["ln_final.w"], p["ln_final.b"], ws.xf, ws.muf, ws.rsf, cfg.ln_eps)
-    return ws.xf if LN else x_in        # the unembedding runs fused with the loss (_loss_head)
+    return x_in     # the final LayerNorm and the unembedding run fused with the loss (_loss_head)
 
 
-def _loss_head(cfg, lay, flat, xf, labels, loss_ex, correct_ex, dlogits=None, dxf=None):
-    """Per-example loss and correct flags (and dlogits, and dxf = dlogits W_U^T) of logits = xf W_U (+ b_U),
-    in one launch: the logits never reach memory (unembed_loss.unembed_cross_entropy)."""
+def _loss_head(cfg, lay, flat, x, labels, loss_ex, correct_ex, ws, grads=False, grad_out=None):
+    """Per-example loss and correct flags of logits = xf W_U (+ b_U), xf = LayerNorm_final(x) (written to
+    ws.xf) or x, in one launch: the logits never reach memory (unembed_loss.unembed_cross_entropy). grads:
+    also ws.dlogits and the gradient of x (ws.dres through the LayerNorm, whose weight gradients go into
+    grad_out via ws.deferred, or ws.dxf). Returns xf."""
     p = lay.views(flat)
-    unembed_cross_entropy(xf, p["unembed.W_U"], p["unembed.b_U"] if cfg.unembed_bias else None, labels,
-                          loss_ex, correct_ex, dlogits, dx=dxf)
+    LN = cfg.layernorm
+    ln = (p["ln_final.w"], p["ln_final.b"], cfg.ln_eps, ws.xf) if LN else None
+    ln_grads = None
+    if grads and LN:
+        g = lay.views(grad_out)
+        ln_grads = (g["ln_final.w"], g["ln_final.b"], ws.deferred)
+    unembed_cross_entropy(x, p["unembed.W_U"], p["unembed.b_U"] if cfg.unembed_bias else None, labels,
+                          loss_ex, correct_ex, ws.dlogits if grads else None,
+                          dx=(ws.dres if LN else ws.dxf) if grads else None, ln=ln, ln_grads=ln_grads)
+    return ws.xf if LN else x
 
 
 _launch = mlp.launch_filled      # gemm_launch with free slots filled from the spare weight-gradient products
@@ -236,12 +246,10 @@ def _backward(cfg, lay, flat, tokens, index, ws: Workspace, xf, grad_out):
     HD, LN = H * Dh, cfg.layernorm
     p, g = lay.views(flat), lay.views(grad_out)
     d = ws.deferred      # weight gradients are outputs only: their split-K sums wait for the last launch
-    # dxf came with the loss (_loss_head); dW_U and db_U ride in later launches' free slots (_launch)
+    # dxf (and the final LayerNorm's backward: dres) came with the loss (_loss_head); dW_U and db_U ride in
+    # later launches' free slots (_launch)
     spare = [gemm_plan(xf.transpose(1, 2), ws.dlogits, g["unembed.W_U"], defer=d),
              *([colsum_plan(ws.dlogits, g["unembed.b_U"], defer=d)] if cfg.unembed_bias else [])]
-    if LN:
-        layernorm_backward(ws.layers[-1].out, p["ln_final.w"], ws.muf, ws.rsf, ws.dxf, ws.dres,
-                           g["ln_final.w"], g["ln_final.b"], defer=d)
     dout = ws.dres if LN else ws.dxf                    # dL / d(output of the current block)
     for l in reversed(range(cfg.n_layers)):
         a = ws.layers[l]
@@ -254,14 +262,14 @@ def _backward(cfg, lay, flat, tokens, index, ws: Workspace, xf, grad_out):
                      a.dpre, a.dh2 if LN else a.dmid, g[n + "mlp.W_in"], g[n + "mlp.b_in"],
                      g[n + "mlp.W_out"], g[n + "mlp.b_out"], cfg.act, dh_res=None if LN else dout, defer=d,
                      spare=spare)
-        if LN:
-            layernorm_backward(a.mid, p[n + "ln2.w"], a.mu2, a.rs2, a.dh2, a.dmid, g[n + "ln2.w"], g[n + "ln2.b"],
-                               res=dout, defer=d)
         # output projection: dz = dmid W_O^T is formed inside the attention backward; dW_O, db_O ride later
         spare += [gemm_plan(a.z.transpose(1, 2), a.dmid, g[n + "attn.W_O"].reshape(M, HD, D), defer=d),
                   *([colsum_plan(a.dmid, g[n + "attn.b_O"], defer=d)] if cfg.attn_bias else [])]
-        # attention per example, then into the (position, token) tables for layer 0
-        attn_backward(a.qkv, tokens, a.sm, p[n + "attn.W_O"], a.dmid, a.G, H, Dh, a.TQ, a.table, cfg.attn_alpha)
+        # attention per example (with LayerNorm 2's backward forming dmid = LN2 backward of dh2 + dout: one program
+        # holds whole rows), then into the (position, token) tables for layer 0
+        attn_backward(a.qkv, tokens, a.sm, p[n + "attn.W_O"], a.dmid, a.G, H, Dh, a.TQ, a.table, cfg.attn_alpha,
+                      ln=(a.mid, p[n + "ln2.w"], a.mu2, a.rs2, a.dh2, dout, g[n + "ln2.w"], g[n + "ln2.b"], d)
+                      if LN else None)
         # (dq and dres are exactly zero at non-query positions: the scatter skips them)
         src = token_scatter(a.G, index, a.Gtab, zero=(T - a.TQ, HD, 3 * HD)) if a.table else a.G   # [M, R, 3 HD + D]
         dqkv, dres = src[:, :, :3 * HD], src[:, :, 3 * HD:]
@@ -388,14 +396,14 @@ def _step(cfg, lay, flat, tokens, index, labels, ws, grad_out, loss_out, flush_t
     mean, the embedding gradients, the weight gradients' split-K sums and ``flush_tasks``."""
     d = ws.deferred
     d.start()
-    xf = _forward(cfg, lay, flat, tokens, ws)
-    _loss_head(cfg, lay, flat, xf, labels, ws.loss_ex, ws.correct_ex, ws.dlogits, ws.dxf)
+    x = _forward(cfg, lay, flat, tokens, ws)
+    xf = _loss_head(cfg, lay, flat, x, labels, ws.loss_ex, ws.correct_ex, ws, grads=True, grad_out=grad_out)
     mean_reduce(ws.loss_ex, ws.correct_ex, loss_out, ws.correct, defer=d)
     _backward(cfg, lay, flat, tokens, index, ws, xf, grad_out)
     for task in flush_tasks:
         d.add_task(*task)
     d.flush()
-    return xf
+    return x
 
 
 def loss_and_grads_flat(cfg, flat, tokens, labels, grad_out=None, loss_out=None, precision=None, flush_tasks=(),
@@ -442,8 +450,8 @@ def eval_flat(cfg, flat, tokens, labels, loss_out=None, correct_out=None, precis
             tk = tokens[:, c0:c1] if tokens.shape[0] == 1 else tokens[:, c0:c1].contiguous()
             lb = labels[:, c0:c1] if labels.shape[0] == 1 else labels[:, c0:c1].contiguous()
             ws = _workspace(cfg, M, c1 - c0, flat.device, False)
-            xf = _forward(cfg, lay, flat, tk, ws)
-            _loss_head(cfg, lay, flat, xf, lb, loss_ex[:, c0:c1], correct_ex[:, c0:c1])
+            x = _forward(cfg, lay, flat, tk, ws)
+            _loss_head(cfg, lay, flat, x, lb, loss_ex[:, c0:c1], correct_ex[:, c0:c1], ws)
     mean_reduce(loss_ex, correct_ex, loss_out, correct_out)
     return loss_out, correct_out
 
@@ -471,10 +479,10 @@ def _recorded_step(cfg, M: int, B: int, eval_variant: bool = False) -> list:
     labels = torch.empty((1, B), dtype=torch.int64, device=dev)
     with record_launches() as rec:
         ws = Workspace(cfg, M, B, dev, True)
-        xf = _step(cfg, lay, flat, tokens, _build_index(tokens, cfg.d_vocab), labels, ws, torch.empty_like(flat),
-                   torch.empty((M,), device=dev))
+        x = _step(cfg, lay, flat, tokens, _build_index(tokens, cfg.d_vocab), labels, ws, torch.empty_like(flat),
+                  torch.empty((M,), device=dev))
         if eval_variant:
-            _loss_head(cfg, lay, flat, xf, labels, ws.loss_ex, ws.correct_ex)
+            _loss_head(cfg, lay, flat, x, labels, ws.loss_ex, ws.correct_ex, ws)
             mean_reduce(ws.loss_ex, ws.correct_ex, torch.empty((M,), device=dev), ws.correct)
     return rec
 

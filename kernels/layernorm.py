@@ -8,6 +8,12 @@ Backward, given dy:  g = dy * w,
     a scratch buffer, then a fixed-order column sum over the blocks: deterministic, no atomics).
 Rows hold a whole d_model vector: BLOCK_D = next power of two >= D (D <= 256), BLOCK_R rows per
 program with BLOCK_R * BLOCK_D <= 4096.
+
+Other kernels whose programs hold whole rows run a LayerNorm inside their own launch with the helpers
+below (the same math): the attention forward normalises its output rows (LayerNorm 2's forward), the
+attention backward forms its input gradient from LayerNorm 2's (embed_attn), the unembedding normalises
+its input rows and turns dxf into the final LayerNorm's input gradient (unembed_loss). Their weight-gradient
+partials go to the pass's flush like layernorm_backward's (``deferred_partials``).
 """
 from __future__ import annotations
 
@@ -17,6 +23,22 @@ import triton.language as tl
 
 from ._common import check, launch, pow2
 from .mlp import colsum_plan, gemm_launch
+
+
+@triton.jit
+def _ln_row_stats(x, mask, D, eps):
+    """mean and rstd (biased variance) of each row of the [BLOCK_R, BLOCK_D] tile x, zero outside mask."""
+    mu = tl.sum(x, axis=1) / D
+    xc = tl.where(mask, x - mu[:, None], 0.0)
+    return mu, 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+
+
+@triton.jit
+def _ln_bwd_coefs(dy, xhat, w, D):
+    """Per row of the tiles dy, xhat (zero outside the rows' d_model): c1 = mean(dy w xhat), c2 = mean(dy w),
+    so that dx = rstd (dy w - c2 - xhat c1) (the module docstring)."""
+    g = dy * w[None, :]
+    return tl.sum(g * xhat, axis=1) / D, tl.sum(g, axis=1) / D
 
 
 @triton.jit
@@ -39,9 +61,8 @@ def ln_fwd_kernel(X, W, Bb, Y, MEAN, RSTD, R, D, eps,
         tl.store(XOUT + m * sxo_m + rows[:, None] * sxo_r + ds[None, :], x, mask=mask)
     else:
         x = tl.load(X + m * sx_m + rows[:, None] * sx_r + ds[None, :], mask=mask, other=0.0)
-    mu = tl.sum(x, axis=1) / D
+    mu, rstd = _ln_row_stats(x, mask, D, eps)
     xc = tl.where(mask, x - mu[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
     w = tl.load(W + m * sw_m + ds, mask=dmask, other=0.0)
     b = tl.load(Bb + m * sb_m + ds, mask=dmask, other=0.0)
     y = xc * rstd[:, None] * w[None, :] + b[None, :]
@@ -69,16 +90,33 @@ def ln_bwd_kernel(X, W, MEAN, RSTD, DY, DX, RES, PART, R, D,
     w = tl.load(W + m * sw_m + ds, mask=dmask, other=0.0)
     dy = tl.load(DY + m * sdy_m + rows[:, None] * sdy_r + ds[None, :], mask=mask, other=0.0)
     xhat = tl.where(mask, (x - mu[:, None]) * rstd[:, None], 0.0)
-    g = dy * w[None, :]
-    c1 = tl.sum(g * xhat, axis=1) / D
-    c2 = tl.sum(g, axis=1) / D
-    dx = rstd[:, None] * (g - c2[:, None] - xhat * c1[:, None])
+    c1, c2 = _ln_bwd_coefs(dy, xhat, w, D)
+    dx = rstd[:, None] * (dy * w[None, :] - c2[:, None] - xhat * c1[:, None])
     if HAS_RES:
         dx += tl.load(RES + m * sres_m + rows[:, None] * sres_r + ds[None, :], mask=mask, other=0.0)
     tl.store(DX + m * sdx_m + rows[:, None] * sdx_r + ds[None, :], dx, mask=mask)
     part = PART + m * spart_m + tl.program_id(0).to(tl.int64) * spart_s
     tl.store(part + ds, tl.sum(dy * xhat, axis=0), mask=dmask)
     tl.store(part + spart_w + ds, tl.sum(dy, axis=0), mask=dmask)
+
+
+def deferred_partials(defer, n_blocks, M, D, dw, db, device):
+    """A [2, n_blocks, M, D] partial-sum buffer from ``defer`` (an mlp.Deferred) whose block s holds row block
+    s's sums of dy * xhat ([0]) and dy ([1]), registered as split-K partials of dw and db [M, D] (summed in
+    s order by the flush); returns (buffer, its strides as spart_m, spart_s, spart_w)."""
+    part = defer.buffer((2, n_blocks, M, D), device)
+    defer.add(part[0].view(n_blocks, M, 1, D), dw.view(M, 1, 1, D))
+    defer.add(part[1].view(n_blocks, M, 1, D), db.view(M, 1, 1, D))
+    return part, dict(spart_m=D, spart_s=M * D, spart_w=n_blocks * M * D)
+
+
+def check_ln_params(who, M, D, **ts):
+    """One-line ValueError unless every given tensor is a float32 [M, D] row-contiguous (a LayerNorm w, b, dw
+    or db: ParamLayout views)."""
+    for n, t in ts.items():
+        check(n, t, torch.float32, shape=(M, D))
+        if t.stride(1) != 1:
+            raise ValueError(f"{who}: {n} must be contiguous along d_model")
 
 
 def _rows_check(name, t, M, D):
@@ -139,9 +177,8 @@ def layernorm_backward(x, w, mean, rstd, dy, dx, dw, db, res=None, defer=None):
     BD = pow2(D, 16)
     BR = max(1, _block_r(BD) // 2)          # more live tiles than the forward
     n_blocks = triton.cdiv(R, BR)
-    if defer is not None:
-        part = defer.buffer((2, n_blocks, M, D), x.device)     # [which, s, m, d]: two split-K partial sets
-        strides = dict(spart_m=D, spart_s=M * D, spart_w=n_blocks * M * D)
+    if defer is not None:     # [which, s, m, d]: two split-K partial sets
+        part, strides = deferred_partials(defer, n_blocks, M, D, dw, db, x.device)
     else:
         part = torch.empty((M, n_blocks, 2 * D), dtype=torch.float32, device=x.device)
         strides = dict(spart_m=part.stride(0), spart_s=2 * D, spart_w=D)
@@ -153,9 +190,6 @@ def layernorm_backward(x, w, mean, rstd, dy, dx, dw, db, res=None, defer=None):
                 sres_m=res.stride(0) if res is not None else 0, sres_r=res.stride(1) if res is not None else 0,
                 **strides),
            dict(HAS_RES=res is not None, BLOCK_R=BR, BLOCK_D=BD))
-    if defer is not None:
-        defer.add(part[0].view(n_blocks, M, 1, D), dw.view(M, 1, 1, D))
-        defer.add(part[1].view(n_blocks, M, 1, D), db.view(M, 1, 1, D))
-    else:   # fixed-order sums over the row blocks (split-K when long), both in one launch
+    if defer is None:   # fixed-order sums over the row blocks (split-K when long), both in one launch
         gemm_launch(colsum_plan(part[:, :, :D], dw), colsum_plan(part[:, :, D:], db))
     return dx

@@ -29,6 +29,31 @@ import triton.language as tl
 
 from . import _common
 from ._common import check, launch, pow2
+from .layernorm import _ln_bwd_coefs, _ln_row_stats, check_ln_params, deferred_partials
+
+
+@triton.jit
+def _ln_rows(X, bs, bmask, sx_r, D, eps, BLOCK_D: tl.constexpr):
+    """mean and rstd of the rows bs of X (row stride sx_r, d_model contiguous) from one [BLOCK_B, BLOCK_D] load."""
+    ds = tl.arange(0, BLOCK_D)
+    mask = bmask[:, None] & (ds < D)[None, :]
+    return _ln_row_stats(tl.load(X + bs[:, None] * sx_r + ds[None, :], mask=mask, other=0.0), mask, D, eps)
+
+
+@triton.jit
+def _ln_xhat(X, mu, rstd, bs, kk, bmask, kmask, sx_r):
+    """(x - mean) * rstd of the columns kk of the rows bs, 0 outside the masks."""
+    mask = bmask[:, None] & kmask[None, :]
+    x = tl.load(X + bs[:, None] * sx_r + kk[None, :], mask=mask, other=0.0)
+    return tl.where(mask, (x - mu[:, None]) * rstd[:, None], 0.0)
+
+
+@triton.jit
+def _ln_apply(a, mu, rstd, LNW, LNB, kk, bmask, kmask):
+    """xf = (a - mean) * rstd * w + b for the columns kk (a: those columns of the rows), 0 outside the masks."""
+    w = tl.load(LNW + kk, mask=kmask, other=0.0)
+    b = tl.load(LNB + kk, mask=kmask, other=0.0)
+    return tl.where(bmask[:, None] & kmask[None, :], (a - mu[:, None]) * rstd[:, None] * w[None, :] + b[None, :], 0.0)
 
 
 @triton.jit
@@ -88,12 +113,21 @@ def cross_entropy_kernel(LOGITS, LAB, LOSS, CORRECT, DLOG, B, P, inv_B,
 def unembed_ce_kernel(X, WU, BU, LAB, LOSS, CORRECT, DLOG, DX, B, P, D, inv_B,
                       sx_m, sx_r, sw_m, sbu_m, slab_m, sloss_m, sd_m, sdx_m,
                       HAS_BIAS: tl.constexpr, GRAD: tl.constexpr, DX_OUT: tl.constexpr, PRECISION: tl.constexpr,
-                      BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+                      BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+                      LNW, LNB, XF, PART, ln_eps, sln_m, sxf_m, spart_m, spart_s, spart_w,
+                      LN: tl.constexpr, BLOCK_D: tl.constexpr):
     """The unembedding and the loss in one pass: logits = x W_U (+ b_U) for BLOCK_B rows and every class,
     kept on chip, then _ce_rows; grid (cdiv(B, BLOCK_B), M). X [M, B, D] rows with unit stride along D;
     WU [M, D, P] contiguous per model; BU [M, P]; LAB, LOSS, CORRECT, DLOG as cross_entropy_kernel.
     DX_OUT (with GRAD): also DX[m, b] = dlogits[m, b] W_U^T ([M, B, D] contiguous), from the dlogits tile
-    on chip, BLOCK_K columns at a time (one dot over every class each)."""
+    on chip, BLOCK_K columns at a time (one dot over every class each).
+    LN: the final LayerNorm runs here too (its programs hold whole rows): X is its input, the unembedding
+    reads xf = LayerNorm(X) LNW + LNB (LNW, LNB [M, D] row stride sln_m; mean and rstd from a [BLOCK_B, BLOCK_D]
+    pass over the rows first) and writes xf to XF ([M, B, D] contiguous, model stride sxf_m: dW_U needs it);
+    with DX_OUT, DX is the gradient of X: dxf = dlogits W_U^T, then the LayerNorm backward (a first pass over
+    the columns for its row sums, then dxf again, the same dots, and dx), and this program's partial sums
+    PART + m spart_m + pid spart_s (+ spart_w) [D] of dxf * xhat and dxf (the weight and bias gradients' split-K
+    partials, summed by the flush)."""
     m = tl.program_id(1).to(tl.int64)
     bs = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     js = tl.arange(0, BLOCK_P)
@@ -101,10 +135,15 @@ def unembed_ce_kernel(X, WU, BU, LAB, LOSS, CORRECT, DLOG, DX, B, P, D, inv_B,
     bmask = bs < B
     jmask = js < P
     acc = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
+    if LN:
+        mu, rstd = _ln_rows(X + m * sx_m, bs, bmask, sx_r, D, ln_eps, BLOCK_D)
     for k0 in range(0, D, BLOCK_K):
         kk = k0 + ks
         kmask = kk < D
         a = tl.load(X + m * sx_m + bs[:, None] * sx_r + kk[None, :], mask=bmask[:, None] & kmask[None, :], other=0.0)
+        if LN:
+            a = _ln_apply(a, mu, rstd, LNW + m * sln_m, LNB + m * sln_m, kk, bmask, kmask)
+            tl.store(XF + m * sxf_m + bs[:, None] * D + kk[None, :], a, mask=bmask[:, None] & kmask[None, :])
         w = tl.load(WU + m * sw_m + kk[:, None] * P + js[None, :], mask=kmask[:, None] & jmask[None, :], other=0.0)
         acc += tl.dot(a, w, input_precision=PRECISION)
     if HAS_BIAS:
@@ -114,11 +153,31 @@ def unembed_ce_kernel(X, WU, BU, LAB, LOSS, CORRECT, DLOG, DX, B, P, D, inv_B,
     y = tl.load(LAB + m * slab_m + bs, mask=bmask, other=0)
     g = _ce_rows(l, y, bs, js, bmask, jmask, m, LOSS, CORRECT, DLOG, P, inv_B, sloss_m, sd_m, GRAD)
     if DX_OUT:
+        if LN:      # the LayerNorm backward's row sums need every column of dxf first
+            c1 = tl.zeros((BLOCK_B,), dtype=tl.float32)
+            c2 = tl.zeros((BLOCK_B,), dtype=tl.float32)
+            for k0 in range(0, D, BLOCK_K):
+                kk = k0 + ks
+                kmask = kk < D
+                wt = tl.load(WU + m * sw_m + kk[None, :] * P + js[:, None], mask=jmask[:, None] & kmask[None, :],
+                             other=0.0)
+                dxf = tl.dot(g, wt, input_precision=PRECISION)
+                xhat = _ln_xhat(X + m * sx_m, mu, rstd, bs, kk, bmask, kmask, sx_r)
+                k1, k2 = _ln_bwd_coefs(dxf, xhat, tl.load(LNW + m * sln_m + kk, mask=kmask, other=0.0), D)
+                c1 += k1
+                c2 += k2
         for k0 in range(0, D, BLOCK_K):
             kk = k0 + ks
             kmask = kk < D
             wt = tl.load(WU + m * sw_m + kk[None, :] * P + js[:, None], mask=jmask[:, None] & kmask[None, :], other=0.0)
             dx = tl.dot(g, wt, input_precision=PRECISION)                            # [BLOCK_B, BLOCK_K]
+            if LN:
+                xhat = _ln_xhat(X + m * sx_m, mu, rstd, bs, kk, bmask, kmask, sx_r)
+                part = PART + m * spart_m + tl.program_id(0).to(tl.int64) * spart_s + kk
+                tl.store(part, tl.sum(dx * xhat, axis=0), mask=kmask)
+                tl.store(part + spart_w, tl.sum(dx, axis=0), mask=kmask)
+                lw = tl.load(LNW + m * sln_m + kk, mask=kmask, other=0.0)
+                dx = rstd[:, None] * (dx * lw[None, :] - c2[:, None] - xhat * c1[:, None])
             tl.store(DX + m * sdx_m + bs[:, None] * D + kk[None, :], dx, mask=bmask[:, None] & kmask[None, :])
 
 
@@ -180,13 +239,17 @@ def cross_entropy(logits, labels, loss_ex, correct_ex, dlogits=None, n_mean=None
 
 
 def unembed_cross_entropy(x, W_U, b_U, labels, loss_ex, correct_ex, dlogits=None, n_mean=None, precision=None,
-                          dx=None):
+                          dx=None, ln=None, ln_grads=None):
     """cross_entropy of logits = x W_U (+ b_U) without the logits ever reaching memory (one launch).
     With dlogits and dx [M, B, D] (contiguous), also dx = dlogits W_U^T, the gradient of x, in the same launch.
 
     x [M, B, D] float32 with unit stride along D; W_U [M, D, P] (each model's matrix contiguous); b_U [M, P]
     or None; labels [1 or M, B] int64; loss_ex, correct_ex, dlogits, n_mean as cross_entropy. precision:
-    the dot mode (_common.PRECISIONS; None: the current default)."""
+    the dot mode (_common.PRECISIONS; None: the current default).
+    ln: (w, b, eps, xf) to put a LayerNorm in front in the same launch: the logits are xf W_U (+ b_U) with
+    xf = LayerNorm(x) * w + b written to xf [M, B, D] (contiguous; w, b [M, D]); dx is then the gradient of
+    x through the LayerNorm, and ln_grads = (dw, db, defer) receives the LayerNorm's weight and bias gradients
+    as split-K partials of ``defer`` (an mlp.Deferred: complete after its flush; needed with dx)."""
     check("x", x, torch.float32, dims=3)
     M, B, D = x.shape
     check("W_U", W_U, torch.float32, dims=3, shape=(M, D, None), device=x.device)
@@ -206,25 +269,45 @@ def unembed_cross_entropy(x, W_U, b_U, labels, loss_ex, correct_ex, dlogits=None
             raise ValueError("unembed_cross_entropy: dx needs dlogits, and must be contiguous")
     BP = pow2(P, 16)
     BB = max(16, min(32, 4096 // BP))
-    launch(unembed_ce_kernel, (triton.cdiv(B, BB), M),
+    n_blocks = triton.cdiv(B, BB)
+    lnargs = dict(LNW=x, LNB=x, XF=x, PART=x, ln_eps=0.0, sln_m=0, sxf_m=0, spart_m=0, spart_s=0, spart_w=0)
+    if ln is not None:
+        w, b, eps, xf = ln
+        check_ln_params("unembed_cross_entropy", M, D, w=w, b=b)
+        check("xf", xf, torch.float32, shape=(M, B, D), device=x.device)
+        if not xf.is_contiguous() or w.stride(0) != b.stride(0):
+            raise ValueError("unembed_cross_entropy: xf must be contiguous, and ln's w and b share a layout")
+        if D > 256:
+            raise ValueError(f"unembed_cross_entropy: the fused LayerNorm handles d_model <= 256, got {D}")
+        lnargs.update(LNW=w, LNB=b, XF=xf, ln_eps=float(eps), sln_m=w.stride(0), sxf_m=xf.stride(0))
+        if dx is not None:
+            if ln_grads is None:
+                raise ValueError("unembed_cross_entropy: dx through the LayerNorm needs ln_grads=(dw, db, defer)")
+            dw, db, defer = ln_grads
+            check_ln_params("unembed_cross_entropy", M, D, dw=dw, db=db)
+            part, strides = deferred_partials(defer, n_blocks, M, D, dw, db, x.device)
+            lnargs.update(PART=part, **strides)
+    launch(unembed_ce_kernel, (n_blocks, M),
            dict(X=x, WU=W_U, BU=b_U if b_U is not None else W_U, LAB=labels, LOSS=loss_ex, CORRECT=correct_ex,
                 DLOG=dlogits if dlogits is not None else x, DX=dx if dx is not None else x,
                 B=B, P=P, D=D, inv_B=1.0 / float(n_mean or B),
                 sx_m=x.stride(0), sx_r=x.stride(1), sw_m=W_U.stride(0), sbu_m=b_U.stride(0) if b_U is not None else 0,
                 slab_m=labels.stride(0) if labels.shape[0] > 1 else 0, sloss_m=loss_ex.stride(0),
-                sd_m=dlogits.stride(0) if dlogits is not None else 0, sdx_m=dx.stride(0) if dx is not None else 0),
+                sd_m=dlogits.stride(0) if dlogits is not None else 0, sdx_m=dx.stride(0) if dx is not None else 0,
+                **lnargs),
            dict(HAS_BIAS=b_U is not None, GRAD=dlogits is not None, DX_OUT=dx is not None,
                 PRECISION=precision or _common.DOT_PRECISION,
-                BLOCK_B=BB, BLOCK_P=BP, BLOCK_K=16), num_warps=8)
+                BLOCK_B=BB, BLOCK_P=BP, BLOCK_K=16, LN=ln is not None, BLOCK_D=pow2(D, 16)), num_warps=8)
 
 
 def dot_flops(grid, args: dict, cx: dict) -> tuple[int, int]:
     """(executed, useful) tl.dot FLOPs of one recorded unembed_ce_kernel launch: every program's
     [BLOCK_B, BLOCK_K] x [BLOCK_K, BLOCK_P] products over cdiv(D, BLOCK_K) steps, twice with DX_OUT (the
-    input gradient, [BLOCK_B, BLOCK_P] x [BLOCK_P, BLOCK_K] per step); useful 2 B D P per model and product."""
+    input gradient, [BLOCK_B, BLOCK_P] x [BLOCK_P, BLOCK_K] per step) and three times with DX_OUT and LN (dxf
+    formed twice: once for the LayerNorm's row sums); useful 2 B D P per model and product (dxf counted once)."""
     BB, BP, BK = cx["BLOCK_B"], cx["BLOCK_P"], cx["BLOCK_K"]
     n_prog, times = grid[0] * grid[1], 2 if cx["DX_OUT"] else 1
-    return (times * 2 * BB * BP * BK * triton.cdiv(args["D"], BK) * n_prog,
+    return ((times + (1 if cx["DX_OUT"] and cx["LN"] else 0)) * 2 * BB * BP * BK * triton.cdiv(args["D"], BK) * n_prog,
             times * 2 * args["B"] * args["D"] * args["P"] * grid[1])
 
 

@@ -109,6 +109,99 @@ def test_layernorm_backward_at_real_size_with_deferred_splits():
         assert rel(db, b64.grad) <= 1e-5, "db"
 
 
+def test_unembedding_with_the_final_layernorm_at_the_power_shape():
+    """unembed_cross_entropy with the final LayerNorm in front at the power preset's step (512 examples,
+    d_model 128, 97 classes: 16 row blocks of weight-gradient partials, eight 16-column passes) against float64:
+    loss, xf, the input gradient through the LayerNorm and its weight and bias gradients (summed by the deferred
+    flush) within 1e-5 relative (float32 sums of <= 512 O(1) terms: ~1e-6), from NaN-poisoned outputs; reversed
+    program order gives the same bits."""
+    from grokfast.kernels.interpret_order import program_order
+    from grokfast.kernels.unembed_loss import unembed_cross_entropy
+    M, B, D, P = 1, 512, 128, 97
+    g = torch.Generator().manual_seed(9)
+    x = 2 + 1.5 * torch.randn(M, B, D, generator=g)
+    w = 1 + 0.3 * torch.randn(M, D, generator=g)
+    b = 0.3 * torch.randn(M, D, generator=g)
+    W_U = torch.randn(M, D, P, generator=g) / D ** 0.5
+    labels = torch.randint(0, P, (1, B), generator=g)
+    dev = {k: v.to(DEVICE) for k, v in dict(x=x, w=w, b=b, W_U=W_U, labels=labels).items()}
+
+    def run():
+        nan = lambda *shape: torch.full(shape, float("nan"), device=DEVICE)
+        out = dict(loss=nan(M, B), xf=nan(M, B, D), dlog=nan(M, B, P), dx=nan(M, B, D), dw=nan(M, D), db=nan(M, D))
+        correct = torch.full((M, B), -1, dtype=torch.int32, device=DEVICE)
+        defer = mlp.Deferred()
+        defer.start()
+        unembed_cross_entropy(dev["x"], dev["W_U"], None, dev["labels"], out["loss"], correct, out["dlog"],
+                              dx=out["dx"], ln=(dev["w"], dev["b"], 1e-5, out["xf"]),
+                              ln_grads=(out["dw"], out["db"], defer))
+        defer.flush()
+        return out
+
+    base = run()
+    if INTERPRETED:
+        with program_order("reversed"):
+            again = run()
+        assert all(torch.equal(base[k], again[k]) for k in base)
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x, w, b))
+    xf64 = torch.nn.functional.layer_norm(x64, (D,), w64[0], b64[0], 1e-5)
+    loss64 = torch.nn.functional.cross_entropy((xf64 @ W_U.double())[0], labels[0], reduction="none")
+    loss64.mean().backward()
+    assert rel(base["loss"], loss64.detach().unsqueeze(0)) <= 1e-5
+    assert rel(base["xf"], xf64.detach()) <= 1e-5
+    assert rel(base["dx"], x64.grad) <= 1e-5
+    assert rel(base["dw"], w64.grad) <= 1e-5, "dw"
+    assert rel(base["db"], b64.grad) <= 1e-5, "db"
+
+
+def test_fused_layernorms_at_real_width_match_float64_and_keep_their_bits_in_any_order():
+    """The LayerNorms fused into other launches (LayerNorm 2 in the attention forward and backward, the final
+    one in the unembedding) on rows wider than one 16-column pass: d_model 48 (three passes in the attention
+    backward's dz and in the unembedding's two dxf passes, which d_model 16 runs once; padded to BLOCK_D 64, as
+    no preset width is), and every split path. The power preset's width (128, eight passes) gives the same
+    result but takes 3 minutes here. Loss within 1e-6 and every gradient within 1e-5 of float64 (relative, per
+    parameter: float32 kernels land near 1e-7..1e-6), from a NaN-poisoned workspace; reversed program order
+    gives the same bits."""
+    from grokfast.kernels.interpret_order import program_order
+    from grokfast.model import loss_and_grads_reference
+    cfg = every_path_cfg(d_model=48, n_heads=2, d_head=16, d_mlp=32)
+    model, tokens, labels = model_and_data(cfg, 20, seed=8)
+    lay = ParamLayout(cfg)
+    flat = lay.flatten(model.state_dict()).to(DEVICE)
+    counts = fb.launches_per_step(cfg, 1, 20)
+    assert counts["ln_fwd_kernel"] == 2 and counts["ln_bwd_kernel"] == 2, counts   # LayerNorm 1 only
+    outs = []
+    with mlp.split_thresholds(16):
+        for mode in (["forward", "reversed"] if INTERPRETED else ["forward"]):
+            fb._CACHE.clear()
+            fb.POISON_WORKSPACE = True
+            try:
+                loss = torch.full((1,), float("nan"), device=DEVICE)
+                grad = torch.full_like(flat, float("nan"))
+                with program_order(mode) if INTERPRETED else _no_order():
+                    fb.loss_and_grads_flat(cfg, flat, tokens, labels, grad_out=grad, loss_out=loss)
+            finally:
+                fb.POISON_WORKSPACE = False
+                fb._CACHE.clear()
+            outs.append((loss, grad))
+    assert all(torch.equal(outs[0][0], o[0]) and torch.equal(outs[0][1], o[1]) for o in outs[1:])
+    loss_ref, grads_ref = loss_and_grads_reference(copy.deepcopy(model).double(), tokens.cpu(), labels.cpu())
+    assert abs(outs[0][0].item() - loss_ref.item()) <= 1e-6 * abs(loss_ref.item())
+    eval_loss, _ = fb.eval_flat(cfg, flat, tokens, labels)      # the unembedding's LayerNorm without gradients
+    assert abs(eval_loss.item() - loss_ref.item()) <= 1e-6 * abs(loss_ref.item())
+    views = lay.views(outs[0][1].cpu())
+    for name, g_ref in grads_ref.items():
+        if name.endswith("attn.b_K"):      # exactly zero in exact arithmetic: rounding only
+            assert (views[name][0].double() - g_ref).norm() <= 1e-5 * grads_ref[name.replace("b_K", "W_K")].norm()
+            continue
+        assert rel(views[name][0], g_ref) <= 1e-5, name
+
+
+def _no_order():
+    import contextlib
+    return contextlib.nullcontext()
+
+
 def test_split_problems_of_one_launch_get_their_own_buffers():
     """Two split-K problems of one grouped launch with equal shapes must not share a partial-sum buffer
     (Deferred hands buffers out per request, not per finished reduction)."""
