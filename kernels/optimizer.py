@@ -73,6 +73,13 @@ SCALAR_WARPS = 1   # the scalar kernel: one program, a few values per model
 LAUNCHES = 2       # kernel launches per FusedOptimizer.step: adamw_scalars_kernel, grokfast_adamw_kernel
 STEP_LAUNCHES = 1  # in a fused training step: the scalars ride in the forward/backward's last launch
                    # (scalars_task), the element kernel is the optimizer's only launch
+ORTHO_LAUNCHES = 1 # orthograd adds one launch before the element kernel: orthograd_sums_kernel
+PBLOCK = 64        # orthograd partial sums read per iteration by the element kernel
+
+
+def step_launches(orthograd: bool = False) -> int:
+    """The optimizer's launches in a fused training step: STEP_LAUNCHES, plus ORTHO_LAUNCHES with orthograd."""
+    return STEP_LAUNCHES + (ORTHO_LAUNCHES if orthograd else 0)
 
 
 @triton.jit
@@ -136,50 +143,19 @@ def _adamw_scalars(counter_ptr, betas_ptr, lr_ptr, wd_ptr, scal_ptr, snap_ptr, M
 
 
 @triton.jit
-def grokfast_adamw_kernel(
-    param_ptr,      # [M, N] float32, updated in place
-    grad_ptr,       # [M, N] float32 raw gradients (read only)
-    mom_ptr,        # [M, N] float32 AdamW first moment m, updated in place
-    vel_ptr,        # [M, N] float32 AdamW second moment v, updated in place
-    ema_ptr,        # [M, N] float32 Grokfast-EMA state (used only when FILTER == 1)
-    ring_ptr,       # [M, W, N] float32 raw-gradient ring (used only when FILTER == 2)
-    sum_ptr,        # [M, N] float64 MA window sum S (used only when FILTER == 2)
-    alpha_ptr,      # [M] float32 EMA momentum per model
-    lamb_ptr,       # [M] float32 Grokfast amplification per model
-    scal_ptr,       # [SCALARS + 2 M] float32 from adamw_scalars_kernel
-    snap_ptr,       # [2] int64 (t, c) of this step, from adamw_scalars_kernel
-    loss_ptr,       # [M] float32 this step's loss per model (read only when TRACK)
-    bad_ptr,        # [M] int64 first step whose loss was NaN or inf, -1 while none (updated when TRACK)
-    N,              # parameters per model
-    window,         # W, the MA window (>= 1)
-    eps,
-    FILTER: tl.constexpr,   # 0 none, 1 EMA, 2 MA
-    SCALARS: tl.constexpr,
-    BLOCK: tl.constexpr,
-    TRACK: tl.constexpr,    # 1: block 0 of model m also sets bad[m] = t if loss[m] is not finite and bad[m] < 0
-):
-    """One Grokfast + AdamW step for block ``pid(1)`` of model ``pid(0)``; grid (M, cdiv(N, BLOCK))."""
-    model = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    row = model * N + offs
-    count = tl.load(snap_ptr + 1)
-    if TRACK:
-        if tl.program_id(1) == 0:
-            # the trainer's divergence check, on the device: no host work per step
-            loss = tl.load(loss_ptr + model)
-            bad = tl.load(bad_ptr + model)
-            nonfinite = (loss != loss) | (tl.abs(loss) == float("inf"))
-            tl.store(bad_ptr + model, tl.where(nonfinite & (bad < 0), tl.load(snap_ptr), bad))
-
-    g = tl.load(grad_ptr + row, mask=mask, other=0.0)
+def _filtered(g, row, model, offs, mask, count, ema_ptr, ring_ptr, sum_ptr, alpha_ptr, lamb_ptr, N, window,
+              FILTER: tl.constexpr, BLOCK: tl.constexpr, STORE: tl.constexpr):
+    """The Grokfast-filtered gradient g' of one block (the module docstring's formulas); with STORE the
+    filter state advances (EMA state, MA ring and window sum written), without it nothing is written
+    (orthograd_sums_kernel reads the g' that the element kernel forms later in the same step)."""
     if FILTER == 1:
         alpha = tl.load(alpha_ptr + model)
         lamb = tl.load(lamb_ptr + model)
         ema = tl.load(ema_ptr + row, mask=mask, other=0.0)
         # where(), not arithmetic: the state before the first step may hold anything (even NaN).
         ema = tl.where(count == 0, g, alpha * ema + (1.0 - alpha) * g)
-        tl.store(ema_ptr + row, ema, mask=mask)
+        if STORE:
+            tl.store(ema_ptr + row, ema, mask=mask)
         g = g + lamb * ema
     elif FILTER == 2:
         lamb = tl.load(lamb_ptr + model)
@@ -201,11 +177,136 @@ def grokfast_adamw_kernel(
                 old = tl.load(ring_ptr + ring_row + slot * N, mask=mask, other=0.0)
                 s = tl.load(sum_ptr + row, mask=mask, other=0.0)
                 s = (s - old.to(tl.float64)) + g.to(tl.float64)
-            tl.store(sum_ptr + row, s, mask=mask)
-            tl.store(ring_ptr + ring_row + slot * N, g, mask=mask)
+            if STORE:
+                tl.store(sum_ptr + row, s, mask=mask)
+                tl.store(ring_ptr + ring_row + slot * N, g, mask=mask)
             g = g + lamb * (s / window).to(tl.float32)
         else:
-            tl.store(ring_ptr + ring_row + slot * N, g, mask=mask)
+            if STORE:
+                tl.store(ring_ptr + ring_row + slot * N, g, mask=mask)
+    return g
+
+
+@triton.jit
+def _block_range(tab_ptr, blk, BLOCK: tl.constexpr):
+    """(offs, mask) of tensor block blk: [start, end) of one parameter tensor, at most BLOCK long (the
+    orthograd block table, FusedOptimizer._tab)."""
+    start = tl.load(tab_ptr + blk * 4).to(tl.int64)
+    end = tl.load(tab_ptr + blk * 4 + 1).to(tl.int64)
+    offs = start + tl.arange(0, BLOCK)
+    return offs, offs < end
+
+
+@triton.jit
+def orthograd_sums_kernel(
+    param_ptr,      # [M, N] float32 parameters w (before this step's update; read only)
+    grad_ptr,       # [M, N] float32 raw gradients (read only)
+    ema_ptr, ring_ptr, sum_ptr, alpha_ptr, lamb_ptr,   # the filter's state and settings, as grokfast_adamw_kernel's
+    snap_ptr,       # [2] int64 (t, c) of this step, from the scalar kernel
+    tab_ptr,        # [NB, 4] int32 tensor blocks: start, end, first block of its tensor, its tensor's blocks
+    part_ptr,       # [M, NB, 3] float64 out: this block's w.g', w.w, g'.g'
+    N, NB, window,
+    FILTER: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Orthograd's partial sums of block pid(1) of model pid(0) over the filtered gradient g' (the filter
+    state read, not advanced); grid (M, NB). Products of float32 values are exact in float64, and each
+    block's sum is a fixed tree (tl.sum), so the partials do not depend on program order."""
+    model = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1).to(tl.int64)
+    offs, mask = _block_range(tab_ptr, blk, BLOCK)
+    row = model * N + offs
+    count = tl.load(snap_ptr + 1)
+    g = tl.load(grad_ptr + row, mask=mask, other=0.0)
+    g = _filtered(g, row, model, offs, mask, count, ema_ptr, ring_ptr, sum_ptr, alpha_ptr, lamb_ptr, N, window,
+                  FILTER, BLOCK, 0).to(tl.float64)
+    w = tl.load(param_ptr + row, mask=mask, other=0.0).to(tl.float64)
+    out = part_ptr + (model * NB + blk) * 3
+    tl.store(out, tl.sum(w * g))
+    tl.store(out + 1, tl.sum(w * w))
+    tl.store(out + 2, tl.sum(g * g))
+
+
+@triton.jit
+def _orthogonal(g, w, model, blk, tab_ptr, part_ptr, NB, PBLOCK: tl.constexpr):
+    """g'' = (g' - c w) r of this block's tensor (module docstring), from the partial sums of its blocks
+    added in a fixed order (chunks of PBLOCK in turn, a tree within each): every block of a tensor
+    forms the same c and r."""
+    first = tl.load(tab_ptr + blk * 4 + 2).to(tl.int64)
+    count = tl.load(tab_ptr + blk * 4 + 3)
+    wg = tl.zeros([PBLOCK], dtype=tl.float64)
+    ww = tl.zeros([PBLOCK], dtype=tl.float64)
+    gg = tl.zeros([PBLOCK], dtype=tl.float64)
+    for k0 in range(0, count, PBLOCK):
+        k = k0 + tl.arange(0, PBLOCK)
+        ok = k < count
+        src = part_ptr + (model * NB + first + k) * 3
+        wg += tl.load(src, mask=ok, other=0.0)
+        ww += tl.load(src + 1, mask=ok, other=0.0)
+        gg += tl.load(src + 2, mask=ok, other=0.0)
+    wg = tl.sum(wg)
+    ww = tl.sum(ww)
+    gg = tl.sum(gg)
+    # float64 '/' and sqrt compile to the IEEE-rounded div.rn.f64 and sqrt.rn.f64 (no approximate forms)
+    c = wg / (ww + 1e-30)
+    perp2 = tl.maximum(gg - 2.0 * c * wg + c * c * ww, 0.0)      # |g' - c w|^2 from the three sums
+    r = tl.sqrt(gg) / (tl.sqrt(perp2) + 1e-30)
+    return ((g.to(tl.float64) - c * w.to(tl.float64)) * r).to(tl.float32)
+
+
+@triton.jit
+def grokfast_adamw_kernel(
+    param_ptr,      # [M, N] float32, updated in place
+    grad_ptr,       # [M, N] float32 raw gradients (read only)
+    mom_ptr,        # [M, N] float32 AdamW first moment m, updated in place
+    vel_ptr,        # [M, N] float32 AdamW second moment v, updated in place
+    ema_ptr,        # [M, N] float32 Grokfast-EMA state (used only when FILTER == 1)
+    ring_ptr,       # [M, W, N] float32 raw-gradient ring (used only when FILTER == 2)
+    sum_ptr,        # [M, N] float64 MA window sum S (used only when FILTER == 2)
+    alpha_ptr,      # [M] float32 EMA momentum per model
+    lamb_ptr,       # [M] float32 Grokfast amplification per model
+    scal_ptr,       # [SCALARS + 2 M] float32 from adamw_scalars_kernel
+    snap_ptr,       # [2] int64 (t, c) of this step, from adamw_scalars_kernel
+    loss_ptr,       # [M] float32 this step's loss per model (read only when TRACK)
+    bad_ptr,        # [M] int64 first step whose loss was NaN or inf, -1 while none (updated when TRACK)
+    tab_ptr,        # [NB, 4] int32 tensor blocks (read only when ORTHO; see orthograd_sums_kernel)
+    part_ptr,       # [M, NB, 3] float64 orthograd partial sums from orthograd_sums_kernel (read only when ORTHO)
+    N,              # parameters per model
+    NB,             # tensor blocks per model (used only when ORTHO)
+    window,         # W, the MA window (>= 1)
+    eps,
+    FILTER: tl.constexpr,   # 0 none, 1 EMA, 2 MA
+    SCALARS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    TRACK: tl.constexpr,    # 1: block 0 of model m also sets bad[m] = t if loss[m] is not finite and bad[m] < 0
+    ORTHO: tl.constexpr,    # 1: orthograd between the filter and AdamW; blocks are tensor blocks (tab_ptr)
+    PBLOCK: tl.constexpr,   # partial sums read per iteration when ORTHO
+):
+    """One Grokfast (+ orthograd) + AdamW step for block ``pid(1)`` of model ``pid(0)``; grid (M, cdiv(N, BLOCK)),
+    or (M, NB) with ORTHO: block b covers one tensor's elements tab[b, 0] <= i < tab[b, 1]."""
+    model = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1).to(tl.int64)
+    if ORTHO:
+        offs, mask = _block_range(tab_ptr, blk, BLOCK)
+    else:
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+    row = model * N + offs
+    count = tl.load(snap_ptr + 1)
+    if TRACK:
+        if tl.program_id(1) == 0:
+            # the trainer's divergence check, on the device: no host work per step
+            loss = tl.load(loss_ptr + model)
+            bad = tl.load(bad_ptr + model)
+            nonfinite = (loss != loss) | (tl.abs(loss) == float("inf"))
+            tl.store(bad_ptr + model, tl.where(nonfinite & (bad < 0), tl.load(snap_ptr), bad))
+
+    g = tl.load(grad_ptr + row, mask=mask, other=0.0)
+    g = _filtered(g, row, model, offs, mask, count, ema_ptr, ring_ptr, sum_ptr, alpha_ptr, lamb_ptr, N, window,
+                  FILTER, BLOCK, 1)
+    if ORTHO:
+        g = _orthogonal(g, tl.load(param_ptr + row, mask=mask, other=0.0), model, blk, tab_ptr, part_ptr, NB,
+                        PBLOCK)
 
     b1 = tl.load(scal_ptr)
     one_b1 = tl.load(scal_ptr + 1)
@@ -231,14 +332,20 @@ def grokfast_adamw_kernel(
 
 
 def aot_specs() -> list[dict]:
-    """The optimizer's compile specs for grokfast.kernels.aot: the scalar kernel (with and without a
-    filter) and the element kernel (one per filter, then each with the divergence check TRACK); their
+    """The optimizer's compile specs for grokfast.kernels.aot: the element kernel (one per filter, then each
+    with the divergence check TRACK), the scalar kernel (with and without a filter), then the orthograd
+    variants (the element kernel's ORTHO, per filter and TRACK; orthograd_sums_kernel per filter); their
     code does not depend on M or N (runtime arguments)."""
     sig = {"param_ptr": "*fp32", "grad_ptr": "*fp32", "mom_ptr": "*fp32", "vel_ptr": "*fp32",
            "ema_ptr": "*fp32", "ring_ptr": "*fp32", "sum_ptr": "*fp64", "alpha_ptr": "*fp32",
            "lamb_ptr": "*fp32", "scal_ptr": "*fp32", "snap_ptr": "*i64", "loss_ptr": "*fp32", "bad_ptr": "*i64",
-           "N": "i32", "window": "i32", "eps": "fp32", "FILTER": "constexpr", "SCALARS": "constexpr",
-           "BLOCK": "constexpr", "TRACK": "constexpr"}
+           "tab_ptr": "*i32", "part_ptr": "*fp64", "N": "i32", "NB": "i32", "window": "i32", "eps": "fp32",
+           "FILTER": "constexpr", "SCALARS": "constexpr", "BLOCK": "constexpr", "TRACK": "constexpr",
+           "ORTHO": "constexpr", "PBLOCK": "constexpr"}
+    sums_sig = {"param_ptr": "*fp32", "grad_ptr": "*fp32", "ema_ptr": "*fp32", "ring_ptr": "*fp32",
+                "sum_ptr": "*fp64", "alpha_ptr": "*fp32", "lamb_ptr": "*fp32", "snap_ptr": "*i64",
+                "tab_ptr": "*i32", "part_ptr": "*fp64", "N": "i32", "NB": "i32", "window": "i32",
+                "FILTER": "constexpr", "BLOCK": "constexpr"}
     scal_sig = {"counter_ptr": "*i64", "betas_ptr": "*fp64", "lr_ptr": "*fp32", "wd_ptr": "*fp32",
                 "scal_ptr": "*fp32", "snap_ptr": "*i64", "M": "i32", "warmup_steps": "i32",
                 "ADVANCE_C": "constexpr", "SCALARS": "constexpr", "BLOCK_M": "constexpr"}
@@ -246,27 +353,31 @@ def aot_specs() -> list[dict]:
     def aligned(signature):
         # Torch allocations are 16-byte aligned; triton's launcher specialises on it, so compile it in too.
         return {(i,): [["tt.divisibility", 16]] for i, k in enumerate(signature) if k.endswith("_ptr")}
-    return [dict(name=f"grokfast_adamw[{kind}{',track' if track else ''}]", fn=grokfast_adamw_kernel,
-                 signature=sig, constexprs={"FILTER": code, "SCALARS": SCALARS, "BLOCK": BLOCK, "TRACK": track},
-                 attrs=aligned(sig), num_warps=NUM_WARPS)
-            for track in (0, 1) for kind, code in FILTERS.items()] + [
+    def element(kind, code, track, ortho):
+        return dict(name=f"grokfast_adamw[{kind}{',track' if track else ''}{',orthograd' if ortho else ''}]",
+                    fn=grokfast_adamw_kernel, signature=sig,
+                    constexprs={"FILTER": code, "SCALARS": SCALARS, "BLOCK": BLOCK, "TRACK": track, "ORTHO": ortho,
+                                "PBLOCK": PBLOCK}, attrs=aligned(sig), num_warps=NUM_WARPS)
+    return [element(kind, code, track, 0) for track in (0, 1) for kind, code in FILTERS.items()] + [
             dict(name=f"adamw_scalars[advance_c={a}]", fn=adamw_scalars_kernel, signature=scal_sig,
                  constexprs={"ADVANCE_C": a, "SCALARS": SCALARS, "BLOCK_M": BLOCK_M}, attrs=aligned(scal_sig),
                  num_warps=SCALAR_WARPS)
-            for a in (0, 1)]
+            for a in (0, 1)] + [
+            element(kind, code, track, 1) for track in (0, 1) for kind, code in FILTERS.items()] + [
+            dict(name=f"orthograd_sums[{kind}]", fn=orthograd_sums_kernel, signature=sums_sig,
+                 constexprs={"FILTER": code, "BLOCK": BLOCK}, attrs=aligned(sums_sig), num_warps=NUM_WARPS)
+            for kind, code in FILTERS.items()]
 
 
 def unsupported_training(tcfg) -> str | None:
     """None when this kernel computes the update a training config asks for, else one line saying why not:
     it implements AdamW (decoupled weight decay) with the linear warm-up lr * min(1, t / warmup), not Adam
     with L2 weight decay (optimizer "adam") nor Muon, nor a warm-up whose first step has lr 0 ("lambdalr");
-    the loss kernel computes cross-entropy, not StableMax (loss "stablemax"); the gradient is not made
-    orthogonal to the weights (orthograd). lr_matched is plain AdamW at lr * (1 + lamb): supported."""
+    the loss kernel computes cross-entropy, not StableMax (loss "stablemax"). lr_matched is plain AdamW at
+    lr * (1 + lamb), and orthograd (FusedOptimizer(orthograd=True)) is computed: both supported."""
     optimizer = getattr(tcfg, "optimizer", "adamw")
     if optimizer != "adamw":
         return f"optimizer={optimizer!r}: the fused optimizer implements AdamW (decoupled weight decay) only"
-    if getattr(tcfg, "orthograd", False):
-        return "orthograd: the fused optimizer does not make gradients orthogonal to the weights (reference only)"
     loss = getattr(tcfg, "loss", "ce")
     if loss != "ce":
         return f"loss={loss!r}: the fused loss kernel computes cross-entropy only (StableMax is reference only)"
@@ -295,11 +406,15 @@ class FusedOptimizer:
     the reference). ``betas`` [2] float64 (beta1, beta2) on the device.
     lr, wd, alpha, lamb: a float or a sequence of M (one per model). Assumes float32 contiguous
     [M, N] params and grads on the same device.
+    orthograd: the filtered gradient made orthogonal to the weights per parameter tensor before AdamW
+    (module docstring); segments: the tensors' sizes in layout order (sum N; ParamLayout.sizes()), each
+    cut into blocks of at most BLOCK that never straddle two tensors. It adds no state: a workspace of
+    [M, NB, 3] float64 partial sums and the [NB, 4] int32 block table, the same buffers every step.
     """
 
     def __init__(self, M: int, N: int, *, lr, wd, beta1: float = 0.9, beta2: float = 0.98, eps: float = 1e-8,
                  warmup: int = 0, grokfast: str = "none", alpha=0.98, lamb=2.0, window: int = 100,
-                 device="cpu"):
+                 orthograd: bool = False, segments: Sequence[int] | None = None, device="cpu"):
         if grokfast not in FILTERS:
             raise KernelConfigError(f"grokfast must be one of {', '.join(FILTERS)}, got {grokfast!r}")
         if window < 1 or warmup < 0:
@@ -308,7 +423,10 @@ class FusedOptimizer:
             raise KernelConfigError(f"need at least one model and one parameter, got M={M}, N={N}")
         if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
             raise KernelConfigError(f"betas must lie in [0, 1), got ({beta1}, {beta2})")
-        self.M, self.N, self.kind = M, N, grokfast
+        if orthograd and (segments is None or any(int(k) < 1 for k in segments) or sum(map(int, segments)) != N):
+            raise KernelConfigError(f"orthograd needs segments: the parameter tensors' sizes (each >= 1, summing to "
+                                    f"N={N}), got {None if segments is None else list(segments)}")
+        self.M, self.N, self.kind, self.orthograd = M, N, grokfast, bool(orthograd)
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
         self.warmup, self.window = int(warmup), int(window)
         self.betas = torch.tensor([self.beta1, self.beta2], dtype=torch.float64, device=device)
@@ -327,17 +445,32 @@ class FusedOptimizer:
         # and its (t, c).
         self._scal = torch.zeros(SCALARS + 2 * M, dtype=torch.float32, device=device)
         self._snap = torch.zeros(2, dtype=torch.int64, device=device)
+        # orthograd's block table and partial sums; without it an unread int32 stand-in for the table
+        self._tab, self._part = torch.zeros((1, 4), dtype=torch.int32, device=device), None
+        if self.orthograd:
+            rows, start = [], 0
+            for size in map(int, segments):
+                first, nblk = len(rows), -(-size // BLOCK)
+                rows += [[start + b * BLOCK, min(start + (b + 1) * BLOCK, start + size), first, nblk]
+                         for b in range(nblk)]
+                start += size
+            if start >= 2 ** 31:
+                raise KernelConfigError(f"orthograd's block table holds int32 offsets: N={N} must be < 2^31")
+            self._tab = torch.tensor(rows, dtype=torch.int32, device=device)
+            self._part = torch.zeros((M, len(rows), 3), dtype=torch.float64, device=device)
 
     @classmethod
-    def from_configs(cls, tcfgs: Sequence, N: int, device="cpu") -> "FusedOptimizer":
-        """One model per TrainConfig; they may differ in lr, wd, alpha, lamb only."""
+    def from_configs(cls, tcfgs: Sequence, N: int, device="cpu", segments: Sequence[int] | None = None
+                     ) -> "FusedOptimizer":
+        """One model per TrainConfig; they may differ in lr, wd, alpha, lamb only. segments: the parameter
+        tensors' sizes (ParamLayout.sizes()), needed with orthograd."""
         first = tcfgs[0]
         for c in tcfgs:
             why = unsupported_training(c)
             if why:
                 raise KernelConfigError(f"the fused optimizer cannot run this: {why}; use --backend reference")
         for c in tcfgs[1:]:
-            for k in ("beta1", "beta2", "eps", "warmup", "grokfast", "window"):
+            for k in ("beta1", "beta2", "eps", "warmup", "grokfast", "window", "orthograd"):
                 if getattr(c, k) != getattr(first, k):
                     raise KernelConfigError(f"models trained in one launch must share {k}: got "
                                       f"{getattr(first, k)!r} and {getattr(c, k)!r}")
@@ -345,7 +478,8 @@ class FusedOptimizer:
         return cls(len(tcfgs), N, lr=[c.lr * (1 + c.lamb if getattr(c, "lr_matched", False) else 1) for c in tcfgs], wd=[c.wd for c in tcfgs],
                    alpha=[c.alpha for c in tcfgs], lamb=[c.lamb for c in tcfgs], beta1=first.beta1,
                    beta2=first.beta2, eps=first.eps, warmup=first.warmup, grokfast=first.grokfast,
-                   window=first.window, device=device)
+                   window=first.window, orthograd=bool(getattr(first, "orthograd", False)), segments=segments,
+                   device=device)
 
     @torch.no_grad()
     def rebuild_ma_sum(self, rows=None) -> None:
@@ -377,7 +511,8 @@ class FusedOptimizer:
     def step(self, params: torch.Tensor, grads: torch.Tensor, scalars: bool = True, track=None) -> None:
         """params [M, N] <- one filtered AdamW step with raw gradients grads [M, N]. Two launches (the
         scalar kernel, which also advances the counters, then the element kernel), no sync; one (the
-        element kernel) with scalars=False, when the caller ran scalars_task() since the last step.
+        element kernel) with scalars=False, when the caller ran scalars_task() since the last step;
+        orthograd adds orthograd_sums_kernel before the element kernel (ORTHO_LAUNCHES).
         track: None, or (loss [M] float32, first_bad [M] int64): the element kernel also sets
         first_bad[m] = t (this step, 1-based) where loss[m] is NaN or inf and first_bad[m] < 0."""
         if params.shape != (self.M, self.N) or grads.shape != (self.M, self.N):
@@ -395,14 +530,25 @@ class FusedOptimizer:
                         scal_ptr=self._scal, snap_ptr=self._snap, M=self.M, warmup_steps=self.warmup),
                    dict(ADVANCE_C=0 if self.kind == "none" else 1, SCALARS=SCALARS, BLOCK_M=BLOCK_M),
                    num_warps=SCALAR_WARPS)
-        launch(grokfast_adamw_kernel, (self.M, triton.cdiv(self.N, BLOCK)),
-               dict(param_ptr=params, grad_ptr=grads, mom_ptr=self.mom, vel_ptr=self.vel,
-                    ema_ptr=self.ema if self.ema is not None else dummy,
+        filt = dict(ema_ptr=self.ema if self.ema is not None else dummy,
                     ring_ptr=self.ring if self.ring is not None else dummy,
                     sum_ptr=self.ma_sum if self.ma_sum is not None else self.betas, alpha_ptr=self.alpha,
-                    lamb_ptr=self.lamb, scal_ptr=self._scal, snap_ptr=self._snap,
+                    lamb_ptr=self.lamb)
+        if self.orthograd:
+            NB = self._tab.shape[0]
+            launch(orthograd_sums_kernel, (self.M, NB),
+                   dict(param_ptr=params, grad_ptr=grads, **filt, snap_ptr=self._snap, tab_ptr=self._tab,
+                        part_ptr=self._part, N=self.N, NB=NB, window=self.window),
+                   dict(FILTER=FILTERS[self.kind], BLOCK=BLOCK), num_warps=NUM_WARPS)
+            grid, tab, part = (self.M, NB), self._tab, self._part
+        else:   # never read: the ORTHO = 0 kernel is the element pass of before orthograd existed
+            NB, grid, tab, part = 1, (self.M, triton.cdiv(self.N, BLOCK)), self._tab, self.betas
+        launch(grokfast_adamw_kernel, grid,
+               dict(param_ptr=params, grad_ptr=grads, mom_ptr=self.mom, vel_ptr=self.vel, **filt,
+                    scal_ptr=self._scal, snap_ptr=self._snap,
                     loss_ptr=track[0] if track is not None else self._scal,
-                    bad_ptr=track[1] if track is not None else self._snap, N=self.N, window=self.window,
-                    eps=self.eps),
-               dict(FILTER=FILTERS[self.kind], SCALARS=SCALARS, BLOCK=BLOCK, TRACK=int(track is not None)),
+                    bad_ptr=track[1] if track is not None else self._snap, tab_ptr=tab, part_ptr=part, N=self.N,
+                    NB=NB, window=self.window, eps=self.eps),
+               dict(FILTER=FILTERS[self.kind], SCALARS=SCALARS, BLOCK=BLOCK, TRACK=int(track is not None),
+                    ORTHO=int(self.orthograd), PBLOCK=PBLOCK),
                num_warps=NUM_WARPS)
