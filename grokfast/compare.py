@@ -16,7 +16,7 @@ trained until its first evaluation with test accuracy >= 99% or the step cap (``
 
 The runs are a sweep's runs (grokfast.sweep.RunSpec) and go through the sweep's executors: in turn on a
 CPU (reference backend), batched on a GPU where the fused kernels run the method (Grokfast EMA/MA,
-AdamW, lr-matched; orthograd, StableMax and Muon are reference only and run one by one).
+AdamW, lr-matched, orthograd; StableMax and Muon are reference only and run one by one).
 
 Compare directory:
 
@@ -279,7 +279,7 @@ def plan(spec: CompareSpec, device=None, executor: str = "auto", memory_bytes: O
     ok, why = batched_status(device, runs, explicit=(executor == "batched"))
     if executor == "batched" and not ok:
         raise ConfigError(f"batched fused executor: not available ({why}); use --executor sequential")
-    for r in runs:          # e.g. --backend fused with orthograd: refused here, before the first run
+    for r in runs:          # e.g. --backend fused with muon: refused here, before the first run
         resolve_backend(r.train.backend, r.model, device, r.train)
     check_memory(runs, 1, memory_bytes if memory_bytes is not None else available_bytes(device))
     return runs, ("batched" if executor == "batched" or (executor == "auto" and ok) else "sequential")
