@@ -223,3 +223,15 @@ def test_launches_and_bad_input(monkeypatch):
             FusedOptimizer(1, 10, lr=1e-3, wd=1.0, orthograd=True, segments=segs)
     with pytest.raises(KernelConfigError, match="share orthograd"):
         FusedOptimizer.from_configs([TrainConfig(orthograd=True), TrainConfig()], 10, segments=[10])
+
+
+def test_bench_counts_the_sums_launch(monkeypatch):
+    """grokfast bench's launch count (bench.fused_launches) adds the sums pass with orthograd and leaves the default
+    count as it was (the forward/backward's own count stubbed: recording it is tested in test_kernels_model.py)."""
+    from grokfast.bench import fused_launches, make_workload
+    from grokfast.kernels import forward_backward as fb
+    monkeypatch.setattr(fb, "launches_per_step", lambda *a: {"k": 11})
+    monkeypatch.setattr(fb, "executed_flops", lambda *a: [])
+    plain = fused_launches(make_workload("small", "cpu", p=7))
+    ortho = fused_launches(make_workload("small", "cpu", p=7, orthograd=True))
+    assert (plain["optimizer"], plain["total"]) == (1, 12) and (ortho["optimizer"], ortho["total"]) == (2, 13)
