@@ -316,8 +316,9 @@ def grokfast_adamw_kernel(
 def aot_specs() -> list[dict]:
     """The optimizer's compile specs for grokfast.kernels.aot: the element kernel (one per filter, then each
     with the divergence check TRACK), the scalar kernel (with and without a filter), then the orthograd
-    variants (ORTHO per filter and TRACK; its sums pass ORTHO + SUMS per filter); their
-    code does not depend on M or N (runtime arguments)."""
+    variants (ORTHO per filter with TRACK, as the steppers run it; its sums pass ORTHO + SUMS per filter; the
+    ORTHO variant without TRACK is the same code less the divergence check); their code does not depend on
+    M or N (runtime arguments)."""
     sig = {"param_ptr": "*fp32", "grad_ptr": "*fp32", "mom_ptr": "*fp32", "vel_ptr": "*fp32",
            "ema_ptr": "*fp32", "ring_ptr": "*fp32", "sum_ptr": "*fp64", "alpha_ptr": "*fp32",
            "lamb_ptr": "*fp32", "scal_ptr": "*fp32", "snap_ptr": "*i64", "loss_ptr": "*fp32", "bad_ptr": "*i64",
@@ -342,7 +343,7 @@ def aot_specs() -> list[dict]:
                  constexprs={"ADVANCE_C": a, "SCALARS": SCALARS, "BLOCK_M": BLOCK_M}, attrs=aligned(scal_sig),
                  num_warps=SCALAR_WARPS)
             for a in (0, 1)] + [
-            element(kind, code, track, 1) for track in (0, 1) for kind, code in FILTERS.items()] + [
+            element(kind, code, 1, 1) for kind, code in FILTERS.items()] + [
             element(kind, code, 0, 1, 1) for kind, code in FILTERS.items()]
 
 
