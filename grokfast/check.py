@@ -54,7 +54,8 @@ BOUNDS = {
     # is the gradient's (<= 1e-4 bound, measured ~1e-6) amplified by 1 / sin(w, g') (c w cancels part of g'),
     # which is ~1 for these random inits and small models; AdamW's first step is about lr_t * sign(g''), with
     # the undetermined signs left out as without orthograd (judged on the reference g''), so the same bounds
-    # hold (interpreter, --quick: MEASURED)
+    # hold (interpreter, --quick, 2026-12-02: measured <= 2.3e-7 after 1 step and <= 8.9e-6 after 4, every
+    # preset and filter; the largest, power with MA)
     "params@1 orthograd": 1e-5,
     "params@S orthograd": 1e-4,
 }
