@@ -235,3 +235,27 @@ def test_bench_counts_the_sums_launch(monkeypatch):
     plain = fused_launches(make_workload("small", "cpu", p=7))
     ortho = fused_launches(make_workload("small", "cpu", p=7, orthograd=True))
     assert (plain["optimizer"], plain["total"]) == (1, 12) and (ortho["optimizer"], ortho["total"]) == (2, 13)
+
+
+def test_step_is_capturable(monkeypatch):
+    """What a CUDA graph needs, on a CPU: an orthograd step makes no host work outside its launches (no copy, no
+    read of a device value; HostWork from test_kernels_paths.py), and replaying the recorded launches (the same
+    buffers every step, RecordedGraph) gives the eager steps' bits."""
+    from test_kernels_paths import HostWork, RecordedGraph
+    gen = torch.Generator().manual_seed(8)
+    opt, theta, _ = make("ema", 2, 2, gen)
+    g = gradient(theta, gen).to(DEVICE)
+    opt.step(theta, g)
+    twin = FusedOptimizer(2, N, **{k: v[:2] for k, v in HYPER.items()}, warmup=3, grokfast="ema", orthograd=True,
+                          segments=SEGMENTS, device=DEVICE)
+    for name in ("mom", "vel", "ema", "counters"):
+        getattr(twin, name).copy_(getattr(opt, name))
+    theta2 = theta.clone()
+    with HostWork() as hw:
+        opt.step(theta, g)
+    assert not {op for op in hw.ops if op in HostWork.COPIES}, hw.ops
+    graph = RecordedGraph(lambda: twin.step(theta2, g))
+    opt.step(theta, g)
+    for _ in range(2):
+        graph.replay()
+    assert torch.equal(theta, theta2) and torch.equal(opt.mom, twin.mom) and torch.equal(opt.ema, twin.ema)
