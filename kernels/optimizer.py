@@ -20,8 +20,8 @@ of model m, on the filtered gradient g' the formulas above give (w the weights b
 It needs three sums over each whole tensor before any element can be updated, so it adds one launch:
   the sums pass (grokfast_adamw_kernel with ORTHO and SUMS), grid (M, NB): block b of a tensor forms g'
   (reading the filter state, not advancing it) and writes its float64 partials (w.g', w.w, g'.g') to
-  part[m, b]; then the element pass (ORTHO, grid (M, NB)) forms g' again (advancing the filter exactly once), adds its tensor's
-  partials in a fixed order (the same in every block of the tensor, whatever the program order) and
+  part[m, b]; then the element pass (ORTHO, grid (M, NB)) forms g' again (advancing the filter exactly
+  once), adds its tensor's partials in a fixed order (the same in every block of the tensor, whatever the program order) and
   applies the formula in float64 before AdamW. Blocks are tensor blocks: each tensor (ParamLayout
   order) is cut into blocks of at most BLOCK elements, so no block straddles two tensors and a tensor
   of any size (1 element or millions) has cdiv(size, BLOCK) blocks.
@@ -32,8 +32,8 @@ norm below. |g' - c w|^2 is formed from the three sums, gg - 2 c wg + c^2 ww, ra
 directly: a direct reduction needs c first, a second pass over the tensor (one more launch and one more
 read of w, g and the filter state). The price is cancellation when g' is nearly parallel to w: the
 absolute error of the difference is ~k 2^-53 gg, so |g' - c w| is float32-accurate (2^-24) while
-sin(w, g') >~ 2^-15 sqrt(k) (a worst-case bound: 2.4e-4 at k = 64), and then g'' = (g' - c w) r itself is formed in
-float64 from float32 inputs like the reference's. tests/test_kernels_orthograd.py measures a tensor
+sin(w, g') >~ 2^-15 sqrt(k) (a worst-case bound: 2.4e-4 at k = 64), and then g'' = (g' - c w) r itself
+is formed in float64 from float32 inputs like the reference's. tests/test_kernels_orthograd.py measures a tensor
 at sin = 2e-3 against the float64 reference. A one-element tensor (g' always parallel to w) has
 g' - c w = 0 in exact arithmetic: both sides return rounding noise scaled to |g'|; the models here
 have none.
@@ -375,7 +375,8 @@ def _per_model(name: str, value, M: int, device) -> torch.Tensor:
 
 
 class FusedOptimizer:
-    """Grokfast filter + AdamW state for M models of N parameters each, stepped by two kernel launches.
+    """Grokfast filter + AdamW state for M models of N parameters each, stepped by two kernel launches
+    (three with orthograd).
 
     State (all on ``device``): ``mom``, ``vel`` [M, N] (AdamW m, v), ``ema`` [M, N] (EMA only),
     ``ring`` [M, W, N] (MA only, slot c mod W holds the c-th raw gradient), ``ma_sum`` [M, N] float64
