@@ -21,8 +21,8 @@ It needs three sums over each whole tensor before any element can be updated, so
   the sums pass (grokfast_adamw_kernel with ORTHO and SUMS), grid (M, NB): block b of a tensor forms g'
   (reading the filter state, not advancing it) and writes its float64 partials (w.g', w.w, g'.g') to
   part[m, b]; then the element pass (ORTHO, grid (M, NB)) forms g' again (advancing the filter exactly
-  once), adds its tensor's partials in a fixed order (the same in every block of the tensor, whatever the program order) and
-  applies the formula in float64 before AdamW. Blocks are tensor blocks: each tensor (ParamLayout
+  once), adds its tensor's partials in a fixed order (the same in every block of the tensor, whatever
+  the program order) and applies the formula in float64 before AdamW. Blocks are tensor blocks: each tensor (ParamLayout
   order) is cut into blocks of at most BLOCK elements, so no block straddles two tensors and a tensor
   of any size (1 element or millions) has cdiv(size, BLOCK) blocks.
 Accuracy. The products of float32 values are exact in float64, so the partials and their sums carry only

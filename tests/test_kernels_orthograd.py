@@ -3,7 +3,8 @@ variant) against grokfast.optim.orthogonalize + GrokfastFilter + AdamW run in fl
 
 The flat buffer holds tensors of sizes SEGMENTS: tiny ones (2 and 3 elements), one that straddles a
 block boundary (BLOCK + 5: two blocks, the second starting off a multiple of BLOCK), and one whose gradient
-is nearly parallel to its weights (sin of the angle about 2e-3: the cancellation the three-sum form of |g' - c w| must survive).
+is nearly parallel to its weights (sin of the angle about 2e-3: the cancellation the three-sum form of
+|g' - c w| must survive).
 M = 2 models with their own lr, wd, alpha, lamb in one launch; fresh random weights and gradients (elements
 spread over four orders of magnitude, some exactly zero). State the kernels must write before reading
 starts as NaN: the EMA state, the MA ring and window sum, and orthograd's partial sums.
