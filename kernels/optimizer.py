@@ -22,9 +22,9 @@ It needs three sums over each whole tensor before any element can be updated, so
   (reading the filter state, not advancing it) and writes its float64 partials (w.g', w.w, g'.g') to
   part[m, b]; then the element pass (ORTHO, grid (M, NB)) forms g' again (advancing the filter exactly
   once), adds its tensor's partials in a fixed order (the same in every block of the tensor, whatever
-  the program order) and applies the formula in float64 before AdamW. Blocks are tensor blocks: each tensor (ParamLayout
-  order) is cut into blocks of at most BLOCK elements, so no block straddles two tensors and a tensor
-  of any size (1 element or millions) has cdiv(size, BLOCK) blocks.
+  the program order) and applies the formula in float64 before AdamW. Blocks are tensor blocks: each
+  tensor (ParamLayout order) is cut into blocks of at most BLOCK elements, so no block straddles two
+  tensors and a tensor of any size (1 element or millions) has cdiv(size, BLOCK) blocks.
 Accuracy. The products of float32 values are exact in float64, so the partials and their sums carry only
 float64 rounding (~k 2^-53 relative to the sum of |terms|, k the tree depth plus the partials' chunks);
 a float32 accumulation would lose ~1e-5 over a 65k-element tensor and could not form the perpendicular
