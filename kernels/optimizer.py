@@ -77,7 +77,8 @@ vel (7 float32: 28); EMA adds ema read + write (8). MA adds, on W - 1 of every W
 read + write and S read + write (4 + 4 + 8 + 8 = 24), and on the recompute step the W ring slots read,
 ring[slot] and S written (4 W + 4 + 8): amortised 28 - 12 / W bytes per step (27.9 at W = 100)
 instead of the 4 (W + 1) of reading the whole window every step (404). Orthograd reads g, w and the
-filter's state once more in its sums kernel (12 bytes with EMA) and writes 24 bytes per BLOCK elements.
+filter's state once more in its sums pass (12 bytes with EMA; the MA ring slot too) and writes 24 bytes
+per block, which each of the tensor's blocks reads back (24 bytes x its tensor's blocks, per BLOCK elements).
 """
 from __future__ import annotations
 
