@@ -19,6 +19,8 @@ def add_parser(sub):
     p.add_argument("--grokfast", nargs="+", choices=["none", "ema", "ma"], default=["none", "ema", "ma"],
                    help="the Grokfast filters whose optimizer steps are checked (default: all three)")
     p.add_argument("--seed", type=int, default=0, help="model init seed (default 0)")
+    p.add_argument("--orthograd", action="store_true",
+                   help="the optimizer steps with the orthogonal gradient (Prieto et al.) before AdamW, on both sides")
     p.add_argument("--precision", choices=["ieee", "tf32x3", "tf32"], default="ieee",
                    help="the kernels' float32 products (default ieee); the bounds stay float32's")
     p.set_defaults(func=cmd_check)
@@ -44,8 +46,9 @@ def cmd_check(args) -> int:
     from .check import run_check, format_rows
 
     print(f"grokfast check: {', '.join(names)} ({where}){' --quick' if args.quick else ''}"
-          f"{'' if args.precision == 'ieee' else ' --precision ' + args.precision}", file=sys.stderr)
+          f"{'' if args.precision == 'ieee' else ' --precision ' + args.precision}"
+          f"{' --orthograd' if args.orthograd else ''}", file=sys.stderr)
     rows = run_check(names, quick=args.quick, seed=args.seed, filters=args.grokfast,
-                     log=lambda s: print(s, file=sys.stderr), precision=args.precision)
+                     log=lambda s: print(s, file=sys.stderr), precision=args.precision, orthograd=args.orthograd)
     print(format_rows(rows))
     return 1 if any(r.status == "FAIL" for r in rows) else 0

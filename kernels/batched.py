@@ -1,12 +1,12 @@
 """BatchedStepper: M models trained in one launch on the fused kernels (the sweep's batched executor).
 
 The M models share one ModelConfig and the *shape* of one TrainConfig (beta1, beta2, eps, warmup,
-grokfast filter and window; full batch) and differ in everything else: their seed (the init),
+grokfast filter and window, orthograd; full batch) and differ in everything else: their seed (the init),
 their hyperparameters lr, wd, alpha, lamb ([M] tensors on the device) and their training split.
 Their parameters live in one flat [M, N] buffer (kernels/layout.py) and one step is
 
     loss[m], grad[m, :] = loss_and_grads_flat(cfg, flat, tokens [M, B, n_ctx], labels [M, B])
-    flat <- FusedOptimizer.step(flat, grad)                  (Grokfast filter + AdamW, per-model settings)
+    flat <- FusedOptimizer.step(flat, grad)                  (Grokfast filter [+ orthograd] + AdamW, per-model settings)
     first_bad[m] <- t  where loss[m] is NaN/inf for the first time (t = optimizer steps done)
 
 with no host synchronisation; on a CUDA device the step is captured as a CUDA graph after
@@ -39,7 +39,7 @@ from .layout import ParamLayout
 from .optimizer import FusedOptimizer
 from .stepper import WARMUP_STEPS, _graphs_wanted, _require, capture_graph
 
-SHARED_TRAIN_FIELDS = ("beta1", "beta2", "eps", "warmup", "grokfast", "window", "batch_size", "precision")
+SHARED_TRAIN_FIELDS = ("beta1", "beta2", "eps", "warmup", "grokfast", "window", "orthograd", "batch_size", "precision")
 
 
 def _stack_split(name: str, split, M: int, device):
@@ -106,7 +106,7 @@ class BatchedStepper:
         for tok, lab in (self.train_data, self.test_data):
             fb.check_token_range(cfg, tok, lab)
         self.ids = torch.arange(M)                      # caller's model number of each row (host)
-        self.opt = FusedOptimizer.from_configs(self.tcfgs, lay.numel, device=self.device)
+        self.opt = FusedOptimizer.from_configs(self.tcfgs, lay.numel, device=self.device, segments=lay.sizes())
         self._alloc()
         self._use_graph = _graphs_wanted(self.device, cuda_graph)
         self._eager_steps = 0
@@ -187,7 +187,8 @@ class BatchedStepper:
         idx = torch.tensor(keep, dtype=torch.int64, device=self.device)
         opt = self.opt
         self.tcfgs = [self.tcfgs[i] for i in keep]
-        new = FusedOptimizer.from_configs(self.tcfgs, self.layout.numel, device=self.device)
+        new = FusedOptimizer.from_configs(self.tcfgs, self.layout.numel, device=self.device,
+                                         segments=self.layout.sizes())
         for name in ("mom", "vel", "ema", "ring", "ma_sum"):
             old = getattr(opt, name)
             if old is not None:

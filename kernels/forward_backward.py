@@ -28,7 +28,7 @@ attention backward, and a LayerNorm runs inside a launch whose programs hold who
 forward and backward in the unembedding, LN2's forward in the attention forward and its backward in the
 attention backward; LN1 keeps its own launches: its rows feed a GEMM tiled over columns), so a step's
 forward + backward is 11 launches for the nanda and pizza presets and 23 for power (the optimizer adds
-optimizer.STEP_LAUNCHES = 1; tests/test_kernels_model.py::test_launches_per_step keeps these as ceilings;
+optimizer.STEP_LAUNCHES = 1, or 2 with orthograd: optimizer.step_launches; tests/test_kernels_model.py::test_launches_per_step keeps these as ceilings;
 executed_flops counts each launch's dot work).
 One departure from DESIGN.md's sketch: there is no value-output table VO = x0 W_V W_O; attention
 sums V rows (d_head wide) and z W_O is one GEMM over the examples, because the backward would
@@ -490,7 +490,8 @@ def _recorded_step(cfg, M: int, B: int, eval_variant: bool = False) -> list:
 def launches_per_step(cfg, M: int, B: int) -> dict[str, int]:
     """{kernel name: launches} of one training step's forward + backward (loss_and_grads_flat) for M
     models and B examples, counted without a GPU; the optimizer adds optimizer.STEP_LAUNCHES (its
-    element kernel: the steppers run its scalars in this pass's last launch)."""
+    element kernel: the steppers run its scalars in this pass's last launch), or with orthograd
+    optimizer.step_launches(True) = 2 (its sums pass, then the element pass)."""
     counts: dict[str, int] = {}
     for kernel, *_ in _recorded_step(cfg, M, B):
         counts[kernel.__name__] = counts.get(kernel.__name__, 0) + 1

@@ -24,6 +24,10 @@ class ParamLayout:
             n += math.prod(shape)
         self.numel = n
 
+    def sizes(self) -> list[int]:
+        """Each parameter tensor's number of elements, in layout order (they sum to numel)."""
+        return [math.prod(shape) for shape in self.shapes.values()]
+
     def views(self, flat):
         """{name: view [M, *shape]} into a contiguous [M, N] tensor."""
         if flat.dim() != 2 or flat.shape[1] != self.numel or not flat.is_contiguous():

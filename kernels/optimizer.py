@@ -14,6 +14,30 @@ optimizer step t = 1, 2, ... and the filter's count c = raw gradients seen befor
         vel   <- beta2 * vel + (1 - beta2) * g^2
         theta <- theta - (lr_t / (1 - beta1^t)) * mom / (sqrt(vel / (1 - beta2^t)) + eps)
 
+Orthograd (orthograd=True; Prieto et al. 2025, grokfast/optim.py orthogonalize), per parameter tensor
+of model m, on the filtered gradient g' the formulas above give (w the weights before the step):
+    c = w.g' / (w.w + 1e-30),   r = |g'| / (|g' - c w| + 1e-30),   g <- (g' - c w) r   then AdamW
+It needs three sums over each whole tensor before any element can be updated, so it adds one launch:
+  the sums pass (grokfast_adamw_kernel with ORTHO and SUMS), grid (M, NB): block b of a tensor forms g'
+  (reading the filter state, not advancing it) and writes its float64 partials (w.g', w.w, g'.g') to
+  part[m, b]; then the element pass (ORTHO, grid (M, NB)) forms g' again (advancing the filter exactly
+  once), adds its tensor's partials in a fixed order (the same in every block of the tensor, whatever
+  the program order) and applies the formula in float64 before AdamW. Blocks are tensor blocks: each
+  tensor (ParamLayout order) is cut into blocks of at most BLOCK elements, so no block straddles two
+  tensors and a tensor of any size (1 element or millions) has cdiv(size, BLOCK) blocks.
+Accuracy. The products of float32 values are exact in float64, so the partials and their sums carry only
+float64 rounding (~k 2^-53 relative to the sum of |terms|, k the tree depth plus the partials' chunks);
+a float32 accumulation would lose ~1e-5 over a 65k-element tensor and could not form the perpendicular
+norm below. |g' - c w|^2 is formed from the three sums, gg - 2 c wg + c^2 ww, rather than reduced
+directly: a direct reduction needs c first, a second pass over the tensor (one more launch and one more
+read of w, g and the filter state). The price is cancellation when g' is nearly parallel to w: the
+absolute error of the difference is ~k 2^-53 gg, so |g' - c w| is float32-accurate (2^-24) while
+sin(w, g') >~ 2^-15 sqrt(k) (a worst-case bound: 2.4e-4 at k = 64), and then g'' = (g' - c w) r itself
+is formed in float64 from float32 inputs like the reference's. tests/test_kernels_orthograd.py measures a tensor
+at sin = 2e-3 against the float64 reference. A one-element tensor (g' always parallel to w) has
+g' - c w = 0 in exact arithmetic: both sides return rounding noise scaled to |g'|; the models here
+have none.
+
 Everything the step depends on lives on the device: the per-model hyperparameters lr, wd, alpha,
 lamb are [M] float32 tensors (a sweep trains M models with different settings in one launch), the
 betas a float64 tensor [2], and the counters (t, c) an int64 tensor [2], so a whole training step
@@ -21,7 +45,8 @@ can be captured in a CUDA graph and replayed with no host sync. A step is two la
   1. adamw_scalars_kernel, one program: reads the counters, writes this step's (t, c) and its
      float32 scalars to a small workspace, then advances the counters (a barrier between the read
      and the write; the element kernel cannot advance them: its programs run in any order).
-  2. grokfast_adamw_kernel, grid (M, cdiv(N, BLOCK)): the per-element formulas above.
+  2. grokfast_adamw_kernel, grid (M, cdiv(N, BLOCK)): the per-element formulas above
+     (with orthograd: its sums pass, then the element pass, both over tensor blocks: three launches).
 
 Bias corrections. 1 - beta^t cancels in float32 for small t (1 - 0.98 loses 6 of 24 bits: the old
 float32 1 - exp2(t log2 beta) was off by 1e-6 at beta = 0.98 and 1e-5 at 0.999), so the scalar
@@ -51,7 +76,9 @@ Memory traffic per element per step (bytes): AdamW reads g, theta, mom, vel and 
 vel (7 float32: 28); EMA adds ema read + write (8). MA adds, on W - 1 of every W steps, ring[slot]
 read + write and S read + write (4 + 4 + 8 + 8 = 24), and on the recompute step the W ring slots read,
 ring[slot] and S written (4 W + 4 + 8): amortised 28 - 12 / W bytes per step (27.9 at W = 100)
-instead of the 4 (W + 1) of reading the whole window every step (404).
+instead of the 4 (W + 1) of reading the whole window every step (404). Orthograd reads g, w and the
+filter's state once more in its sums pass (12 bytes with EMA; the MA ring slot too) and writes 24 bytes
+per block, which each of the tensor's blocks reads back (24 bytes x its tensor's blocks, per BLOCK elements).
 """
 from __future__ import annotations
 
@@ -73,6 +100,13 @@ SCALAR_WARPS = 1   # the scalar kernel: one program, a few values per model
 LAUNCHES = 2       # kernel launches per FusedOptimizer.step: adamw_scalars_kernel, grokfast_adamw_kernel
 STEP_LAUNCHES = 1  # in a fused training step: the scalars ride in the forward/backward's last launch
                    # (scalars_task), the element kernel is the optimizer's only launch
+ORTHO_LAUNCHES = 1 # orthograd adds one launch before the element pass: its sums pass (SUMS)
+PBLOCK = 64        # orthograd partial sums read per iteration by the element kernel
+
+
+def step_launches(orthograd: bool = False) -> int:
+    """The optimizer's launches in a fused training step: STEP_LAUNCHES, plus ORTHO_LAUNCHES with orthograd."""
+    return STEP_LAUNCHES + (ORTHO_LAUNCHES if orthograd else 0)
 
 
 @triton.jit
@@ -137,7 +171,7 @@ def _adamw_scalars(counter_ptr, betas_ptr, lr_ptr, wd_ptr, scal_ptr, snap_ptr, M
 
 @triton.jit
 def grokfast_adamw_kernel(
-    param_ptr,      # [M, N] float32, updated in place
+    param_ptr,      # [M, N] float32, updated in place (read only when SUMS)
     grad_ptr,       # [M, N] float32 raw gradients (read only)
     mom_ptr,        # [M, N] float32 AdamW first moment m, updated in place
     vel_ptr,        # [M, N] float32 AdamW second moment v, updated in place
@@ -150,18 +184,35 @@ def grokfast_adamw_kernel(
     snap_ptr,       # [2] int64 (t, c) of this step, from adamw_scalars_kernel
     loss_ptr,       # [M] float32 this step's loss per model (read only when TRACK)
     bad_ptr,        # [M] int64 first step whose loss was NaN or inf, -1 while none (updated when TRACK)
+    tab_ptr,        # [NB, 4] int32 tensor blocks: start, end, first block of its tensor, its tensor's blocks (ORTHO)
+    part_ptr,       # [M, NB, 3] float64 orthograd partial sums w.g', w.w, g'.g' per tensor block (ORTHO):
+                    #   written when SUMS, read by the element pass
     N,              # parameters per model
+    NB,             # tensor blocks per model (used only when ORTHO)
     window,         # W, the MA window (>= 1)
     eps,
     FILTER: tl.constexpr,   # 0 none, 1 EMA, 2 MA
     SCALARS: tl.constexpr,
     BLOCK: tl.constexpr,
     TRACK: tl.constexpr,    # 1: block 0 of model m also sets bad[m] = t if loss[m] is not finite and bad[m] < 0
+    ORTHO: tl.constexpr,    # 1: orthograd between the filter and AdamW; blocks are tensor blocks (tab_ptr)
+    SUMS: tl.constexpr,     # 1 (with ORTHO): orthograd's sums pass: form g' (the filter state read, not
+                            #   written) and write this block's partial sums; nothing else
+    PBLOCK: tl.constexpr,   # partial sums read per iteration of the element pass when ORTHO
 ):
-    """One Grokfast + AdamW step for block ``pid(1)`` of model ``pid(0)``; grid (M, cdiv(N, BLOCK))."""
+    """One Grokfast (+ orthograd) + AdamW step for block ``pid(1)`` of model ``pid(0)``; grid (M, cdiv(N, BLOCK)),
+    or (M, NB) with ORTHO: block b covers one tensor's elements tab[b, 0] <= i < tab[b, 1] (module docstring).
+    The sums pass and the element pass are one kernel so that the filter is written once (and no
+    @triton.jit helper call slows the interpreter, which re-patches the language at every call)."""
     model = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
+    blk = tl.program_id(1).to(tl.int64)
+    if ORTHO:
+        start = tl.load(tab_ptr + blk * 4).to(tl.int64)
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < tl.load(tab_ptr + blk * 4 + 1).to(tl.int64)
+    else:
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
     row = model * N + offs
     count = tl.load(snap_ptr + 1)
     if TRACK:
@@ -179,7 +230,8 @@ def grokfast_adamw_kernel(
         ema = tl.load(ema_ptr + row, mask=mask, other=0.0)
         # where(), not arithmetic: the state before the first step may hold anything (even NaN).
         ema = tl.where(count == 0, g, alpha * ema + (1.0 - alpha) * g)
-        tl.store(ema_ptr + row, ema, mask=mask)
+        if SUMS == 0:
+            tl.store(ema_ptr + row, ema, mask=mask)
         g = g + lamb * ema
     elif FILTER == 2:
         lamb = tl.load(lamb_ptr + model)
@@ -201,44 +253,80 @@ def grokfast_adamw_kernel(
                 old = tl.load(ring_ptr + ring_row + slot * N, mask=mask, other=0.0)
                 s = tl.load(sum_ptr + row, mask=mask, other=0.0)
                 s = (s - old.to(tl.float64)) + g.to(tl.float64)
-            tl.store(sum_ptr + row, s, mask=mask)
-            tl.store(ring_ptr + ring_row + slot * N, g, mask=mask)
+            if SUMS == 0:
+                tl.store(sum_ptr + row, s, mask=mask)
+                tl.store(ring_ptr + ring_row + slot * N, g, mask=mask)
             g = g + lamb * (s / window).to(tl.float32)
         else:
-            tl.store(ring_ptr + ring_row + slot * N, g, mask=mask)
+            if SUMS == 0:
+                tl.store(ring_ptr + ring_row + slot * N, g, mask=mask)
 
-    b1 = tl.load(scal_ptr)
-    one_b1 = tl.load(scal_ptr + 1)
-    b2 = tl.load(scal_ptr + 2)
-    one_b2 = tl.load(scal_ptr + 3)
-    bc2 = tl.load(scal_ptr + 4)
-    step = tl.load(scal_ptr + SCALARS + 2 * model)          # lr_t / (1 - beta1^t)
-    decay = tl.load(scal_ptr + SCALARS + 2 * model + 1)     # 1 - lr_t * wd
+    if SUMS:
+        # Products of float32 values are exact in float64 and each block's sum is a fixed tree (tl.sum):
+        # the partials do not depend on program order.
+        g64 = g.to(tl.float64)[None, :]
+        w64 = tl.load(param_ptr + row, mask=mask, other=0.0).to(tl.float64)[None, :]
+        j = tl.arange(0, 4)[:, None]                        # rows w.g', w.w, g'.g' (and a zero row): one tl.sum
+        terms = tl.where(j == 0, w64 * g64, tl.where(j == 1, w64 * w64, tl.where(j == 2, g64 * g64, 0.0)))
+        tl.store(part_ptr + (model * NB + blk) * 3 + tl.arange(0, 4), tl.sum(terms, axis=1), mask=tl.arange(0, 4) < 3)
+    else:
+        p = tl.load(param_ptr + row, mask=mask, other=0.0)
+        if ORTHO:
+            # This tensor's sums from its blocks' partials in a fixed order (chunks of PBLOCK in turn, a tree
+            # within each): every block of the tensor forms the same c and r whatever the program order.
+            first = tl.load(tab_ptr + blk * 4 + 2).to(tl.int64)
+            nblk = tl.load(tab_ptr + blk * 4 + 3)
+            j = tl.arange(0, 4)
+            acc = tl.zeros([PBLOCK, 4], dtype=tl.float64)
+            for k0 in range(0, nblk, PBLOCK):
+                k = k0 + tl.arange(0, PBLOCK)
+                src = part_ptr + (model * NB + first + k)[:, None] * 3 + j[None, :]
+                acc += tl.load(src, mask=(k < nblk)[:, None] & (j < 3)[None, :], other=0.0)
+            # [w.g', w.w, g'.g', 0] as scalars without more reductions: [[wg, ww], [gg, 0]] split twice
+            wg_gg, ww_0 = tl.split(tl.reshape(tl.sum(acc, axis=0), [2, 2]))
+            wg_t, gg_t = tl.split(wg_gg)
+            ww_t, _ = tl.split(ww_0)
+            # float64 '/' and sqrt compile to the IEEE-rounded div.rn.f64 and sqrt.rn.f64 (no approximate forms)
+            c = wg_t / (ww_t + 1e-30)
+            perp2 = tl.maximum(gg_t - 2.0 * c * wg_t + c * c * ww_t, 0.0)     # |g' - c w|^2 from the three sums
+            r = tl.sqrt(gg_t) / (tl.sqrt(perp2) + 1e-30)
+            g = ((g.to(tl.float64) - c * p.to(tl.float64)) * r).to(tl.float32)
 
-    p = tl.load(param_ptr + row, mask=mask, other=0.0)
-    mom = tl.load(mom_ptr + row, mask=mask, other=0.0)
-    vel = tl.load(vel_ptr + row, mask=mask, other=0.0)
-    p = p * decay
-    mom = b1 * mom + one_b1 * g
-    vel = b2 * vel + one_b2 * (g * g)
-    # IEEE-rounded sqrt and division (tl.sqrt and / compile to approximate ones on a GPU, which flush
-    # subnormal moments to zero): the same bits on a GPU as under the interpreter, where parity matters
-    denom = tl.sqrt_rn(tl.div_rn(vel, bc2)) + eps
-    p = p - step * tl.div_rn(mom, denom)
-    tl.store(param_ptr + row, p, mask=mask)
-    tl.store(mom_ptr + row, mom, mask=mask)
-    tl.store(vel_ptr + row, vel, mask=mask)
+        b1 = tl.load(scal_ptr)
+        one_b1 = tl.load(scal_ptr + 1)
+        b2 = tl.load(scal_ptr + 2)
+        one_b2 = tl.load(scal_ptr + 3)
+        bc2 = tl.load(scal_ptr + 4)
+        step = tl.load(scal_ptr + SCALARS + 2 * model)          # lr_t / (1 - beta1^t)
+        decay = tl.load(scal_ptr + SCALARS + 2 * model + 1)     # 1 - lr_t * wd
+
+        mom = tl.load(mom_ptr + row, mask=mask, other=0.0)
+        vel = tl.load(vel_ptr + row, mask=mask, other=0.0)
+        p = p * decay
+        mom = b1 * mom + one_b1 * g
+        vel = b2 * vel + one_b2 * (g * g)
+        # IEEE-rounded sqrt and division (tl.sqrt and / compile to approximate ones on a GPU, which flush
+        # subnormal moments to zero): the same bits on a GPU as under the interpreter, where parity matters
+        denom = tl.sqrt_rn(tl.div_rn(vel, bc2)) + eps
+        p = p - step * tl.div_rn(mom, denom)
+        tl.store(param_ptr + row, p, mask=mask)
+        tl.store(mom_ptr + row, mom, mask=mask)
+        tl.store(vel_ptr + row, vel, mask=mask)
 
 
 def aot_specs() -> list[dict]:
-    """The optimizer's compile specs for grokfast.kernels.aot: the scalar kernel (with and without a
-    filter) and the element kernel (one per filter, then each with the divergence check TRACK); their
-    code does not depend on M or N (runtime arguments)."""
+    """The optimizer's compile specs for grokfast.kernels.aot: the element kernel (one per filter, then each
+    with the divergence check TRACK), the scalar kernel (with and without a filter), then the orthograd
+    variants (ORTHO per filter with TRACK, as the steppers run it; its sums pass ORTHO + SUMS per filter; the
+    ORTHO variant without TRACK is the same code less the divergence check); their code does not depend on
+    M or N (runtime arguments)."""
     sig = {"param_ptr": "*fp32", "grad_ptr": "*fp32", "mom_ptr": "*fp32", "vel_ptr": "*fp32",
            "ema_ptr": "*fp32", "ring_ptr": "*fp32", "sum_ptr": "*fp64", "alpha_ptr": "*fp32",
            "lamb_ptr": "*fp32", "scal_ptr": "*fp32", "snap_ptr": "*i64", "loss_ptr": "*fp32", "bad_ptr": "*i64",
-           "N": "i32", "window": "i32", "eps": "fp32", "FILTER": "constexpr", "SCALARS": "constexpr",
-           "BLOCK": "constexpr", "TRACK": "constexpr"}
+           "tab_ptr": "*i32", "part_ptr": "*fp64", "N": "i32", "NB": "i32", "window": "i32", "eps": "fp32",
+           "FILTER": "constexpr", "SCALARS": "constexpr", "BLOCK": "constexpr", "TRACK": "constexpr",
+           "ORTHO": "constexpr", "SUMS": "constexpr", "PBLOCK": "constexpr"}
+
     scal_sig = {"counter_ptr": "*i64", "betas_ptr": "*fp64", "lr_ptr": "*fp32", "wd_ptr": "*fp32",
                 "scal_ptr": "*fp32", "snap_ptr": "*i64", "M": "i32", "warmup_steps": "i32",
                 "ADVANCE_C": "constexpr", "SCALARS": "constexpr", "BLOCK_M": "constexpr"}
@@ -246,27 +334,29 @@ def aot_specs() -> list[dict]:
     def aligned(signature):
         # Torch allocations are 16-byte aligned; triton's launcher specialises on it, so compile it in too.
         return {(i,): [["tt.divisibility", 16]] for i, k in enumerate(signature) if k.endswith("_ptr")}
-    return [dict(name=f"grokfast_adamw[{kind}{',track' if track else ''}]", fn=grokfast_adamw_kernel,
-                 signature=sig, constexprs={"FILTER": code, "SCALARS": SCALARS, "BLOCK": BLOCK, "TRACK": track},
-                 attrs=aligned(sig), num_warps=NUM_WARPS)
-            for track in (0, 1) for kind, code in FILTERS.items()] + [
+    def element(kind, code, track, ortho, sums=0):
+        tag = f"{',track' if track else ''}{',orthograd' if ortho else ''}{'-sums' if sums else ''}"
+        return dict(name=f"grokfast_adamw[{kind}{tag}]", fn=grokfast_adamw_kernel, signature=sig,
+                    constexprs={"FILTER": code, "SCALARS": SCALARS, "BLOCK": BLOCK, "TRACK": track, "ORTHO": ortho,
+                                "SUMS": sums, "PBLOCK": PBLOCK}, attrs=aligned(sig), num_warps=NUM_WARPS)
+    return [element(kind, code, track, 0) for track in (0, 1) for kind, code in FILTERS.items()] + [
             dict(name=f"adamw_scalars[advance_c={a}]", fn=adamw_scalars_kernel, signature=scal_sig,
                  constexprs={"ADVANCE_C": a, "SCALARS": SCALARS, "BLOCK_M": BLOCK_M}, attrs=aligned(scal_sig),
                  num_warps=SCALAR_WARPS)
-            for a in (0, 1)]
+            for a in (0, 1)] + [
+            element(kind, code, 1, 1) for kind, code in FILTERS.items()] + [
+            element(kind, code, 0, 1, 1) for kind, code in FILTERS.items()]
 
 
 def unsupported_training(tcfg) -> str | None:
     """None when this kernel computes the update a training config asks for, else one line saying why not:
     it implements AdamW (decoupled weight decay) with the linear warm-up lr * min(1, t / warmup), not Adam
     with L2 weight decay (optimizer "adam") nor Muon, nor a warm-up whose first step has lr 0 ("lambdalr");
-    the loss kernel computes cross-entropy, not StableMax (loss "stablemax"); the gradient is not made
-    orthogonal to the weights (orthograd). lr_matched is plain AdamW at lr * (1 + lamb): supported."""
+    the loss kernel computes cross-entropy, not StableMax (loss "stablemax"). lr_matched is plain AdamW at
+    lr * (1 + lamb), and orthograd (FusedOptimizer(orthograd=True)) is computed: both supported."""
     optimizer = getattr(tcfg, "optimizer", "adamw")
     if optimizer != "adamw":
         return f"optimizer={optimizer!r}: the fused optimizer implements AdamW (decoupled weight decay) only"
-    if getattr(tcfg, "orthograd", False):
-        return "orthograd: the fused optimizer does not make gradients orthogonal to the weights (reference only)"
     loss = getattr(tcfg, "loss", "ce")
     if loss != "ce":
         return f"loss={loss!r}: the fused loss kernel computes cross-entropy only (StableMax is reference only)"
@@ -286,7 +376,8 @@ def _per_model(name: str, value, M: int, device) -> torch.Tensor:
 
 
 class FusedOptimizer:
-    """Grokfast filter + AdamW state for M models of N parameters each, stepped by two kernel launches.
+    """Grokfast filter + AdamW state for M models of N parameters each, stepped by two kernel launches
+    (three with orthograd).
 
     State (all on ``device``): ``mom``, ``vel`` [M, N] (AdamW m, v), ``ema`` [M, N] (EMA only),
     ``ring`` [M, W, N] (MA only, slot c mod W holds the c-th raw gradient), ``ma_sum`` [M, N] float64
@@ -295,11 +386,15 @@ class FusedOptimizer:
     the reference). ``betas`` [2] float64 (beta1, beta2) on the device.
     lr, wd, alpha, lamb: a float or a sequence of M (one per model). Assumes float32 contiguous
     [M, N] params and grads on the same device.
+    orthograd: the filtered gradient made orthogonal to the weights per parameter tensor before AdamW
+    (module docstring); segments: the tensors' sizes in layout order (sum N; ParamLayout.sizes()), each
+    cut into blocks of at most BLOCK that never straddle two tensors. It adds no state: a workspace of
+    [M, NB, 3] float64 partial sums and the [NB, 4] int32 block table, the same buffers every step.
     """
 
     def __init__(self, M: int, N: int, *, lr, wd, beta1: float = 0.9, beta2: float = 0.98, eps: float = 1e-8,
                  warmup: int = 0, grokfast: str = "none", alpha=0.98, lamb=2.0, window: int = 100,
-                 device="cpu"):
+                 orthograd: bool = False, segments: Sequence[int] | None = None, device="cpu"):
         if grokfast not in FILTERS:
             raise KernelConfigError(f"grokfast must be one of {', '.join(FILTERS)}, got {grokfast!r}")
         if window < 1 or warmup < 0:
@@ -308,7 +403,10 @@ class FusedOptimizer:
             raise KernelConfigError(f"need at least one model and one parameter, got M={M}, N={N}")
         if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
             raise KernelConfigError(f"betas must lie in [0, 1), got ({beta1}, {beta2})")
-        self.M, self.N, self.kind = M, N, grokfast
+        if orthograd and (segments is None or any(int(k) < 1 for k in segments) or sum(map(int, segments)) != N):
+            raise KernelConfigError(f"orthograd needs segments: the parameter tensors' sizes (each >= 1, summing to "
+                                    f"N={N}), got {None if segments is None else list(segments)}")
+        self.M, self.N, self.kind, self.orthograd = M, N, grokfast, bool(orthograd)
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
         self.warmup, self.window = int(warmup), int(window)
         self.betas = torch.tensor([self.beta1, self.beta2], dtype=torch.float64, device=device)
@@ -327,17 +425,32 @@ class FusedOptimizer:
         # and its (t, c).
         self._scal = torch.zeros(SCALARS + 2 * M, dtype=torch.float32, device=device)
         self._snap = torch.zeros(2, dtype=torch.int64, device=device)
+        # orthograd's block table and partial sums; without it an unread int32 stand-in for the table
+        self._tab, self._part = torch.zeros((1, 4), dtype=torch.int32, device=device), None
+        if self.orthograd:
+            rows, start = [], 0
+            for size in map(int, segments):
+                first, nblk = len(rows), -(-size // BLOCK)
+                rows += [[start + b * BLOCK, min(start + (b + 1) * BLOCK, start + size), first, nblk]
+                         for b in range(nblk)]
+                start += size
+            if start >= 2 ** 31:
+                raise KernelConfigError(f"orthograd's block table holds int32 offsets: N={N} must be < 2^31")
+            self._tab = torch.tensor(rows, dtype=torch.int32, device=device)
+            self._part = torch.zeros((M, len(rows), 3), dtype=torch.float64, device=device)
 
     @classmethod
-    def from_configs(cls, tcfgs: Sequence, N: int, device="cpu") -> "FusedOptimizer":
-        """One model per TrainConfig; they may differ in lr, wd, alpha, lamb only."""
+    def from_configs(cls, tcfgs: Sequence, N: int, device="cpu", segments: Sequence[int] | None = None
+                     ) -> "FusedOptimizer":
+        """One model per TrainConfig; they may differ in lr, wd, alpha, lamb only. segments: the parameter
+        tensors' sizes (ParamLayout.sizes()), needed with orthograd."""
         first = tcfgs[0]
         for c in tcfgs:
             why = unsupported_training(c)
             if why:
                 raise KernelConfigError(f"the fused optimizer cannot run this: {why}; use --backend reference")
         for c in tcfgs[1:]:
-            for k in ("beta1", "beta2", "eps", "warmup", "grokfast", "window"):
+            for k in ("beta1", "beta2", "eps", "warmup", "grokfast", "window", "orthograd"):
                 if getattr(c, k) != getattr(first, k):
                     raise KernelConfigError(f"models trained in one launch must share {k}: got "
                                       f"{getattr(first, k)!r} and {getattr(c, k)!r}")
@@ -345,7 +458,8 @@ class FusedOptimizer:
         return cls(len(tcfgs), N, lr=[c.lr * (1 + c.lamb if getattr(c, "lr_matched", False) else 1) for c in tcfgs], wd=[c.wd for c in tcfgs],
                    alpha=[c.alpha for c in tcfgs], lamb=[c.lamb for c in tcfgs], beta1=first.beta1,
                    beta2=first.beta2, eps=first.eps, warmup=first.warmup, grokfast=first.grokfast,
-                   window=first.window, device=device)
+                   window=first.window, orthograd=bool(getattr(first, "orthograd", False)), segments=segments,
+                   device=device)
 
     @torch.no_grad()
     def rebuild_ma_sum(self, rows=None) -> None:
@@ -377,7 +491,8 @@ class FusedOptimizer:
     def step(self, params: torch.Tensor, grads: torch.Tensor, scalars: bool = True, track=None) -> None:
         """params [M, N] <- one filtered AdamW step with raw gradients grads [M, N]. Two launches (the
         scalar kernel, which also advances the counters, then the element kernel), no sync; one (the
-        element kernel) with scalars=False, when the caller ran scalars_task() since the last step.
+        element kernel) with scalars=False, when the caller ran scalars_task() since the last step;
+        orthograd adds the element kernel's sums pass (SUMS) before it (ORTHO_LAUNCHES).
         track: None, or (loss [M] float32, first_bad [M] int64): the element kernel also sets
         first_bad[m] = t (this step, 1-based) where loss[m] is NaN or inf and first_bad[m] < 0."""
         if params.shape != (self.M, self.N) or grads.shape != (self.M, self.N):
@@ -395,14 +510,21 @@ class FusedOptimizer:
                         scal_ptr=self._scal, snap_ptr=self._snap, M=self.M, warmup_steps=self.warmup),
                    dict(ADVANCE_C=0 if self.kind == "none" else 1, SCALARS=SCALARS, BLOCK_M=BLOCK_M),
                    num_warps=SCALAR_WARPS)
-        launch(grokfast_adamw_kernel, (self.M, triton.cdiv(self.N, BLOCK)),
-               dict(param_ptr=params, grad_ptr=grads, mom_ptr=self.mom, vel_ptr=self.vel,
-                    ema_ptr=self.ema if self.ema is not None else dummy,
+        filt = dict(ema_ptr=self.ema if self.ema is not None else dummy,
                     ring_ptr=self.ring if self.ring is not None else dummy,
                     sum_ptr=self.ma_sum if self.ma_sum is not None else self.betas, alpha_ptr=self.alpha,
-                    lamb_ptr=self.lamb, scal_ptr=self._scal, snap_ptr=self._snap,
+                    lamb_ptr=self.lamb)
+        args = dict(param_ptr=params, grad_ptr=grads, mom_ptr=self.mom, vel_ptr=self.vel, **filt,
+                    scal_ptr=self._scal, snap_ptr=self._snap,
                     loss_ptr=track[0] if track is not None else self._scal,
-                    bad_ptr=track[1] if track is not None else self._snap, N=self.N, window=self.window,
-                    eps=self.eps),
-               dict(FILTER=FILTERS[self.kind], SCALARS=SCALARS, BLOCK=BLOCK, TRACK=int(track is not None)),
-               num_warps=NUM_WARPS)
+                    bad_ptr=track[1] if track is not None else self._snap, tab_ptr=self._tab,
+                    part_ptr=self._part if self.orthograd else self.betas, N=self.N,
+                    NB=self._tab.shape[0], window=self.window, eps=self.eps)
+        cx = dict(FILTER=FILTERS[self.kind], SCALARS=SCALARS, BLOCK=BLOCK, TRACK=int(track is not None),
+                  ORTHO=int(self.orthograd), SUMS=0, PBLOCK=PBLOCK)
+        if self.orthograd:
+            grid = (self.M, self._tab.shape[0])
+            launch(grokfast_adamw_kernel, grid, args, dict(cx, TRACK=0, SUMS=1), num_warps=NUM_WARPS)
+        else:   # the tensor-block table and partials are not read: the element pass of before orthograd existed
+            grid = (self.M, triton.cdiv(self.N, BLOCK))
+        launch(grokfast_adamw_kernel, grid, args, cx, num_warps=NUM_WARPS)

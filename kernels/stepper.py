@@ -1,7 +1,8 @@
 """FusedStepper: the fused training step behind the trainer's ``backend="fused"``.
 
 One step = the forward/backward kernels (kernels/forward_backward.py: loss and every gradient of
-the flat [1, N] parameters) + the fused Grokfast/AdamW kernel (kernels/optimizer.py). Nothing in
+the flat [1, N] parameters) + the fused Grokfast/AdamW kernel (kernels/optimizer.py; with orthograd
+its sums pass first, over the parameter tensors of ParamLayout). Nothing in
 it synchronises with the host; on a CUDA device the step is captured as a CUDA graph after a few
 eager warm-up steps and replayed from then on.
 
@@ -133,7 +134,8 @@ class FusedStepper:
         self.first_bad = torch.full((1,), -1, dtype=torch.int64, device=self.device)
         self._bound = None         # (tokens, labels) of the split bound for train_step, contiguous
         self._batch = None         # minibatch "draw": (tokens [Bs, T], labels [Bs], (perm, starts)) drawn on the device
-        self.opt = FusedOptimizer.from_configs([tcfg], self.layout.numel, device=self.device)
+        self.opt = FusedOptimizer.from_configs([tcfg], self.layout.numel, device=self.device,
+                                               segments=self.layout.sizes())
         self._filter_seen = 0      # host mirror of the filter count: which state_dict keys exist
         self._eager_steps = 0
         self._graph = None         # torch.cuda.CUDAGraph once captured

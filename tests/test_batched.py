@@ -107,6 +107,29 @@ def test_matches_float64_reference_and_compacts(kind):
         assert abs(sl[row].item() - ref_test_loss) <= 1e-4 * abs(ref_test_loss)
 
 
+def test_orthograd_batch_keeps_its_tensor_blocks_when_compacted():
+    """A batch shares orthograd: mixing it is one clear error, and the sweep groups runs by it (batch_key). The
+    batched optimizer cuts each parameter tensor into its own blocks, and a compact rebuilds them. (Not stepped
+    here, to keep CI short: the kernels' M-model orthograd is checked against float64 in test_kernels_orthograd.py,
+    the fused step with it by test_check.py's --orthograd run.)"""
+    from grokfast.kernels.optimizer import BLOCK
+    tasks, cfg, tcfgs = tiny("ema")
+    tcfgs = [dataclasses.replace(c, orthograd=True) for c in tcfgs]
+    with pytest.raises(KernelConfigError, match="share orthograd"):
+        make(tasks, cfg, [tcfgs[0], dataclasses.replace(tcfgs[1], orthograd=False), tcfgs[2]])
+    st = make(tasks, cfg, tcfgs)
+    sizes = st.layout.sizes()
+    blocks = [(sum(sizes[:i]) + b * BLOCK, min(sum(sizes[:i]) + (b + 1) * BLOCK, sum(sizes[:i + 1])))
+              for i in range(len(sizes)) for b in range(-(-sizes[i] // BLOCK))]
+    for keep in ([2, 0], None):
+        assert st.opt.orthograd and st.opt._tab[:, :2].tolist() == [list(b) for b in blocks]
+        assert st.opt._part.shape == (st.M, len(blocks), 3)
+        if keep:
+            st.compact(keep)
+    runs = S.expand(S.SweepSpec(preset="small", grid={"orthograd": [False, True]}, seeds=[0]))
+    assert len({S.batch_key(r) for r in runs}) == 2
+
+
 def test_checkpoint_round_trip_continues_identically():
     """state_dict(row) -> load_state_dict(row) into a new stepper: the next step is bit-identical."""
     tasks, cfg, tcfgs = tiny("ema")

@@ -16,6 +16,17 @@ def test_quick_check_passes(capsys):
     assert " 0 failed" in out and "FAIL" not in out
 
 
+def test_quick_orthograd_check_passes(capsys):
+    """`grokfast check --quick --orthograd` on one preset and filter (CI time; the full table passes on every
+    preset and filter, see BOUNDS): its optimizer rows are orthograd's, within their bounds."""
+    status = main(["check", "--quick", "--preset", "pizza", "--grokfast", "ma", "--orthograd"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    for what in ("params after 1 step [ma, orthograd]", "params after 4 steps [ma, orthograd]"):
+        assert f"pizza   {what}" in out, what
+    assert " 0 failed" in out and "FAIL" not in out and "[ma]" not in out
+
+
 def test_corrupted_gradient_fails(monkeypatch, capsys):
     """The largest gradient element of W_in with its sign flipped: the check must notice (its gradient
     row, and the trained parameters: AdamW's update of that element changes direction) and exit 1.

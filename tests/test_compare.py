@@ -120,7 +120,7 @@ def test_methods_defaults_and_settings():
     (["--method", "ema:lamb=x"], "lamb takes a number"),
     (["--method", "ema", "--method", "ema"], "is listed twice"),
     (["--method", "lr-matched:grokfast=ema"], "drop --grokfast ema"),
-    (["--method", "orthograd", "--backend", "fused"], "orthograd"),
+    (["--method", "muon", "--backend", "fused"], "muon"),
     (["--method", "adamw", "--seeds", "1,1"], "a seed is listed twice"),
 ])
 def test_bad_input_is_one_line_with_status_2_before_any_work(argv, msg, tmp_path, capsys):

@@ -585,8 +585,9 @@ def test_ma_ring_addresses_past_two_to_the_31():
     _common.launch(grokfast_adamw_kernel, (1, 1),
                    dict(param_ptr=param, grad_ptr=grad, mom_ptr=mom, vel_ptr=vel, ema_ptr=mom, ring_ptr=ring,
                         sum_ptr=ma_sum, alpha_ptr=lamb, lamb_ptr=lamb, scal_ptr=scal, snap_ptr=snap, loss_ptr=scal,
-                        bad_ptr=snap, N=N, window=W, eps=1e-8),
-                   dict(FILTER=2, SCALARS=5, BLOCK=BLOCK, TRACK=0))
+                        bad_ptr=snap, tab_ptr=torch.zeros(4, dtype=torch.int32), part_ptr=ma_sum, N=N, NB=1,
+                        window=W, eps=1e-8),
+                   dict(FILTER=2, SCALARS=5, BLOCK=BLOCK, TRACK=0, ORTHO=0, SUMS=0, PBLOCK=64))
     assert torch.equal(ma_sum, torch.full((BLOCK,), float(sum(range(1, W + 1))), dtype=torch.float64))
 
 

@@ -216,8 +216,7 @@ def test_train_cli_refuses_bad_method_flags_with_status_2(capsys, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("kw,what", [(dict(orthograd=True), "orthograd"), (dict(loss="stablemax"), "StableMax"),
-                                     (dict(optimizer="muon"), "AdamW")])
+@pytest.mark.parametrize("kw,what", [(dict(loss="stablemax"), "StableMax"), (dict(optimizer="muon"), "AdamW")])
 def test_fused_backend_refuses_reference_only_methods(kw, what):
     from grokfast.backends import resolve_backend
     cfg = TINY.for_task(grokfast.Task("x+y", p=7, frac=0.5))
@@ -225,6 +224,17 @@ def test_fused_backend_refuses_reference_only_methods(kw, what):
         resolve_backend("fused", cfg, "cpu", TrainConfig(**kw))
     assert "\n" not in str(e.value)
     assert resolve_backend("auto", cfg, "cpu", TrainConfig(**kw))[0] == "reference"
+
+
+def test_fused_backend_takes_orthograd():
+    """Orthograd runs on the fused optimizer (tests/test_kernels_orthograd.py checks it), so auto picks fused where
+    the kernels run; models trained in one launch must share it."""
+    from grokfast.backends import fused_training_gap
+    from grokfast.kernels import KernelConfigError
+    from grokfast.kernels.optimizer import FusedOptimizer
+    assert fused_training_gap(TrainConfig(orthograd=True)) is None
+    with pytest.raises(KernelConfigError, match="share orthograd"):
+        FusedOptimizer.from_configs([TrainConfig(orthograd=True), TrainConfig()], 10, segments=[10])
 
 
 def test_fused_optimizer_takes_the_matched_lr():

@@ -195,8 +195,9 @@ def fused_launches(wl: Workload, cost: dict | None = None) -> dict:
     except Exception as e:  # no triton here: say so
         return {"unavailable": f"{type(e).__name__}: {e}"}
     from grokfast.kernels import optimizer
-    out = {"forward_backward": counts, "optimizer": optimizer.STEP_LAUNCHES,
-           "total": sum(counts.values()) + optimizer.STEP_LAUNCHES, "per_launch": per_launch,
+    n_opt = optimizer.step_launches(getattr(wl.train, "orthograd", False))   # 2 with orthograd (its sums pass)
+    out = {"forward_backward": counts, "optimizer": n_opt,
+           "total": sum(counts.values()) + n_opt, "per_launch": per_launch,
            "dot_flops": sum(r["dot_flops"] for r in per_launch),
            "useful_dot_flops": sum(r["useful"] for r in per_launch),
            "core_product_flops": sum(r["core_flops"] for r in per_launch)}

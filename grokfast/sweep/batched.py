@@ -65,8 +65,8 @@ def batched_status(device, runs: Optional[list] = None, explicit: bool = False) 
     return True, "fused kernels on a CUDA GPU, runs grouped by model config and shape"
 
 
-# Settings that make two runs' steps different in kind. Where the fused kernels run a method (today
-# unsupported_training refuses all but AdamW with cross-entropy), its runs still train in launches of their
+# Settings that make two runs' steps different in kind. Where the fused kernels run a method (grokfast.kernels.optimizer.
+# unsupported_training), its runs still train in launches of their
 # own, so a method the kernels learn (orthograd, StableMax) never shares a launch with another's runs.
 STEP_KIND_FIELDS = ("optimizer", "loss", "orthograd", "warmup_schedule")
 # What every run of one launch follows together: its evaluation, checkpoint and stopping schedule.
