@@ -215,8 +215,8 @@ def gather_epoch_batch(src_tokens, src_labels, tokens_out, labels_out, index_out
     check("ring", ring, torch.int32, shape=(None, n), device=src_tokens.device)
     K = triton.cdiv(n, batch_size)
     if not 1 <= batch_size <= n or Bs not in (batch_size, n - (K - 1) * batch_size):
-        raise KernelConfigError(f"epoch batch of {Bs} with batch size {batch_size} of n = {n}: a batch holds "
-                                f"batch_size or the epoch's remaining {n - (K - 1) * batch_size} examples")
+        raise KernelConfigError(f"epoch batch of {Bs} rows with batch size {batch_size} of n = {n}: a launch gathers "
+                                f"{batch_size} rows or the epoch's last {n - (K - 1) * batch_size}")
     if not ring.is_contiguous():
         raise ValueError("gather_epoch_batch: the ring must be contiguous")
     _launch(src_tokens, src_labels, tokens_out, labels_out, index_out, counter, ring, n, T, Bs, d_vocab, K=K,
