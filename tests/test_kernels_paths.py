@@ -432,6 +432,33 @@ def test_epoch_minibatches_gathered_in_the_graph_are_the_hosts_batches_and_resum
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_epoch_minibatches_refuse_a_missing_order_or_step_before_any_launch():
+    """One line each, before any kernel runs: bind without the epochs' orders (both steppers), train_step without
+    the step or with a step the optimizer's counter is not at (a resume that passed the wrong step), orders that
+    do not index the split."""
+    from grokfast.backends import ReferenceStepper
+    from grokfast.batches import epoch_orders
+    from grokfast.config import ConfigError
+    from grokfast.kernels.errors import KernelConfigError
+    cfg = every_path_cfg(n_layers=1, layernorm=False, n_ctx=3)
+    tcfg = TrainConfig(batch_size=12, minibatches="epoch")
+    model, tokens, labels = model_and_data(cfg, 29, seed=6)
+    with pytest.raises(ConfigError, match="bind needs the epochs' orders"):
+        ReferenceStepper(copy.deepcopy(model), tcfg).bind(tokens, labels)
+    st = stepper_mod.FusedStepper(model.to(DEVICE), tcfg)
+    with pytest.raises(KernelConfigError, match="bind needs the epochs' orders"):
+        st.bind(tokens, labels)
+    st.bind(tokens, labels, epochs=epoch_orders(29, tcfg))
+    with pytest.raises(KernelConfigError, match="train_step\\(step\\) needs the steps done"):
+        st.train_step()
+    with pytest.raises(KernelConfigError, match="train_step\\(3\\) but the optimizer has done 0 steps"):
+        st.train_step(3)
+    st.bind(tokens, labels, epochs=lambda first, count: epoch_orders(29, tcfg)(first, count) + 1)
+    with pytest.raises(KernelConfigError, match="must index the 29 examples, got values in \\[1, 29\\]"):
+        st.train_step(0)
+    assert int(st.opt.counters[0]) == 0 and st.mode == "eager"
+
+
 def _train_fused(tmp_path, preset_name, graph: bool, monkeypatch, hook=None, **train):
     """grokfast.train as `grokfast train --preset P --backend fused` runs it (the preset's training settings:
     warm-up, minibatches; progress bar, run directory, evaluations and checkpoints), on a model and task
