@@ -4,6 +4,8 @@ named parameters and optimizer state, so checkpoints and run directories do not 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .batches import BATCH_SEED_OFFSET, draw_indices
@@ -98,6 +100,7 @@ class ReferenceStepper:
         # the first step (1-based) whose loss was NaN or inf, -1 while none (a device tensor: no sync per step)
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=next(iter(self.params.values())).device)
         self._bound = None
+        self._epochs = None
 
     def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = self.model(tokens)
@@ -111,20 +114,28 @@ class ReferenceStepper:
         self.first_bad = torch.where(bad, torch.full_like(self.first_bad, self.opt.t), self.first_bad)
         return loss
 
-    def bind(self, tokens: torch.Tensor, labels: torch.Tensor) -> None:
-        """The training split that ``train_step`` trains on: all of it (full batch), or with batch_size and
+    def bind(self, tokens: torch.Tensor, labels: torch.Tensor, epochs=None) -> None:
+        """The training split that ``train_step`` trains on: all of it (full batch); with batch_size and
         minibatches "draw" the batch grokfast.batches.draw_indices gives for the step (as the fused stepper
-        draws it on the device)."""
-        if self.tcfg.batch_size is not None and self.tcfg.minibatches != "draw":
-            raise ConfigError(f"train_step draws minibatches \"draw\"; for \"{self.tcfg.minibatches}\" pass each "
-                              "batch to step()")
+        draws it on the device); with minibatches "epoch" batch k of epoch e of the orders ``epochs`` gives
+        ((first, count) -> [count, n]: grokfast.batches.epoch_orders; the fused stepper gathers the same)."""
+        if self.tcfg.batch_size is not None and self.tcfg.minibatches == "epoch" and epochs is None:
+            raise ConfigError("minibatches \"epoch\": bind needs the epochs' orders (epochs=, grokfast.batches.epoch_orders)")
         self._bound = (tokens, labels)
+        self._epochs = epochs if self.tcfg.batch_size is not None and self.tcfg.minibatches == "epoch" else None
+        self._epoch = (None, None)   # (epoch, its order on the device)
 
     def train_step(self, step: int) -> torch.Tensor:
-        """One step on the bound split; ``step``: steps done before it (the draw's number). Returns the loss."""
+        """One step on the bound split; ``step``: steps done before it (the batch's number). Returns the loss."""
         tokens, labels = self._bound
         bs = self.tcfg.batch_size
-        if bs is not None:
+        if self._epochs is not None:
+            epoch, k = divmod(step, math.ceil(labels.shape[0] / bs))
+            if self._epoch[0] != epoch:
+                self._epoch = (epoch, self._epochs(epoch, 1)[0].to(labels.device))
+            idx = self._epoch[1][k * bs:(k + 1) * bs]
+            tokens, labels = tokens[idx], labels[idx]
+        elif bs is not None:
             idx = draw_indices(labels.shape[0], bs, self.tcfg.seed + BATCH_SEED_OFFSET, step, device=labels.device)
             tokens, labels = tokens[idx], labels[idx]
         return self.step(tokens, labels)

@@ -5,8 +5,12 @@
   the reference computes it here with torch, the fused step on the device inside its captured graph
   (grokfast.kernels.batch_draw, tested bit for bit against this function). Being a function of the step,
   a resumed run draws the same batches with no generator state to save.
-- "epoch": ``epoch_batch``: each epoch a fresh shuffle (torch's CPU randperm, as the papers' code),
-  cut into consecutive batches with a short last one (drawn on the host, every step).
+- "epoch": ``epoch_batch``: each epoch a fresh shuffle (torch's CPU randperm, as the papers' code; with
+  TrainConfig.rng "stream", grokfast.stream.EpochOrder), cut into consecutive batches with a short last one.
+  The permutations are always drawn on the host by torch, but not per step: ``epoch_orders`` gives the
+  steppers whole epochs, and the fused stepper copies the next E epochs' permutations to the device in one
+  copy every E epochs (kernels/batch_draw.py EpochRing), gathering each step's batch on the device inside
+  its captured graph (the same examples, bit for bit, as ``epoch_batch`` / EpochOrder.batch).
 
 The draw, with every value a 32-bit unsigned integer (products mod 2^32):
     h(x)     = lowbias32: x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16
@@ -70,6 +74,13 @@ def draw_indices(n: int, batch_size: int, seed: int, step: int, device=None) -> 
     return x
 
 
+def epoch_perm(n: int, tcfg, epoch: int) -> torch.Tensor:
+    """The order (int64 [n], a permutation of range(n)) of 0-based ``epoch`` with minibatches "epoch" and rng
+    "independent": torch's CPU randperm from a generator seeded by (seed, epoch) alone."""
+    g = torch.Generator().manual_seed((tcfg.seed + BATCH_SEED_OFFSET) * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
 def epoch_batch(n: int, tcfg, step: int, cache: dict | None = None) -> torch.Tensor:
     """Indices of the minibatch for 0-based `step` with minibatches "epoch": epoch e = step // k of
     k = ceil(n / batch_size) steps is a permutation of range(n) that depends only on (seed, e), cut
@@ -78,9 +89,23 @@ def epoch_batch(n: int, tcfg, step: int, cache: dict | None = None) -> torch.Ten
     epoch, k = divmod(step, math.ceil(n / bs))
     perm = cache.get(epoch) if cache is not None else None
     if perm is None:
-        g = torch.Generator().manual_seed((tcfg.seed + BATCH_SEED_OFFSET) * 1_000_003 + epoch)
-        perm = torch.randperm(n, generator=g)
+        perm = epoch_perm(n, tcfg, epoch)
         if cache is not None:
             cache.clear()
             cache[epoch] = perm
     return perm[k * bs:(k + 1) * bs]
+
+
+def epoch_rows(n: int, batch_size: int, step: int) -> int:
+    """How many examples 0-based `step` of minibatches "epoch" trains on: batch_size, or fewer on the short
+    last batch of an epoch (n - (k - 1) batch_size of k = ceil(n / batch_size) steps)."""
+    return min(batch_size, n - (step % math.ceil(n / batch_size)) * batch_size)
+
+
+def epoch_orders(n: int, tcfg, stream_order=None):
+    """The steppers' source of minibatches "epoch": a function (first, count) -> int64 [count, n] whose row i is
+    the order of epoch first + i, which epoch_batch (rng "independent") or ``stream_order``
+    (a grokfast.stream.EpochOrder, rng "stream") cuts into the epoch's batches: batch j of epoch e is
+    row[j * batch_size:(j + 1) * batch_size]."""
+    order = stream_order.order if stream_order is not None else (lambda e: epoch_perm(n, tcfg, e))
+    return lambda first, count: torch.stack([order(e) for e in range(first, first + count)])

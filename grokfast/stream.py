@@ -44,14 +44,18 @@ class EpochOrder:
     def _rewind(self):
         self.g = torch.Generator()
         self.g.set_state(self.start_state)
-        self.epoch, self.order = -1, torch.arange(self.n)
+        self.epoch, self._order = -1, torch.arange(self.n)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """order_epoch (int64 [n]): the 0-based epoch's order of task.train, which its batches cut."""
+        if epoch < self.epoch:
+            self._rewind()
+        while self.epoch < epoch:
+            self._order = self._order[torch.randperm(self.n, generator=self.g)]
+            self.epoch += 1
+        return self._order
 
     def batch(self, step: int) -> torch.Tensor:
         """Indices into task.train of the 0-based `step`'s minibatch."""
         epoch, j = divmod(step, self.k)
-        if epoch < self.epoch:
-            self._rewind()
-        while self.epoch < epoch:
-            self.order = self.order[torch.randperm(self.n, generator=self.g)]
-            self.epoch += 1
-        return self.order[j * self.bs:(j + 1) * self.bs]
+        return self.order(epoch)[j * self.bs:(j + 1) * self.bs]

@@ -21,7 +21,7 @@ import torch
 
 from . import rundir
 from .backends import make_stepper, resolve_backend
-from .batches import epoch_batch
+from .batches import epoch_batch, epoch_orders, epoch_rows  # noqa: F401  (epoch_batch: tests import it from here)
 from .config import ConfigError, ModelConfig, TrainConfig, TaskSpec, preset as get_preset
 from .data import Task
 from .model import Transformer, loss_fn
@@ -278,17 +278,19 @@ def train(task: Task | None = None, model_config: ModelConfig | None = None,
 
     train_t, train_l = task.train.tokens, task.train.labels
     n_train = len(task.train)
-    epoch_perm: dict = {}
     # eval_train False: [loss sum, correct, examples] over the training steps since the last evaluation,
     # from the steps' own forward passes (the reference stepper's `correct`), as the papers' code logs them
     on_the_fly = [0.0, 0, 0] if not tcfg.eval_train and hasattr(stepper, "correct") else None
-    # Minibatches "epoch" are cut on the host and fed to stepper.step(); otherwise the stepper holds the split and
-    # train_step() draws (or takes the full batch) itself: on a GPU the fused step is then one graph replay with
-    # no host work. Either way the stepper records a NaN/inf loss in stepper.first_bad on the device.
-    host_batches = tcfg.batch_size is not None and tcfg.minibatches == "epoch"
-    if not host_batches:
+    # The stepper holds the split and train_step() takes the step's batch itself: the full batch, a draw, or with
+    # minibatches "epoch" batch k of the epoch's order, the orders handed over a chunk of epochs at a time (torch's
+    # CPU permutations, epoch_orders). On a GPU the fused step is then one graph replay with no host work (but for
+    # the copy of the next epochs' orders every few hundred epochs); it records a NaN/inf loss in stepper.first_bad.
+    epochs = None
+    if tcfg.batch_size is not None and tcfg.minibatches == "epoch":
+        epochs = epoch_orders(n_train, tcfg, epoch_order)
+        stepper.bind(train_t, train_l, epochs=epochs)
+    else:
         stepper.bind(train_t, train_l)
-    rows_per_step = tcfg.batch_size or n_train
     metrics_file = open(out / "metrics.jsonl", "a") if out is not None else None
 
     def do_eval(at_step: int) -> dict:
@@ -328,15 +330,10 @@ def train(task: Task | None = None, model_config: ModelConfig | None = None,
     try:
         with _StopFlag() as stop:
             while step < tcfg.steps:
-                if host_batches:
-                    idx = (epoch_order.batch(step) if epoch_order is not None else
-                           epoch_batch(n_train, tcfg, step, epoch_perm)).to(device)
-                    loss = stepper.step(train_t[idx], train_l[idx])
-                    rows = idx.shape[0]
-                else:
-                    loss = stepper.train_step(step)
-                    rows = rows_per_step
+                loss = stepper.train_step(step)
                 if on_the_fly is not None:
+                    rows = n_train if tcfg.batch_size is None else (
+                        epoch_rows(n_train, tcfg.batch_size, step) if epochs is not None else tcfg.batch_size)
                     on_the_fly[0] = on_the_fly[0] + loss * rows
                     on_the_fly[1] = on_the_fly[1] + stepper.correct
                     on_the_fly[2] += rows

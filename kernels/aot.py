@@ -50,8 +50,8 @@ def collect_specs(shapes, model_batch=MODEL_BATCH, arch: int | None = None):
     for spec in optimizer.aot_specs():
         add("any", spec)
     from . import batch_draw
-    for spec in batch_draw.aot_specs():          # minibatch "draw" (the power preset's split and batch)
-        add("power draw", spec)
+    for spec in batch_draw.aot_specs():          # minibatches "draw" and "epoch" (the power preset's split and batch)
+        add("power batches", spec)
     from . import forward_backward as fb
     from ._common import dot_precision
     for k, (name, cfg, B) in enumerate(shapes):

@@ -133,7 +133,12 @@ class FusedStepper:
         # the first step (1-based) whose loss was NaN or inf, -1 while none: set inside the step (optimizer TRACK)
         self.first_bad = torch.full((1,), -1, dtype=torch.int64, device=self.device)
         self._bound = None         # (tokens, labels) of the split bound for train_step, contiguous
-        self._batch = None         # minibatch "draw": (tokens [Bs, T], labels [Bs], (perm, starts)) drawn on the device
+        self._batches = None       # minibatches: {Bs: (tokens [Bs, T], labels [Bs], (perm, starts))} gathered on the device
+        self._ring = None          # minibatches "epoch": the device ring of epoch orders (batch_draw.EpochRing)
+        self._bound_graphs = {}    # train_step's CUDA graphs by batch size (the epoch's short last batch has its own)
+        self._bound_eager = {}     # eager train_steps by batch size: each size warms up before its capture
+        self._keep_bound = {}      # by batch size: the workspace, split buffers and index its graph reads
+        self._check_counter = False   # compare the optimizer's device step counter with train_step's step once
         self.opt = FusedOptimizer.from_configs([tcfg], self.layout.numel, device=self.device,
                                                segments=self.layout.sizes())
         self._filter_seen = 0      # host mirror of the filter count: which state_dict keys exist
@@ -166,68 +171,102 @@ class FusedStepper:
 
     # -- training on a bound split: the trainer's step, no host work between graph replays ----------
 
-    def bind(self, tokens: torch.Tensor, labels: torch.Tensor) -> None:
+    def bind(self, tokens: torch.Tensor, labels: torch.Tensor, epochs=None, epochs_ahead: int | None = None) -> None:
         """The training split (tokens [n, n_ctx], labels [n] int64 on the stepper's device) that ``train_step``
-        trains on: all of it per step (full batch), or with tcfg.batch_size and minibatches "draw" a batch drawn
+        trains on: all of it per step (full batch); with tcfg.batch_size and minibatches "draw" a batch drawn
         on the device inside the step (kernels/batch_draw.py: a function of the batch seed tcfg.seed + 7919
-        and the optimizer's step counter, so a resumed run draws the same batches). Checks the token range
-        once (a host sync)."""
+        and the optimizer's step counter, so a resumed run draws the same batches); with minibatches "epoch"
+        batch k of epoch e of the orders ``epochs`` gives ((first, count) -> [count, n] integers: the host's
+        permutations of those epochs, grokfast.batches.epoch_orders), copied to the device ``epochs_ahead`` epochs
+        at a time (batch_draw.EpochRing; default from its memory budget) and gathered inside the step. Checks
+        the token range once (a host sync)."""
         from .forward_backward import check_token_range
         tokens, labels = tokens.contiguous(), labels.contiguous()
         check_token_range(self.cfg, tokens, labels)
-        self._bound = (tokens, labels)
-        bs = self.tcfg.batch_size
+        bs, mode = self.tcfg.batch_size, self.tcfg.minibatches
+        if bs is not None and mode == "epoch" and epochs is None:
+            raise KernelConfigError("minibatches \"epoch\": bind needs the epochs' orders (epochs=, "
+                                    "grokfast.batches.epoch_orders)")
+        if self._bound_graphs:
+            raise KernelConfigError("this stepper's graphs read the split bound first: make a new stepper to bind another")
+        self._bound, self._batches, self._ring = (tokens, labels), None, None
+        self._check_counter = True
         if bs is None:
-            self._batch = None
             return
-        if self.tcfg.minibatches != "draw":
-            raise KernelConfigError(f"train_step draws minibatches \"draw\" on the device; for \"{self.tcfg.minibatches}\" "
-                                    "pass each batch to step()")
+        if mode == "epoch":
+            from .batch_draw import EpochRing
+            self._ring = EpochRing(tokens.shape[0], bs, epochs, self.device, epochs_ahead)
+            sizes = sorted({bs, self._ring.rows(self._ring.K - 1)})
+        else:
+            sizes = [bs]
         T, V = tokens.shape[1], self.cfg.d_vocab
         dev = self.device
-        self._batch = (torch.zeros((bs, T), dtype=torch.int64, device=dev), torch.zeros(bs, dtype=torch.int64, device=dev),
-                       (torch.zeros((1, T, bs), dtype=torch.int32, device=dev),
-                        torch.zeros((1, T, V + 1), dtype=torch.int32, device=dev)))
+        self._batches = {b: (torch.zeros((b, T), dtype=torch.int64, device=dev), torch.zeros(b, dtype=torch.int64, device=dev),
+                             (torch.zeros((1, T, b), dtype=torch.int32, device=dev),
+                              torch.zeros((1, T, V + 1), dtype=torch.int32, device=dev))) for b in sizes}
 
-    def _run_bound(self):
-        if self._batch is None:
+    def _run_bound(self, rows: int):
+        if self._batches is None:
             self._run(*self._bound)
             return
-        from .batch_draw import draw_batch
-        tok, lab, index = self._batch
-        draw_batch(*self._bound, tok, lab, index, self.opt.counters, self.tcfg.seed + BATCH_SEED_OFFSET, self.cfg.d_vocab)
+        from .batch_draw import draw_batch, gather_epoch_batch
+        tok, lab, index = self._batches[rows]
+        if self._ring is not None:
+            gather_epoch_batch(*self._bound, tok, lab, index, self.opt.counters, self._ring.ring, self.tcfg.batch_size,
+                               self.cfg.d_vocab)
+        else:
+            draw_batch(*self._bound, tok, lab, index, self.opt.counters, self.tcfg.seed + BATCH_SEED_OFFSET,
+                       self.cfg.d_vocab)
         self._run(tok, lab, index)
 
     def train_step(self, step: int | None = None) -> None:
-        """One optimizer step on the bound split (``bind``); ``step`` (steps done, the reference stepper's
-        draw number) is not read: the draw reads the optimizer's device counter, which equals it. Returns nothing and, once the step is a CUDA graph,
-        runs no torch operation on the host: the loss stays in ``self.loss``, a NaN/inf loss is recorded in
-        ``self.first_bad`` on the device."""
+        """One optimizer step on the bound split (``bind``); ``step``: steps done before it, which the optimizer's
+        device counter (the batch's number on the device) equals. The draw and full batch do not read it; minibatches
+        "epoch" need it: it says which graph to replay (the short last batch of an epoch has its own) and when the
+        next epochs' orders are due on the device. Returns nothing and, once the step is a CUDA graph, runs no torch
+        operation on the host on steps that copy no epochs: the loss stays in ``self.loss``, a NaN/inf loss is
+        recorded in ``self.first_bad`` on the device."""
         if self._bound is None:
             raise KernelConfigError("train_step needs the training split: call bind(tokens, labels) first")
         if self._graph is not None and self._static is not None:
             raise KernelConfigError("this stepper's graph trains the batches fed to step(): keep using step()")
-        if self._use_graph and self._eager_steps >= WARMUP_STEPS and (self._graph is not None or self._capture_bound()):
-            self._graph.replay()
+        rows = self._bound[0].shape[0]
+        if self._ring is not None:
+            if step is None:
+                raise KernelConfigError("minibatches \"epoch\": train_step(step) needs the steps done")
+            if self._check_counter:      # once after bind or load_state_dict (a host sync), never per step
+                if int(self.opt.counters[0]) != step:
+                    raise KernelConfigError(f"train_step({step}) but the optimizer has done {int(self.opt.counters[0])} "
+                                            "steps: pass the steps done (a resumed run: its checkpoint's step)")
+                self._check_counter = False
+            self._ring.ensure(step)
+            rows = self._ring.rows(step)
+        elif self._batches is not None:
+            rows = self.tcfg.batch_size
+        graph = self._bound_graphs.get(rows)
+        if graph is None and self._use_graph and self._bound_eager.get(rows, 0) >= WARMUP_STEPS:
+            graph = self._capture_bound(rows)
+        if graph is not None:
+            graph.replay()
         else:
-            self._run_bound()
-            self._eager_steps += 1
+            self._run_bound(rows)
+            self._bound_eager[rows] = self._bound_eager.get(rows, 0) + 1
         if self.tcfg.grokfast != "none":
             self._filter_seen += 1
 
-    def _capture_bound(self) -> bool:
-        tokens = self._batch[0] if self._batch is not None else self._bound[0]
+    def _capture_bound(self, rows: int):
+        batch = self._batches[rows] if self._batches is not None else None
+        tokens = batch[0] if batch is not None else self._bound[0]
         ws = _fb()._workspace(self.cfg, 1, tokens.shape[0], self.device, True)
-        index = self._batch[2] if self._batch is not None else _fb().token_index(self.cfg, tokens)
-        self._graph = capture_graph(self._run_bound, self.device)
-        self._keep = (ws, ws.deferred.held(), index)
-        self._static = None        # the graph reads the bound split, not batch buffers fed by step()
-        return True
+        index = batch[2] if batch is not None else _fb().token_index(self.cfg, tokens)
+        graph = self._bound_graphs[rows] = capture_graph(lambda: self._run_bound(rows), self.device)
+        self._keep_bound[rows] = (ws, ws.deferred.held(), index)
+        return graph
 
     def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimizer step on this batch; returns the loss (a float64 device tensor, no sync). For a
         stepper trained with train_step (a graph of the bound split), an error: one graph per stepper."""
-        if self._graph is not None and self._static is None:
+        if self._bound_graphs:
             raise KernelConfigError("this stepper's graph trains the bound split: use train_step(), not step()")
         if self._use_graph and self._eager_steps >= WARMUP_STEPS and self._graph_ready(tokens, labels):
             self._feed(tokens, labels)
@@ -270,7 +309,7 @@ class FusedStepper:
     @property
     def mode(self) -> str:
         """How the steps run now: "cuda-graph" (captured and replayed) or "eager" (launch by launch)."""
-        return "cuda-graph" if self._graph is not None else "eager"
+        return "cuda-graph" if self._graph is not None or self._bound_graphs else "eager"
 
     # -- checkpoints --------------------------------------------------------------------------------
 
@@ -316,3 +355,4 @@ class FusedStepper:
             if opt.ring is not None and count > 0:
                 opt.rebuild_ma_sum()   # derived from the ring, not a checkpoint key
         self._filter_seen = count
+        self._check_counter = True

@@ -381,16 +381,25 @@ class HostWork(torch.utils._python_dispatch.TorchDispatchMode):
 B_STEP = 33      # examples per step: > 2 x 16, so the lowered threshold splits the example sums
 
 
-def _stepper(cfg, kind, monkeypatch, graph: bool):
+def _tables_built() -> int:
+    return sum(ws.deferred.tables_built for ws in fb._CACHE.values() if getattr(ws, "deferred", None) is not None)
+
+
+def _graphs(monkeypatch, graph: bool) -> None:
+    """Steppers made after this capture their step (graph True) or stay eager. On a CPU a RecordedGraph stands
+    in for the CUDA graph, and a capture that builds a descriptor table (a host-to-device copy) fails."""
     monkeypatch.setattr(stepper_mod, "_graphs_wanted", lambda device, cuda_graph: graph)
     if graph and INTERPRETED:
         def fake_capture(run, device):
-            ws = fb._workspace(cfg, 1, B_STEP, torch.device(DEVICE), True)
-            before = ws.deferred.tables_built
+            before = _tables_built()
             g = RecordedGraph(run)
-            assert ws.deferred.tables_built == before, "capture built a descriptor table (a host-to-device copy)"
+            assert _tables_built() == before, "capture built a descriptor table (a host-to-device copy)"
             return g
         monkeypatch.setattr(stepper_mod, "capture_graph", fake_capture)
+
+
+def _stepper(cfg, kind, monkeypatch, graph: bool):
+    _graphs(monkeypatch, graph)
     model, tokens, labels = model_and_data(cfg, B_STEP, seed=6)
     tcfg = TrainConfig(lr=1e-2, wd=0.5, grokfast=kind, window=3, warmup=2)
     return stepper_mod.FusedStepper(model.to(DEVICE), tcfg), tokens, labels
@@ -466,24 +475,113 @@ def test_steps_after_warm_up_make_no_table_no_copy_and_keep_addresses(monkeypatc
     assert copies == [], f"host work in the step: {copies}"
 
 
-def _train_fused(tmp_path, preset_name, graph: bool, monkeypatch, hook=None):
+def test_epoch_minibatches_gathered_in_the_graph_are_the_hosts_batches_and_resume_exactly(monkeypatch):
+    """Minibatches "epoch" on the device (kernels/batch_draw.py gather_epoch_batch from an EpochRing of E = 2 epochs):
+    29 examples in batches of 12, 12 and a short 5, over 9 steps (three epochs, two chunks; graphs captured for both
+    sizes). Every step's gathered tokens and labels equal, bit for bit, the batch grokfast.batches.epoch_batch gives;
+    a stepper resumed from step 7's checkpoint (mid-epoch, mid-chunk) gathers the same batches and ends with the same
+    state, bit for bit; the float64 reference stepper on the same orders gives each step's loss within 1e-4 relative
+    (float32 against float64, as tests/test_fused_step.py). (rng "stream" differs only in the host's orders:
+    tests/test_batch_draw.py checks them against EpochOrder through the ring, and the train-loop test runs them.)"""
+    from grokfast.backends import ReferenceStepper
+    from grokfast.batches import epoch_batch, epoch_orders
+    cfg = every_path_cfg(n_layers=1, layernorm=False, n_ctx=3)
+    n, bs, steps, resume_at = 29, 12, 9, 7
+    tcfg = TrainConfig(lr=1e-2, wd=0.5, grokfast="ema", warmup=2, batch_size=bs, minibatches="epoch", seed=4)
+
+    def orders():      # a fresh host source per stepper, as a resumed run makes one
+        return epoch_orders(n, tcfg)
+    expected = lambda s: epoch_batch(n, tcfg, s)      # noqa: E731
+    _graphs(monkeypatch, True)
+    fb._CACHE.clear()
+    model, tokens, labels = model_and_data(cfg, n, seed=6)
+    ref = ReferenceStepper(copy.deepcopy(model).double(), tcfg)
+    ref.bind(tokens.cpu(), labels.cpu(), epochs=orders())
+
+    def run(st, first, last):
+        for s in range(first, last):
+            st.train_step(s)
+            rows = st._ring.rows(s)
+            tok, lab, _ = st._batches[rows]
+            idx = expected(s).to(DEVICE)
+            assert rows == idx.numel() and torch.equal(tok, tokens[idx]) and torch.equal(lab, labels[idx]), s
+            yield s, st.loss[0].item()
+
+    st = stepper_mod.FusedStepper(model.to(DEVICE), tcfg)
+    st.bind(tokens, labels, epochs=orders(), epochs_ahead=2)
+    at_resume = None
+    for s, loss in run(st, 0, steps):
+        l64 = ref.train_step(s).item()
+        assert abs(loss - l64) <= 1e-4 * l64, (s, loss, l64)
+        if s + 1 == resume_at:
+            at_resume = {k: v.clone() for k, v in st.state_dict().items()}
+    assert st.mode == "cuda-graph" and sorted(st._bound_graphs) == [5, 12] and st._ring.uploads == 3
+
+    resumed = stepper_mod.FusedStepper(Transformer(cfg, seed=1).to(DEVICE), tcfg)
+    resumed.load_state_dict(at_resume)
+    resumed.bind(tokens, labels, epochs=orders(), epochs_ahead=2)
+    list(run(resumed, resume_at, steps))
+    a, b = st.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_epoch_minibatches_refuse_a_missing_order_or_step_before_any_launch():
+    """One line each, before any kernel runs: bind without the epochs' orders (both steppers), train_step without
+    the step or with a step the optimizer's counter is not at (a resume that passed the wrong step), orders that
+    do not index the split."""
+    from grokfast.backends import ReferenceStepper
+    from grokfast.batches import epoch_orders
+    from grokfast.config import ConfigError
+    from grokfast.kernels.errors import KernelConfigError
+    cfg = every_path_cfg(n_layers=1, layernorm=False, n_ctx=3)
+    tcfg = TrainConfig(batch_size=12, minibatches="epoch")
+    model, tokens, labels = model_and_data(cfg, 29, seed=6)
+    with pytest.raises(ConfigError, match="bind needs the epochs' orders"):
+        ReferenceStepper(copy.deepcopy(model), tcfg).bind(tokens, labels)
+    st = stepper_mod.FusedStepper(model.to(DEVICE), tcfg)
+    with pytest.raises(KernelConfigError, match="bind needs the epochs' orders"):
+        st.bind(tokens, labels)
+    st.bind(tokens, labels, epochs=epoch_orders(29, tcfg))
+    with pytest.raises(KernelConfigError, match="train_step\\(step\\) needs the steps done"):
+        st.train_step()
+    with pytest.raises(KernelConfigError, match="train_step\\(3\\) but the optimizer has done 0 steps"):
+        st.train_step(3)
+    st.bind(tokens, labels, epochs=lambda first, count: epoch_orders(29, tcfg)(first, count) + 1)
+    with pytest.raises(KernelConfigError, match="must index the 29 examples, got values in \\[1, 29\\]"):
+        st.train_step(0)
+    assert int(st.opt.counters[0]) == 0 and st.mode == "eager"
+
+
+def _train_fused(tmp_path, preset_name, graph: bool, monkeypatch, hook=None, **train):
     """grokfast.train as `grokfast train --preset P --backend fused` runs it (the preset's training settings:
     warm-up, minibatches; progress bar, run directory, evaluations and checkpoints), on a model and task
     sized for the interpreter; on a CPU a RecordedGraph stands in for the CUDA graph. hook: on_step."""
     import dataclasses
     import grokfast
     from grokfast.config import preset as get_preset
-    monkeypatch.setattr(stepper_mod, "_graphs_wanted", lambda device, cuda_graph: graph)
-    if INTERPRETED:
-        monkeypatch.setattr(stepper_mod, "capture_graph", lambda run, device: RecordedGraph(run))
+    _graphs(monkeypatch, graph)
     pre = get_preset(preset_name)
     task = grokfast.Task(pre.task.op, 7, 0.7, 0, pre.task.layout, device=DEVICE)
     cfg = dataclasses.replace(pre.model, d_model=16, n_heads=2, d_head=8, d_mlp=32).for_task(task)
-    tcfg = dataclasses.replace(pre.train, steps=10, eval_every=5, checkpoint_every=10, backend="fused",
-                               batch_size=16 if pre.train.batch_size else None)
+    tcfg = dataclasses.replace(pre.train, **{**dict(steps=10, eval_every=5, checkpoint_every=10, backend="fused",
+                                                    batch_size=16 if pre.train.batch_size else None), **train})
     fb._CACHE.clear()
     return grokfast.train(task, cfg, tcfg, out=tmp_path / f"{preset_name}-{graph}", device=DEVICE,
                           on_step=hook, log=lambda m: None, figures=False)
+
+
+def _host_ops_per_step(tmp_path, preset_name, monkeypatch, **train):
+    """(run, {s: the aten ops HostWork saw from the end of step s - 1 to the end of step s (1-based), the
+    evaluation and checkpoint after step s - 1 included}, {steps after which the loop evaluates or saves})
+    of the graph-captured fused trainer (_train_fused)."""
+    marks = []
+    with HostWork() as hw:
+        run = _train_fused(tmp_path, preset_name, True, monkeypatch, hook=lambda step: marks.append((step, len(hw.ops))),
+                           **train)
+    assert run.summary["step_mode"] == "cuda-graph"
+    tc = run.train_config
+    busy = {s for s in range(tc.steps + 1) if s % tc.eval_every == 0 or s % tc.checkpoint_every == 0}
+    return run, {s: hw.ops[before:after] for (s0, before), (s, after) in zip(marks, marks[1:])}, busy
 
 
 @pytest.mark.parametrize("preset_name", ["nanda", "power"])
@@ -494,13 +592,7 @@ def test_train_loop_makes_no_host_op_between_replays(preset_name, tmp_path, monk
     step (power: batch 16 of 29), whose run keeps the bits of the same run with eager steps (full batch: see
     test_captured_step_replays_the_eager_steps_bits)."""
     from grokfast.rundir import list_checkpoints, load_checkpoint
-    marks = []
-    with HostWork() as hw:
-        run = _train_fused(tmp_path, preset_name, True, monkeypatch, hook=lambda step: marks.append((step, len(hw.ops))))
-    assert run.summary["step_mode"] == "cuda-graph"
-    tc = run.train_config
-    busy = {s for s in range(tc.steps + 1) if s % tc.eval_every == 0 or s % tc.checkpoint_every == 0}
-    per_step = {s: hw.ops[before:after] for (s0, before), (s, after) in zip(marks, marks[1:])}
+    run, per_step, busy = _host_ops_per_step(tmp_path, preset_name, monkeypatch)
     quiet = [s for s in per_step if s > stepper_mod.WARMUP_STEPS + 1 and s - 1 not in busy]
     assert len(quiet) >= 4, quiet
     assert {s: per_step[s] for s in quiet} == {s: [] for s in quiet}
@@ -513,6 +605,24 @@ def test_train_loop_makes_no_host_op_between_replays(preset_name, tmp_path, monk
            [{k: v for k, v in r.items() if k != "wall"} for r in eager.history]
     a, b = (load_checkpoint(list_checkpoints(r.dir)[-1][1])[0] for r in (run, eager))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_loop_with_epoch_minibatches_makes_no_host_op_between_uploads(tmp_path, monkeypatch):
+    """Minibatches "epoch" (rng "stream", the grokfast preset's batch order): 34 examples in batches of 20 and a
+    short 14, K = 2 steps an epoch; the orders of E = 2 epochs go to the device in one copy, at steps 0 (two chunks),
+    4, 8. The full batch's graph is captured at step 4 (0-based), the short one's at step 5 (each after two eager
+    steps of its size); from then on a step that neither copies orders nor follows an evaluation or a checkpoint
+    runs no torch operation on the host, and a step that copies does (HostWork sees the copy)."""
+    from grokfast.kernels import batch_draw
+    monkeypatch.setattr(batch_draw, "RING_BYTES", 2 * 2 * 4 * 34)      # E = 2 epochs of 34 int32 per chunk
+    run, per_step, busy = _host_ops_per_step(tmp_path, "nanda", monkeypatch, batch_size=20, minibatches="epoch",
+                                             rng="stream", steps=12, eval_every=6, checkpoint_every=12)
+    assert len(run.task.train) == 34
+    uploads = {0, 4, 8}                                                  # 0-based steps that copy a chunk
+    quiet = [s for s in per_step if s - 1 > 5 and s - 1 not in busy and s - 1 not in uploads]
+    assert quiet == [8, 10, 11, 12]
+    assert {s: per_step[s] for s in quiet} == {s: [] for s in quiet}
+    assert "aten.copy_.default" in per_step[9]                          # step 8 copies chunk 3 (epochs 6, 7)
 
 
 def test_capture_failure_raises_and_restores_the_stream(monkeypatch):
