@@ -21,6 +21,8 @@ def add_parser(sub):
     p.add_argument("--seed", type=int, default=0, help="model init seed (default 0)")
     p.add_argument("--precision", choices=["ieee", "tf32x3", "tf32"], default="ieee",
                    help="the kernels' float32 products (default ieee); the bounds stay float32's")
+    p.add_argument("--loss", choices=["ce", "stablemax"], default="ce",
+                   help="the loss every row computes: ce (default) or stablemax (StableMax cross-entropy, its own bounds)")
     p.set_defaults(func=cmd_check)
 
 
@@ -44,8 +46,9 @@ def cmd_check(args) -> int:
     from .check import run_check, format_rows
 
     print(f"grokfast check: {', '.join(names)} ({where}){' --quick' if args.quick else ''}"
-          f"{'' if args.precision == 'ieee' else ' --precision ' + args.precision}", file=sys.stderr)
+          f"{'' if args.precision == 'ieee' else ' --precision ' + args.precision}"
+          f"{'' if args.loss == 'ce' else ' --loss ' + args.loss}", file=sys.stderr)
     rows = run_check(names, quick=args.quick, seed=args.seed, filters=args.grokfast,
-                     log=lambda s: print(s, file=sys.stderr), precision=args.precision)
+                     log=lambda s: print(s, file=sys.stderr), precision=args.precision, loss=args.loss)
     print(format_rows(rows))
     return 1 if any(r.status == "FAIL" for r in rows) else 0

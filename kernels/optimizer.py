@@ -260,16 +260,13 @@ def unsupported_training(tcfg) -> str | None:
     """None when this kernel computes the update a training config asks for, else one line saying why not:
     it implements AdamW (decoupled weight decay) with the linear warm-up lr * min(1, t / warmup), not Adam
     with L2 weight decay (optimizer "adam") nor Muon, nor a warm-up whose first step has lr 0 ("lambdalr");
-    the loss kernel computes cross-entropy, not StableMax (loss "stablemax"); the gradient is not made
-    orthogonal to the weights (orthograd). lr_matched is plain AdamW at lr * (1 + lamb): supported."""
+    the gradient is not made orthogonal to the weights (orthograd). lr_matched is plain AdamW at
+    lr * (1 + lamb), and either loss ("ce", "stablemax": the loss kernel computes both): supported."""
     optimizer = getattr(tcfg, "optimizer", "adamw")
     if optimizer != "adamw":
         return f"optimizer={optimizer!r}: the fused optimizer implements AdamW (decoupled weight decay) only"
     if getattr(tcfg, "orthograd", False):
         return "orthograd: the fused optimizer does not make gradients orthogonal to the weights (reference only)"
-    loss = getattr(tcfg, "loss", "ce")
-    if loss != "ce":
-        return f"loss={loss!r}: the fused loss kernel computes cross-entropy only (StableMax is reference only)"
     schedule = getattr(tcfg, "warmup_schedule", "linear")
     if schedule != "linear" and getattr(tcfg, "warmup", 0) > 0:
         return f"warmup_schedule={schedule!r}: the fused optimizer implements the linear warm-up lr * min(1, t / warmup) only"

@@ -67,12 +67,13 @@ def batched_status(device, runs: Optional[list] = None, explicit: bool = False) 
 
 def batch_key(r: RunSpec) -> tuple:
     """Runs with equal keys can train in one launch: one ModelConfig, equal split sizes, the shared
-    optimizer settings (beta1, beta2, eps, warm-up, filter kind and window), the same dot precision and
-    the same evaluation and checkpoint schedule. Seeds, data seeds, lr, wd, alpha, lamb and steps may differ."""
+    optimizer settings (beta1, beta2, eps, warm-up, filter kind and window), the same loss (one loss
+    launch for all), the same dot precision and the same evaluation and checkpoint schedule. Seeds, data
+    seeds, lr, wd, alpha, lamb and steps may differ."""
     t = r.train
     return (json.dumps(r.model.to_dict(), sort_keys=True), r.n_train, r.n_test, t.beta1, t.beta2, t.eps,
             t.warmup, t.grokfast, t.window, t.eval_every, t.checkpoint_every, getattr(t, "measure_every", None),
-            t.stop_at_grok, t.precision)
+            t.stop_at_grok, t.precision, getattr(t, "loss", "ce"))
 
 
 class BatchedExecutor:
