@@ -16,7 +16,7 @@ trained until its first evaluation with test accuracy >= 99% or the step cap (``
 
 The runs are a sweep's runs (grokfast.sweep.RunSpec) and go through the sweep's executors: in turn on a
 CPU (reference backend), batched on a GPU where the fused kernels run the method (Grokfast EMA/MA,
-AdamW, lr-matched; orthograd, StableMax and Muon are reference only and run one by one).
+AdamW, lr-matched, StableMax; orthograd and Muon are reference only and run one by one).
 
 Compare directory:
 
