@@ -79,8 +79,8 @@ def test_stablemax_loss_kernel_matches_float64(regime):
     """Both loss kernels (logits in memory; logits formed on chip as x @ I, exact products) against float64 on
     the same float32 logits. P = 13 is padded to BLOCK_P 16: a padded class counted as s(0) = 1 would move
     every loss. Bounds (unembed_loss's docstring, BLOCK_P 16, u = 2^-24): per-example loss within
-    (log2 16 + 30) u = 34 u relative (measured <= 2 u), every dlogits element within (2 log2 16 + 16) u = 24 u
-    relative (measured <= 6 u). The float64 formula is checked against autograd of stablemax_cross_entropy64
+    (log2 16 + 30) u = 34 u relative (measured <= 2.8 u), every dlogits element within (2 log2 16 + 16) u = 24 u
+    relative (measured <= 4.8 u). The float64 formula is checked against autograd of stablemax_cross_entropy64
     where that does not cancel (all but the confident regime)."""
     g = torch.Generator().manual_seed(REGIMES.index(regime))
     M, B, P = 2, 24, 13
@@ -142,9 +142,10 @@ def _model(cfg, seed, w_u_scale):
 
 def test_fused_stablemax_loss_grads_and_eval_match_float64():
     """Two models in one launch (their own data), every split path taken: model 0 with O(1) logits, model 1
-    with W_U x 40 (logits O(100), both signs). The mean loss within 1e-6 relative of float64 (per example
-    ~34 u, measured ~1e-7), every parameter's gradient within 1e-5 (norm-wise relative: float32 products as
-    for cross-entropy, measured <= 1e-6); eval_flat's loss the same and its correct count exact."""
+    with W_U x 40 (logits O(100), both signs). The mean loss within 1e-6 relative of float64 (the logits' float32
+    error plus <= 34 u per example; measured <= 1.7e-7), every parameter's gradient within 1e-5 (norm-wise
+    relative: float32 products as for cross-entropy, measured <= 9e-7); eval_flat's loss the same and its
+    correct count exact."""
     cfg = ModelConfig(d_model=16, n_heads=2, d_head=8, d_mlp=32, n_ctx=3, d_vocab=12, d_vocab_out=11,
                       unembed_bias=True)
     models = [_model(cfg, 1, 1.0), _model(cfg, 2, 40.0)]
@@ -220,7 +221,7 @@ def test_stablemax_loss_launches_keep_their_bits_in_any_program_order(mode, seed
 
 def test_batched_stepper_trains_and_evaluates_on_its_loss():
     """M = 2 models in one launch trained on StableMax: the step's loss and evaluate()'s are StableMax's (float64
-    reference within 1e-6 relative: float32 logits, measured ~1e-7); models of different losses cannot share a
+    reference within 1e-6 relative: float32 logits, measured <= 7.4e-8); models of different losses cannot share a
     launch, and sweeps group runs by loss. (A few fused training steps against float64: test_check's
     `grokfast check --loss stablemax --quick`.)"""
     from grokfast.kernels.batched import BatchedStepper
