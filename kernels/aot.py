@@ -62,7 +62,7 @@ def collect_specs(shapes, model_batch=MODEL_BATCH, arch: int | None = None):
         for M in model_batch:
             for spec in fb.aot_specs(cfg, M, B):
                 add(f"{name} M={M} B={B}", spec)
-            # loss "stablemax" changes only the loss launches (LOSS_MODE 1): every shape, since their tiles do
+            # loss "stablemax" changes only the loss launches (LOSS_MODE 1); their tiles depend on the shape
             for spec in fb.aot_specs(cfg, M, B, loss="stablemax"):
                 add(f"{name} M={M} B={B} stablemax", spec)
         if k == 0:

@@ -1,9 +1,9 @@
 """BatchedStepper: M models trained in one launch on the fused kernels (the sweep's batched executor).
 
 The M models share one ModelConfig and the *shape* of one TrainConfig (beta1, beta2, eps, warmup,
-grokfast filter and window, the loss: one loss launch for all; full batch) and differ in everything else: their seed (the init),
-their hyperparameters lr, wd, alpha, lamb ([M] tensors on the device) and their training split.
-Their parameters live in one flat [M, N] buffer (kernels/layout.py) and one step is
+grokfast filter and window, the loss: one loss launch serves all; full batch) and differ in everything
+else: their seed (the init), their hyperparameters lr, wd, alpha, lamb ([M] tensors on the device) and
+their training split. Their parameters live in one flat [M, N] buffer (kernels/layout.py) and one step is
 
     loss[m], grad[m, :] = loss_and_grads_flat(cfg, flat, tokens [M, B, n_ctx], labels [M, B])
     flat <- FusedOptimizer.step(flat, grad)                  (Grokfast filter + AdamW, per-model settings)
