@@ -164,14 +164,18 @@ def make_stepper(backend: str, model: Transformer, tcfg: TrainConfig):
     return kernels.make_stepper(model, tcfg)
 
 
-def loss_and_grads(model: Transformer, tokens: torch.Tensor, labels: torch.Tensor, backend: str = "reference"):
-    """(mean float64 loss, {param name: gradient}) -- the unit `grokfast check` compares across backends."""
+def loss_and_grads(model: Transformer, tokens: torch.Tensor, labels: torch.Tensor, backend: str = "reference",
+                   loss: str = "ce"):
+    """(mean float64 loss, {param name: gradient}) -- the unit `grokfast check` compares across backends.
+    loss: "ce" (cross-entropy) or "stablemax" (StableMax cross-entropy), as TrainConfig.loss."""
+    if loss not in ("ce", "stablemax"):
+        raise ConfigError(f"loss must be ce or stablemax, got {loss!r}")
     if backend == "reference":
-        return loss_and_grads_reference(model, tokens, labels)
+        return loss_and_grads_reference(model, tokens, labels, loss=loss)
     if backend == "fused":
         from grokfast import kernels
         fn = getattr(kernels, "loss_and_grads", None)
         if fn is None:
             raise ConfigError("the fused backend is not built yet: use backend='reference'")
-        return fn(model, tokens, labels)
+        return fn(model, tokens, labels, loss=loss)
     raise ConfigError(f"backend must be 'reference' or 'fused', got {backend!r}")

@@ -8,6 +8,8 @@ as the ground truth (grokfast/model.py, grokfast/optim.py):
     filter (none, ema, ma; MA window 5, --quick 2): the fused stepper (float32 kernels) against
     the reference step run on a float64 copy of the same model; with orthograd (--orthograd) the
     gradient made orthogonal to the weights per tensor before AdamW, on both sides.
+With loss="stablemax" (--loss stablemax) every row uses StableMax cross-entropy (the fused loss kernel's
+LOSS_MODE 1 against grokfast.model.stablemax_cross_entropy64) with its own bounds (BOUNDS "... stablemax").
 On a CUDA GPU the presets run at their real shapes (the batch is the full train split, or the
 preset's minibatch size of fixed examples); on a CPU the kernels run under the Triton interpreter
 (TRITON_INTERPRET=1, set by the CLI before triton is imported) at small shapes with the preset's
@@ -32,7 +34,7 @@ import torch
 
 from .config import ConfigError, ModelConfig, TrainConfig, preset as get_preset
 from .data import Task
-from .model import Transformer, cross_entropy64, loss_and_grads_reference
+from .model import Transformer, loss_and_grads_reference, loss_fn
 
 PRESETS = ("nanda", "power", "pizza")
 FILTERS = ("none", "ema", "ma")
@@ -58,7 +60,24 @@ BOUNDS = {
     # preset and filter; the largest, power with MA)
     "params@1 orthograd": 1e-5,
     "params@S orthograd": 1e-4,
+    # StableMax (unembed_loss's docstring): no exp and no cancellation, so a per-example loss is within
+    # (log2(BLOCK_P) + 30) u (<= 2.3e-6 relative) of its value from the same logits; the logits' float32 error adds
+    # as for cross-entropy (measured, interpreter, --quick, three presets: eval and training loss <= 5.4e-8)
+    "loss stablemax": 1e-5,
+    # dlogits within (2 log2(BLOCK_P) + 16) u = 1.5e-6 per element, then the same float32 products and
+    # batch sums as cross-entropy's (measured as above: <= 9.7e-7, power's blocks.0.ln1.w)
+    "grad stablemax": 1e-4,
+    # the optimizer does not see the loss: the AdamW reasoning above holds (measured as above: <= 2.3e-7 after
+    # 1 step, <= 2.2e-5 after 4 (power, EMA); nanda p 11 EMA after 100 steps 1.7e-5, where the float32
+    # reference (torch, same run, every element) itself lands 2.1e-5 from float64: 9.4e-6 with cross-entropy)
+    "params@1 stablemax": 1e-5,
+    "params@S stablemax": 1e-4,
 }
+
+
+def bound(key: str, loss: str = "ce") -> float:
+    """BOUNDS[key], or its StableMax entry BOUNDS[key + " stablemax"] for loss "stablemax"."""
+    return BOUNDS[key] if loss == "ce" else BOUNDS[f"{key} {loss}"]
 
 
 @dataclass
@@ -100,13 +119,16 @@ def shapes_for(name: str, device: torch.device, quick: bool):
 
 
 def run_check(presets=PRESETS, quick: bool = False, device=None, seed: int = 0, filters=FILTERS,
-              log: Callable[[str], None] = lambda s: None, precision: str = "ieee",
+              log: Callable[[str], None] = lambda s: None, precision: str = "ieee", loss: str = "ce",
               orthograd: bool = False) -> list[Row]:
     """Compare the fused kernels with the reference for each preset (and the optimizer steps for each
     Grokfast filter in ``filters``); returns one Row per quantity. precision: the kernels' float32
     dot mode (ieee | tf32x3 | tf32; the bounds are float32's whatever the mode, so the table shows
-    whether a faster mode meets them). orthograd: the optimizer steps with the orthogonal gradient."""
+    whether a faster mode meets them). loss: "ce" or "stablemax", the loss every row computes.
+    orthograd: the optimizer steps with the orthogonal gradient."""
     from .config import PRECISIONS
+    if loss not in ("ce", "stablemax"):
+        raise ConfigError(f"--loss must be ce or stablemax, got {loss!r}")
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     for kind in filters:
@@ -136,9 +158,9 @@ def run_check(presets=PRESETS, quick: bool = False, device=None, seed: int = 0, 
         # evaluation
         with torch.no_grad():
             logits64 = model64(tokens)
-        loss64 = cross_entropy64(logits64, labels)
-        ev_loss, ev_correct = fb.eval_flat(cfg, flat, tokens, labels, precision=precision)
-        rows.append(Row(name, "eval loss", _rel(ev_loss[0], loss64), BOUNDS["loss"], f"B={B}"))
+        loss64 = loss_fn(loss)(logits64, labels)
+        ev_loss, ev_correct = fb.eval_flat(cfg, flat, tokens, labels, precision=precision, loss=loss)
+        rows.append(Row(name, "eval loss", _rel(ev_loss[0], loss64), bound("loss", loss), f"B={B}"))
         top2 = logits64.topk(2, dim=-1).values
         near_tie = ((top2[:, 0] - top2[:, 1]) <= 1e-5 * logits64.abs().amax(-1)).sum().item()
         ref_correct = (logits64.argmax(-1) == labels).sum().item()
@@ -147,18 +169,16 @@ def run_check(presets=PRESETS, quick: bool = False, device=None, seed: int = 0, 
                         f"fused {int(ev_correct[0])} vs reference {ref_correct} of {B}; {near_tie} near-ties allowed"))
 
         # loss and gradients
-        loss, grad = fb.loss_and_grads_flat(cfg, flat, tokens, labels, precision=precision)
-        ref_loss, ref_grads = loss_and_grads_reference(model64, tokens, labels)
-        rows.append(Row(name, "loss", _rel(loss[0], ref_loss), BOUNDS["loss"]))
+        fused_loss, grad = fb.loss_and_grads_flat(cfg, flat, tokens, labels, precision=precision, loss=loss)
+        ref_loss, ref_grads = loss_and_grads_reference(model64, tokens, labels, loss=loss)
+        rows.append(Row(name, "loss", _rel(fused_loss[0], ref_loss), bound("loss", loss)))
         for n, g in lay.views(grad).items():
-            rows.append(Row(name, f"grad {n}", _rel(g[0], ref_grads[n]), BOUNDS["grad"]))
+            rows.append(Row(name, f"grad {n}", _rel(g[0], ref_grads[n]), bound("grad", loss)))
 
         # optimizer steps
         for kind in filters:
             tcfg = dataclasses.replace(pre_train, grokfast=kind, window=2 if quick else 5, batch_size=None,
-                                       backend="auto", precision=precision)
-            if orthograd:
-                tcfg = dataclasses.replace(tcfg, orthograd=True)
+                                       backend="auto", precision=precision, loss=loss, orthograd=orthograd)
             rows += _train_rows(name, cfg, tcfg, tokens, labels, seed, device, steps)
             log(f"{name}: {steps} optimizer steps with Grokfast {kind}: {rows[-1].status} "
                 f"({time.perf_counter() - t0:.1f} s)")
@@ -185,19 +205,20 @@ def _train_rows(name, cfg: ModelConfig, tcfg: TrainConfig, tokens, labels, seed,
     model64 = copy.deepcopy(model).double()
     params64 = dict(model64.named_parameters())
     fused = kernels.make_stepper(model, tcfg)
+    loss = getattr(tcfg, "loss", "ce")
     filt = GrokfastFilter.from_config(tcfg)
     opt = AdamW({n: p.data for n, p in params64.items()}, tcfg)
     undetermined = {}
     rows = []
     for step in range(1, steps + 1):
         fused.step(tokens, labels)
-        _, grads = loss_and_grads_reference(model64, tokens, labels)
+        _, grads = loss_and_grads_reference(model64, tokens, labels, loss=loss)
         filtered = filt.apply(grads)
         if step == 1:
             # with orthograd the first update's signs are the orthogonal gradient's: judge those (reference)
             used = orthogonalize(params64, filtered) if tcfg.orthograd else grads
             for n, g in used.items():
-                undetermined[n] = (g != 0) & (g.abs() <= BOUNDS["grad"] * g.abs().max())
+                undetermined[n] = (g != 0) & (g.abs() <= bound("grad", loss) * g.abs().max())
         opt.step(filtered)
         if step in (1, steps):
             got = dict(model.named_parameters())
@@ -208,10 +229,11 @@ def _train_rows(name, cfg: ModelConfig, tcfg: TrainConfig, tokens, labels, seed,
             err, worst = max(errs)
             left_out = sum(int(u.sum()) for u in undetermined.values())
             total = sum(u.numel() for u in undetermined.values())
-            key = ("params@1" if step == 1 else "params@S") + (" orthograd" if tcfg.orthograd else "")
+            key = "params@1" if step == 1 else "params@S"
+            limit = max(bound(key, loss), BOUNDS[key + " orthograd"]) if tcfg.orthograd else bound(key, loss)
             what = tcfg.grokfast + (", orthograd" if tcfg.orthograd else "")
             rows.append(Row(name, f"params after {step} step{'s' * (step > 1)} [{what}]", err,
-                            BOUNDS[key], f"worst {worst}; {left_out} of {total} elements left out "
+                            limit, f"worst {worst}; {left_out} of {total} elements left out "
                                          f"(first gradient within its bound of 0); fused steps: {fused.mode}"))
     return rows
 

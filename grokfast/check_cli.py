@@ -23,6 +23,8 @@ def add_parser(sub):
                    help="the optimizer steps with the orthogonal gradient (Prieto et al.) before AdamW, on both sides")
     p.add_argument("--precision", choices=["ieee", "tf32x3", "tf32"], default="ieee",
                    help="the kernels' float32 products (default ieee); the bounds stay float32's")
+    p.add_argument("--loss", choices=["ce", "stablemax"], default="ce",
+                   help="the loss every row computes: ce (default) or stablemax (StableMax cross-entropy, its own bounds)")
     p.set_defaults(func=cmd_check)
 
 
@@ -47,8 +49,10 @@ def cmd_check(args) -> int:
 
     print(f"grokfast check: {', '.join(names)} ({where}){' --quick' if args.quick else ''}"
           f"{'' if args.precision == 'ieee' else ' --precision ' + args.precision}"
-          f"{' --orthograd' if args.orthograd else ''}", file=sys.stderr)
+          f"{'' if args.loss == 'ce' else ' --loss ' + args.loss}{' --orthograd' if args.orthograd else ''}",
+          file=sys.stderr)
     rows = run_check(names, quick=args.quick, seed=args.seed, filters=args.grokfast,
-                     log=lambda s: print(s, file=sys.stderr), precision=args.precision, orthograd=args.orthograd)
+                     log=lambda s: print(s, file=sys.stderr), precision=args.precision, loss=args.loss,
+                     orthograd=args.orthograd)
     print(format_rows(rows))
     return 1 if any(r.status == "FAIL" for r in rows) else 0

@@ -44,7 +44,7 @@ def add_training_flags(g) -> None:
     g.add_argument("--lamb", type=float, help="Grokfast amplification (EMA 2.0, MA 5.0 in the paper)")
     g.add_argument("--window", type=int, help="Grokfast-MA window (100)")
     g.add_argument("--loss", choices=["ce", "stablemax"],
-                   help="ce: cross-entropy (default); stablemax: Prieto et al.'s StableMax cross-entropy (reference backend)")
+                   help="ce: cross-entropy (default); stablemax: Prieto et al.'s StableMax cross-entropy (either backend)")
     g.add_argument("--orthograd", action=argparse.BooleanOptionalAction, default=None,
                    help="make each tensor's gradient orthogonal to its weights, rescaled to its norm, before the "
                         "optimizer (Prieto et al. 2025; reference backend)")

@@ -267,7 +267,7 @@ def plan(spec: CompareSpec, device=None, executor: str = "auto", memory_bytes: O
     device = torch.device(device) if device is not None else default_device()
     runs = expand(spec)
     chosen = choose_executor(runs, device, executor)[0]
-    check_backends(runs, device)   # e.g. --backend fused with orthograd: refused here, before the first run
+    check_backends(runs, device)   # e.g. --backend fused with muon: refused here, before the first run
     check_memory(runs, 1, memory_bytes if memory_bytes is not None else available_bytes(device))
     return runs, chosen
 

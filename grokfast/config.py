@@ -213,7 +213,8 @@ class TrainConfig(_Dict):
     them side by side): optimizer "muon" (Newton-Schulz orthogonalised momentum at muon_lr with
     muon_momentum for the hidden weight matrices, AdamW at lr for the rest); orthograd (Prieto et al.
     2025: each tensor's gradient made orthogonal to its weights, rescaled to its norm, before the
-    optimizer); loss "stablemax" (their StableMax cross-entropy, float64) instead of "ce"; lr_matched
+    optimizer); loss "stablemax" (their StableMax cross-entropy: float64 on the reference backend, the
+    fused loss kernel's float32 on the fused one) instead of "ce"; lr_matched
     (plain AdamW at lr * (1 + lamb), the step a Grokfast filter with this lamb gives a constant
     gradient, with no filter: grokfast.optim.lr_gain). minibatches: "draw" (each step draws
     batch_size examples without replacement, independently of other steps) or "epoch" (each epoch

@@ -4,7 +4,8 @@ Tensors in, tensors out: nothing here knows of training loops, files or the comm
 Importing this package imports triton (set TRITON_INTERPRET=1 before, to run on a CPU).
 
     make_stepper(model, tcfg)             the fused backend's stepper (kernels/stepper.py)
-    loss_and_grads(model, tokens, labels) (float64 loss, {name: grad}) through the fused kernels
+    loss_and_grads(model, tokens, labels, loss="ce")  (float64 loss, {name: grad}) through the fused kernels
+                                          (loss "ce" or "stablemax": kernels/unembed_loss.py)
     unsupported_reason(cfg)               None if the fused kernels handle this ModelConfig, else why not
     FusedOptimizer                        Grokfast + AdamW over flat [M, N] buffers (kernels/optimizer.py)
     ParamLayout                           the flat [M, N] parameter layout (kernels/layout.py)

@@ -62,6 +62,9 @@ def collect_specs(shapes, model_batch=MODEL_BATCH, arch: int | None = None):
         for M in model_batch:
             for spec in fb.aot_specs(cfg, M, B):
                 add(f"{name} M={M} B={B}", spec)
+            # loss "stablemax" changes only the loss launches (LOSS_MODE 1); their tiles depend on the shape
+            for spec in fb.aot_specs(cfg, M, B, loss="stablemax"):
+                add(f"{name} M={M} B={B} stablemax", spec)
         if k == 0:
             # the opt-in tensor-core precision changes only the dot: compile it at one shape to show it builds
             with dot_precision("tf32x3"):

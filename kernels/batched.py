@@ -1,9 +1,9 @@
 """BatchedStepper: M models trained in one launch on the fused kernels (the sweep's batched executor).
 
 The M models share one ModelConfig and the *shape* of one TrainConfig (beta1, beta2, eps, warmup,
-grokfast filter and window, orthograd; full batch) and differ in everything else: their seed (the init),
-their hyperparameters lr, wd, alpha, lamb ([M] tensors on the device) and their training split.
-Their parameters live in one flat [M, N] buffer (kernels/layout.py) and one step is
+grokfast filter and window, orthograd, the loss: one loss launch serves all; full batch) and differ in
+everything else: their seed (the init), their hyperparameters lr, wd, alpha, lamb ([M] tensors on the
+device) and their training split. Their parameters live in one flat [M, N] buffer (kernels/layout.py) and one step is
 
     loss[m], grad[m, :] = loss_and_grads_flat(cfg, flat, tokens [M, B, n_ctx], labels [M, B])
     flat <- FusedOptimizer.step(flat, grad)                  (Grokfast filter [+ orthograd] + AdamW, per-model settings)
@@ -39,7 +39,8 @@ from .layout import ParamLayout
 from .optimizer import FusedOptimizer
 from .stepper import WARMUP_STEPS, _graphs_wanted, _require, capture_graph
 
-SHARED_TRAIN_FIELDS = ("beta1", "beta2", "eps", "warmup", "grokfast", "window", "orthograd", "batch_size", "precision")
+SHARED_TRAIN_FIELDS = ("beta1", "beta2", "eps", "warmup", "grokfast", "window", "orthograd", "batch_size", "precision",
+                       "loss")
 
 
 def _stack_split(name: str, split, M: int, device):
@@ -86,7 +87,7 @@ class BatchedStepper:
                                     "(same architecture and task shape)")
         _require(cfg)
         for k in SHARED_TRAIN_FIELDS:
-            vals = {getattr(c, k) for c in tcfgs}
+            vals = {getattr(c, k, "ce" if k == "loss" else None) for c in tcfgs}
             if len(vals) > 1:
                 raise KernelConfigError(f"models trained in one launch must share {k}: got {sorted(map(repr, vals))}")
         if tcfgs[0].batch_size is not None:
@@ -115,6 +116,11 @@ class BatchedStepper:
         self.steps_done = 0                             # host mirror of opt.counters[0]
 
     @property
+    def _loss(self) -> str:
+        """The models' shared loss ("ce" or "stablemax")."""
+        return getattr(self.tcfgs[0], "loss", "ce")
+
+    @property
     def M(self) -> int:
         return self.flat.shape[0]
 
@@ -129,7 +135,8 @@ class BatchedStepper:
     def _run(self):
         tok, lab = self.train_data
         fb.loss_and_grads_flat(self.cfg, self.flat, tok, lab, grad_out=self.grad, loss_out=self.loss,
-                               precision=self.tcfgs[0].precision, flush_tasks=(self.opt.scalars_task(),))
+                               precision=self.tcfgs[0].precision, flush_tasks=(self.opt.scalars_task(),),
+                               loss=self._loss)
         # its scalars ran in the pass's last launch; its first program per model records a NaN/inf loss
         self.opt.step(self.flat, self.grad, scalars=False, track=(self.loss, self.first_bad))
 
@@ -165,10 +172,12 @@ class BatchedStepper:
     @torch.no_grad()
     def evaluate(self):
         """(train_loss [M] float32, train_acc [M] float64, test_loss, test_acc), each on the device: every
-        model on its own splits (eval_flat; accuracy = correct argmax / examples)."""
+        model on its own splits (eval_flat; accuracy = correct argmax / examples); the loss is the one the
+        models train on (TrainConfig.loss)."""
         out = []
         for tok, lab in (self.train_data, self.test_data):
-            loss, correct = fb.eval_flat(self.cfg, self.flat, tok, lab, precision=self.tcfgs[0].precision)
+            loss, correct = fb.eval_flat(self.cfg, self.flat, tok, lab, precision=self.tcfgs[0].precision,
+                                         loss=self._loss)
             out += [loss, correct.double() / lab.shape[1]]
         return tuple(out)
 

@@ -1,7 +1,8 @@
 """The fused forward + backward of the model for M models at once, and evaluation, on flat parameters.
 
 Given flat [M, N] parameters (kernels.layout.ParamLayout), tokens and labels, ``loss_and_grads_flat``
-computes each model's mean cross-entropy and the gradient of every parameter with Triton kernels
+computes each model's mean loss (cross-entropy, or StableMax cross-entropy with loss="stablemax":
+unembed_loss) and the gradient of every parameter with Triton kernels
 (no host synchronisation, deterministic: no float atomics); ``eval_flat`` computes the mean loss and
 the number of correct argmax predictions over a split without copying logits to the host.
 
@@ -55,7 +56,7 @@ from .layernorm import layernorm_backward, layernorm_forward
 from .errors import KernelConfigError
 from .layout import ParamLayout
 from .mlp import Deferred, colsum_plan, gemm, gemm_launch, gemm_plan, mlp_backward, mlp_forward
-from .unembed_loss import mean_reduce, unembed_cross_entropy
+from .unembed_loss import loss_mode, mean_reduce, unembed_cross_entropy
 
 
 MAX_M_HEADS = 65535  # grid axis limit: M * max(3 n_heads, n_ctx) programs along one axis
@@ -219,8 +220,8 @@ def _forward(cfg, lay, flat, tokens, ws: Workspace):
     return x_in     # the final LayerNorm and the unembedding run fused with the loss (_loss_head)
 
 
-def _loss_head(cfg, lay, flat, x, labels, loss_ex, correct_ex, ws, grads=False, grad_out=None):
-    """Per-example loss and correct flags of logits = xf W_U (+ b_U), xf = LayerNorm_final(x) (written to
+def _loss_head(cfg, lay, flat, x, labels, loss_ex, correct_ex, ws, grads=False, grad_out=None, loss="ce"):
+    """Per-example loss ("ce" or "stablemax") and correct flags of logits = xf W_U (+ b_U), xf = LayerNorm_final(x) (written to
     ws.xf) or x, in one launch: the logits never reach memory (unembed_loss.unembed_cross_entropy). grads:
     also ws.dlogits and the gradient of x (ws.dres through the LayerNorm, whose weight gradients go into
     grad_out via ws.deferred, or ws.dxf). Returns xf."""
@@ -233,7 +234,7 @@ def _loss_head(cfg, lay, flat, x, labels, loss_ex, correct_ex, ws, grads=False, 
         ln_grads = (g["ln_final.w"], g["ln_final.b"], ws.deferred)
     unembed_cross_entropy(x, p["unembed.W_U"], p["unembed.b_U"] if cfg.unembed_bias else None, labels,
                           loss_ex, correct_ex, ws.dlogits if grads else None,
-                          dx=(ws.dres if LN else ws.dxf) if grads else None, ln=ln, ln_grads=ln_grads)
+                          dx=(ws.dres if LN else ws.dxf) if grads else None, ln=ln, ln_grads=ln_grads, loss=loss)
     return ws.xf if LN else x
 
 
@@ -382,8 +383,9 @@ def token_index(cfg, tokens):
     return index
 
 
-def _prepare(cfg, flat, tokens, labels):
+def _prepare(cfg, flat, tokens, labels, loss="ce"):
     """The checks both entry points make: (layout, M, tokens [1 or M, B, T], labels [1 or M, B], B)."""
+    loss_mode(loss)       # a bad loss name: one line, before any work
     _check_cfg(cfg)
     lay = ParamLayout(cfg)
     M = _check_flat(cfg, flat, lay)
@@ -391,13 +393,14 @@ def _prepare(cfg, flat, tokens, labels):
     return lay, M, tokens, labels, B
 
 
-def _step(cfg, lay, flat, tokens, index, labels, ws, grad_out, loss_out, flush_tasks=()):
+def _step(cfg, lay, flat, tokens, index, labels, ws, grad_out, loss_out, flush_tasks=(), loss="ce"):
     """The launches of one forward + backward; the last one (ws.deferred's flush) also carries the loss
     mean, the embedding gradients, the weight gradients' split-K sums and ``flush_tasks``."""
     d = ws.deferred
     d.start()
     x = _forward(cfg, lay, flat, tokens, ws)
-    xf = _loss_head(cfg, lay, flat, x, labels, ws.loss_ex, ws.correct_ex, ws, grads=True, grad_out=grad_out)
+    xf = _loss_head(cfg, lay, flat, x, labels, ws.loss_ex, ws.correct_ex, ws, grads=True, grad_out=grad_out,
+                    loss=loss)
     mean_reduce(ws.loss_ex, ws.correct_ex, loss_out, ws.correct, defer=d)
     _backward(cfg, lay, flat, tokens, index, ws, xf, grad_out)
     for task in flush_tasks:
@@ -407,16 +410,17 @@ def _step(cfg, lay, flat, tokens, index, labels, ws, grad_out, loss_out, flush_t
 
 
 def loss_and_grads_flat(cfg, flat, tokens, labels, grad_out=None, loss_out=None, precision=None, flush_tasks=(),
-                        index=None):
+                        index=None, loss="ce"):
     """flat [M, N] float32 contiguous (ParamLayout(cfg)); tokens [B, n_ctx] int64 (shared by all M models) or
     [M, B, n_ctx]; labels [B] or [M, B] int64. Writes grad_out [M, N] float32 (every entry; the mean-loss gradient)
-    and loss_out [M] float32 (mean cross-entropy per model); allocates them if None; returns (loss_out, grad_out).
+    and loss_out [M] float32 (the mean loss per model: cross-entropy, or StableMax cross-entropy with
+    loss="stablemax"; the model batch shares one loss); allocates them if None; returns (loss_out, grad_out).
     No host synchronisation (capturable in a CUDA graph once buffers are allocated). precision: the
     float32 dot mode (_common.PRECISIONS; None: the current default, "ieee" unless changed). flush_tasks:
     (kind, fields, programs) tasks of flush.flush_kernel to run in the step's last launch (the optimizer's
     scalars: FusedOptimizer.scalars_task). index: the tokens' token-scatter index when the caller keeps it
     current itself (batch_draw.draw_batch writes it with the batch); None: token_index(cfg, tokens)."""
-    lay, M, tokens3, labels, B = _prepare(cfg, flat, tokens, labels)
+    lay, M, tokens3, labels, B = _prepare(cfg, flat, tokens, labels, loss)
     if index is None:
         index = token_index(cfg, tokens)      # cached per tokens tensor: no work while it is unchanged
     tokens = tokens3
@@ -424,20 +428,20 @@ def loss_and_grads_flat(cfg, flat, tokens, labels, grad_out=None, loss_out=None,
     loss_out = _out("loss_out", loss_out, (M,), torch.float32, flat.device)
     with _common.dot_precision(precision):
         ws = _workspace(cfg, M, B, flat.device, True)
-        _step(cfg, lay, flat, tokens, index, labels, ws, grad_out, loss_out, flush_tasks)
+        _step(cfg, lay, flat, tokens, index, labels, ws, grad_out, loss_out, flush_tasks, loss)
     return loss_out, grad_out
 
 
 EVAL_CHUNK_FLOATS = 1 << 26   # activations per evaluation chunk (256 MiB of float32)
 
 
-def eval_flat(cfg, flat, tokens, labels, loss_out=None, correct_out=None, precision=None):
+def eval_flat(cfg, flat, tokens, labels, loss_out=None, correct_out=None, precision=None, loss="ce"):
     """Mean loss [M] float32 and number of correct argmax predictions [M] int32 over a split, no host copy of logits.
 
     tokens/labels as in loss_and_grads_flat. Large splits run in chunks of examples (a Python loop
     over chunks, no sync) so the activations stay under EVAL_CHUNK_FLOATS floats. precision as in
-    loss_and_grads_flat."""
-    lay, M, tokens, labels, B = _prepare(cfg, flat, tokens, labels)
+    loss_and_grads_flat. loss: "ce" or "stablemax", the loss the run trains on."""
+    lay, M, tokens, labels, B = _prepare(cfg, flat, tokens, labels, loss)
     loss_out = _out("loss_out", loss_out, (M,), torch.float32, flat.device)
     correct_out = _out("correct_out", correct_out, (M,), torch.int32, flat.device)
     chunk = max(64, EVAL_CHUNK_FLOATS // (M * Workspace.floats_per_example(cfg, False)))
@@ -451,26 +455,28 @@ def eval_flat(cfg, flat, tokens, labels, loss_out=None, correct_out=None, precis
             lb = labels[:, c0:c1] if labels.shape[0] == 1 else labels[:, c0:c1].contiguous()
             ws = _workspace(cfg, M, c1 - c0, flat.device, False)
             x = _forward(cfg, lay, flat, tk, ws)
-            _loss_head(cfg, lay, flat, x, lb, loss_ex[:, c0:c1], correct_ex[:, c0:c1], ws)
+            _loss_head(cfg, lay, flat, x, lb, loss_ex[:, c0:c1], correct_ex[:, c0:c1], ws, loss=loss)
     mean_reduce(loss_ex, correct_ex, loss_out, correct_out)
     return loss_out, correct_out
 
 
-def loss_and_grads(model, tokens, labels):
+def loss_and_grads(model, tokens, labels, loss="ce"):
     """(mean loss as a float64 scalar, {param name: gradient}) for one grokfast.Transformer via the
-    fused kernels: the unit `grokfast check` compares with grokfast.model.loss_and_grads_reference."""
+    fused kernels: the unit `grokfast check` compares with grokfast.model.loss_and_grads_reference.
+    loss: "ce" or "stablemax"."""
     cfg = model.cfg
     lay = ParamLayout(cfg)
     flat = lay.flatten({k: v.detach().float() for k, v in model.state_dict().items()})
-    loss, grad = loss_and_grads_flat(cfg, flat, tokens, labels)
+    loss, grad = loss_and_grads_flat(cfg, flat, tokens, labels, loss=loss)
     views = lay.views(grad)
     return loss[0].double(), {name: views[name][0] for name in lay.shapes}
 
 
-def _recorded_step(cfg, M: int, B: int, eval_variant: bool = False) -> list:
+def _recorded_step(cfg, M: int, B: int, eval_variant: bool = False, loss: str = "ce") -> list:
     """The launches of one loss_and_grads_flat at M models and B examples, recorded instead of run
     (the orchestration runs on ``meta`` tensors; no GPU needed): [(kernel, grid, args, constexprs,
-    num_warps)]. eval_variant adds eval_flat's loss launch (no gradient) and its mean_reduce launch."""
+    num_warps)]. eval_variant adds eval_flat's loss launch (no gradient) and its mean_reduce launch.
+    loss: the loss ("ce" or "stablemax") the loss launches compute."""
     _check_cfg(cfg)
     lay = ParamLayout(cfg)
     dev = torch.device("meta")
@@ -480,9 +486,9 @@ def _recorded_step(cfg, M: int, B: int, eval_variant: bool = False) -> list:
     with record_launches() as rec:
         ws = Workspace(cfg, M, B, dev, True)
         x = _step(cfg, lay, flat, tokens, _build_index(tokens, cfg.d_vocab), labels, ws, torch.empty_like(flat),
-                  torch.empty((M,), device=dev))
+                  torch.empty((M,), device=dev), loss=loss)
         if eval_variant:
-            _loss_head(cfg, lay, flat, x, labels, ws.loss_ex, ws.correct_ex, ws)
+            _loss_head(cfg, lay, flat, x, labels, ws.loss_ex, ws.correct_ex, ws, loss=loss)
             mean_reduce(ws.loss_ex, ws.correct_ex, torch.empty((M,), device=dev), ws.correct)
     return rec
 
@@ -529,14 +535,15 @@ def executed_flops(cfg, M: int, B: int) -> list[dict]:
     return rows
 
 
-def aot_specs(cfg, M: int, B: int) -> list[dict]:
+def aot_specs(cfg, M: int, B: int, loss: str = "ce") -> list[dict]:
     """Every kernel this module launches for loss_and_grads_flat and eval_flat at M models and B
     examples, as {"name", "fn" (JITFunction), "signature" (arg -> triton type, "constexpr" for
     constexpr args, in declaration order), "constexprs", "attrs", "num_warps"}: what triton.compile needs
     (with GPUTarget) to build each one ahead of time, specialised as the JIT specialises these values
     (_common.specialization: integers equal to 1, 16-divisible integers, aligned pointers). Distinct
-    compilations only."""
-    rec = _recorded_step(cfg, M, B, eval_variant=True)
+    compilations only. loss: "ce" or "stablemax", the loss launches' LOSS_MODE (the other kernels do not
+    depend on it)."""
+    rec = _recorded_step(cfg, M, B, eval_variant=True, loss=loss)
     specs, seen = [], set()
     for kernel, grid, args, cx, num_warps, num_stages in rec:
         sp = specialization(kernel, args, cx)

@@ -352,14 +352,11 @@ def unsupported_training(tcfg) -> str | None:
     """None when this kernel computes the update a training config asks for, else one line saying why not:
     it implements AdamW (decoupled weight decay) with the linear warm-up lr * min(1, t / warmup), not Adam
     with L2 weight decay (optimizer "adam") nor Muon, nor a warm-up whose first step has lr 0 ("lambdalr");
-    the loss kernel computes cross-entropy, not StableMax (loss "stablemax"). lr_matched is plain AdamW at
-    lr * (1 + lamb), and orthograd (FusedOptimizer(orthograd=True)) is computed: both supported."""
+    the loss kernel computes cross-entropy and StableMax (loss "ce", "stablemax"). lr_matched is plain AdamW at
+    lr * (1 + lamb), and orthograd (FusedOptimizer(orthograd=True)) is computed: all supported."""
     optimizer = getattr(tcfg, "optimizer", "adamw")
     if optimizer != "adamw":
         return f"optimizer={optimizer!r}: the fused optimizer implements AdamW (decoupled weight decay) only"
-    loss = getattr(tcfg, "loss", "ce")
-    if loss != "ce":
-        return f"loss={loss!r}: the fused loss kernel computes cross-entropy only (StableMax is reference only)"
     schedule = getattr(tcfg, "warmup_schedule", "linear")
     if schedule != "linear" and getattr(tcfg, "warmup", 0) > 0:
         return f"warmup_schedule={schedule!r}: the fused optimizer implements the linear warm-up lr * min(1, t / warmup) only"

@@ -49,15 +49,16 @@ def _require(cfg):
         raise KernelConfigError(f"the fused backend cannot run this model: {why}; use --backend reference")
 
 
-def loss_and_grads(model, tokens: torch.Tensor, labels: torch.Tensor):
+def loss_and_grads(model, tokens: torch.Tensor, labels: torch.Tensor, loss: str = "ce"):
     """(mean loss as a float64 scalar, {param name: gradient}) through the fused kernels; the same
-    contract as grokfast.model.loss_and_grads_reference. The model's parameters are not changed."""
+    contract as grokfast.model.loss_and_grads_reference (loss "ce" or "stablemax"). The model's
+    parameters are not changed."""
     cfg = model.cfg
     _require(cfg)
     layout = ParamLayout(cfg)
     flat = layout.flatten({n: p.detach() for n, p in model.named_parameters()})
-    loss, grad = _fb().loss_and_grads_flat(cfg, flat, tokens.contiguous(), labels.contiguous())
-    return loss[0].double(), {n: v[0] for n, v in layout.views(grad).items()}
+    out, grad = _fb().loss_and_grads_flat(cfg, flat, tokens.contiguous(), labels.contiguous(), loss=loss)
+    return out[0].double(), {n: v[0] for n, v in layout.views(grad).items()}
 
 
 def _graphs_wanted(device: torch.device, cuda_graph: bool | None) -> bool:
@@ -165,7 +166,8 @@ class FusedStepper:
     def _run(self, tokens, labels, index=None):
         tokens, labels = self._contiguous(tokens, labels)
         _fb().loss_and_grads_flat(self.cfg, self.flat, tokens, labels, grad_out=self.grad, loss_out=self.loss,
-                                  precision=self.tcfg.precision, flush_tasks=(self.opt.scalars_task(),), index=index)
+                                  precision=self.tcfg.precision, flush_tasks=(self.opt.scalars_task(),), index=index,
+                                  loss=getattr(self.tcfg, "loss", "ce"))
         # its scalars ran in the pass's last launch; it also records a NaN/inf loss in first_bad
         self.opt.step(self.flat, self.grad, scalars=False, track=(self.loss, self.first_bad))
 

@@ -18,6 +18,25 @@ the mean loss over B examples is
 and the example is correct when j* == y. The per-example losses (and correct flags) are reduced to
 one value per model by ``mean_reduce`` in a fixed order (deterministic).
 
+StableMax cross-entropy (Prieto et al. 2025; loss "stablemax", constexpr LOSS_MODE 1; "ce" is 0) replaces
+exp by s(x) = x + 1 (x >= 0), 1 / (1 - x) (x < 0): with s_j = s(l_j), R = sum_{j != y} s_j and S = s_y + R,
+
+    loss = log(S / s_y) = log1p(R / s_y)
+    dl_j = s_j / (1 + |l_j|) / S / B             (j != y; s'(x) = s(x) / (1 + |x|): 1, or 1 / (1 - x)^2)
+    dl_y = -(R / S) / (1 + |l_y|) / B            (= (s'_y / S - s'_y / s_y) / B without the cancellation)
+
+No exp, no max to subtract (s grows linearly, so S stays finite while the logits do); every sum is of
+positive terms, and R is summed apart from s_y, so neither the loss nor dl_y cancels when s_y dominates
+(a confident example). Float32 error, logits taken as exact, u = 2^-24, counting a division as 2 roundings
+(the GPU's div.full is within 2 ulp): s_j 3u (1 - x, the division); R (and S) log2(BLOCK_P) + 1 more (tree
+sums of positive terms: no cancellation); q = R / s_y 2 more; log1p(q) adds at most 17u relative (below
+1/16 the series; above, log(1 + q) rounds 1 + q, an absolute error u of a log >= 0.06) and the log's own
+error (~4u on a GPU): per example |error| / loss <= (log2(BLOCK_P) + 30) u (2.2e-6 at BLOCK_P 512). dl_j
+is a product and quotient of s_j, 1 / S (with inv_B) and 1 / (1 + |l_j|): <= (2 log2(BLOCK_P) + 16) u
+relative per element (1.5e-6 at BLOCK_P 512). The logits' own float32 error adds the loss's condition
+number, as for cross-entropy. The argmax (the correct flag) is taken on the logits: s is increasing, so
+it is the argmax of s. Padded classes (the -inf logits beyond P) get s = 0, not s(0) = 1.
+
 Limits: P <= 512 (BLOCK_P = next power of two >= P); labels int64 assumed in [0, P) (a label out of
 range reads a zero logit: a wrong loss, never an out-of-bounds access).
 """
@@ -29,7 +48,10 @@ import triton.language as tl
 
 from . import _common
 from ._common import check, launch, pow2
+from .errors import KernelConfigError
 from .layernorm import _ln_bwd_coefs, _ln_row_stats, check_ln_params, deferred_partials
+
+LOSS_MODES = {"ce": 0, "stablemax": 1}     # the kernels' LOSS_MODE constexpr
 
 
 @triton.jit
@@ -92,10 +114,48 @@ def _ce_rows(l, y, bs, js, bmask, jmask, m, LOSS, CORRECT, DLOG, P, inv_B, sloss
 
 
 @triton.jit
+def _stablemax_rows(l, y, bs, js, bmask, jmask, m, LOSS, CORRECT, DLOG, P, inv_B, sloss_m, sd_m, GRAD: tl.constexpr):
+    """StableMax loss, correct flag and (GRAD) dlogits of a tile, as _ce_rows (module docstring).
+    Returns the dlogits tile when GRAD, else the tile of s(l) (0 outside the masks)."""
+    mask = bmask[:, None] & jmask[None, :]
+    jstar = tl.argmax(l, axis=1)
+    a = tl.abs(l)
+    s = tl.where(l >= 0.0, l + 1.0, 1.0 / (1.0 + a))       # 1 / (1 - l) for l < 0; padded classes: 1 / inf = 0
+    s = tl.where(mask, s, 0.0)
+    is_y = js[None, :] == y[:, None]
+    s_y = tl.sum(tl.where(is_y, s, 0.0), axis=1)
+    r = tl.sum(tl.where(is_y, 0.0, s), axis=1)
+    s_y = tl.where(bmask, s_y, 1.0)                         # padded examples: finite, ignored
+    loss = _log1p(r / s_y)
+    tl.store(LOSS + m * sloss_m + bs, loss, mask=bmask)
+    tl.store(CORRECT + m * sloss_m + bs, (jstar == y).to(tl.int32), mask=bmask)
+    if GRAD:
+        scale = inv_B / (s_y + r)
+        g = tl.where(is_y, -r[:, None], s) * scale[:, None] / (1.0 + a)
+        g = tl.where(mask, g, 0.0)
+        tl.store(DLOG + m * sd_m + bs[:, None] * P + js[None, :], g, mask=mask)
+    else:
+        g = s
+    return g
+
+
+@triton.jit
+def _loss_rows(l, y, bs, js, bmask, jmask, m, LOSS, CORRECT, DLOG, P, inv_B, sloss_m, sd_m, GRAD: tl.constexpr,
+               LOSS_MODE: tl.constexpr):
+    """_ce_rows (LOSS_MODE 0) or _stablemax_rows (LOSS_MODE 1)."""
+    if LOSS_MODE == 1:
+        g = _stablemax_rows(l, y, bs, js, bmask, jmask, m, LOSS, CORRECT, DLOG, P, inv_B, sloss_m, sd_m, GRAD)
+    else:
+        g = _ce_rows(l, y, bs, js, bmask, jmask, m, LOSS, CORRECT, DLOG, P, inv_B, sloss_m, sd_m, GRAD)
+    return g
+
+
+@triton.jit
 def cross_entropy_kernel(LOGITS, LAB, LOSS, CORRECT, DLOG, B, P, inv_B,
                          sl_m, slab_m, sloss_m, sd_m,
-                         GRAD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Per-example loss, correct flag and (GRAD) dlogits for BLOCK_B rows; grid (cdiv(B, BLOCK_B), M).
+                         GRAD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, LOSS_MODE: tl.constexpr):
+    """Per-example loss (LOSS_MODE 0 cross-entropy, 1 StableMax), correct flag and (GRAD) dlogits for BLOCK_B
+    rows; grid (cdiv(B, BLOCK_B), M).
     LOGITS, DLOG [M, B, P] contiguous rows; LAB [M or 1, B] int64; LOSS [M, B] f32; CORRECT [M, B] i32."""
     m = tl.program_id(1).to(tl.int64)
     bs = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
@@ -106,7 +166,7 @@ def cross_entropy_kernel(LOGITS, LAB, LOSS, CORRECT, DLOG, B, P, inv_B,
     l = tl.load(LOGITS + m * sl_m + bs[:, None] * P + js[None, :], mask=mask, other=float("-inf"))
     l = tl.where(bmask[:, None], l, 0.0)  # padded examples: finite, ignored
     y = tl.load(LAB + m * slab_m + bs, mask=bmask, other=0)
-    _ce_rows(l, y, bs, js, bmask, jmask, m, LOSS, CORRECT, DLOG, P, inv_B, sloss_m, sd_m, GRAD)
+    _loss_rows(l, y, bs, js, bmask, jmask, m, LOSS, CORRECT, DLOG, P, inv_B, sloss_m, sd_m, GRAD, LOSS_MODE)
 
 
 @triton.jit
@@ -115,9 +175,10 @@ def unembed_ce_kernel(X, WU, BU, LAB, LOSS, CORRECT, DLOG, DX, B, P, D, inv_B,
                       HAS_BIAS: tl.constexpr, GRAD: tl.constexpr, DX_OUT: tl.constexpr, PRECISION: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
                       LNW, LNB, XF, PART, ln_eps, sln_m, sxf_m, spart_m, spart_s, spart_w,
-                      LN: tl.constexpr, BLOCK_D: tl.constexpr):
+                      LN: tl.constexpr, BLOCK_D: tl.constexpr, LOSS_MODE: tl.constexpr):
     """The unembedding and the loss in one pass: logits = x W_U (+ b_U) for BLOCK_B rows and every class,
-    kept on chip, then _ce_rows; grid (cdiv(B, BLOCK_B), M). X [M, B, D] rows with unit stride along D;
+    kept on chip, then the loss of LOSS_MODE (0 cross-entropy, 1 StableMax: _loss_rows); grid
+    (cdiv(B, BLOCK_B), M). X [M, B, D] rows with unit stride along D;
     WU [M, D, P] contiguous per model; BU [M, P]; LAB, LOSS, CORRECT, DLOG as cross_entropy_kernel.
     DX_OUT (with GRAD): also DX[m, b] = dlogits[m, b] W_U^T ([M, B, D] contiguous), from the dlogits tile
     on chip, BLOCK_K columns at a time (one dot over every class each).
@@ -151,7 +212,7 @@ def unembed_ce_kernel(X, WU, BU, LAB, LOSS, CORRECT, DLOG, DX, B, P, D, inv_B,
     l = tl.where(jmask[None, :], acc, float("-inf"))
     l = tl.where(bmask[:, None], l, 0.0)  # padded examples: finite, ignored
     y = tl.load(LAB + m * slab_m + bs, mask=bmask, other=0)
-    g = _ce_rows(l, y, bs, js, bmask, jmask, m, LOSS, CORRECT, DLOG, P, inv_B, sloss_m, sd_m, GRAD)
+    g = _loss_rows(l, y, bs, js, bmask, jmask, m, LOSS, CORRECT, DLOG, P, inv_B, sloss_m, sd_m, GRAD, LOSS_MODE)
     if DX_OUT:
         if LN:      # the LayerNorm backward's row sums need every column of dxf first
             c1 = tl.zeros((BLOCK_B,), dtype=tl.float32)
@@ -202,6 +263,13 @@ def _mean_rows(LOSS, CORRECT, LOSS_OUT, CORRECT_OUT, m, B, sloss_m, BLOCK: tl.co
     tl.store(CORRECT_OUT + m, tl.sum(cnt, axis=0))
 
 
+def loss_mode(loss: str) -> int:
+    """The LOSS_MODE constexpr of a loss name ("ce" 0, "stablemax" 1); KernelConfigError (one line) otherwise."""
+    if loss not in LOSS_MODES:
+        raise KernelConfigError(f"loss must be one of {', '.join(LOSS_MODES)}, got {loss!r}")
+    return LOSS_MODES[loss]
+
+
 def _check_loss_args(who, M, B, P, labels, loss_ex, correct_ex, dlogits, device):
     """The checks cross_entropy and unembed_cross_entropy share: labels [1 or M, B] int64 contiguous on
     device; loss_ex [M, B] float32 and correct_ex [M, B] int32 in one layout with examples contiguous;
@@ -219,10 +287,12 @@ def _check_loss_args(who, M, B, P, labels, loss_ex, correct_ex, dlogits, device)
         raise ValueError(f"{who}: loss_ex and correct_ex must share a layout with examples contiguous")
 
 
-def cross_entropy(logits, labels, loss_ex, correct_ex, dlogits=None, n_mean=None):
+def cross_entropy(logits, labels, loss_ex, correct_ex, dlogits=None, n_mean=None, loss="ce"):
     """Per-example loss [M, B] and correct flags [M, B] int32 from logits [M, B, P]; with dlogits
     [M, B, P], also the gradient of the mean loss over n_mean examples (default B). logits and dlogits
-    contiguous; loss_ex and correct_ex may be column slices of wider [M, B_total] buffers."""
+    contiguous; loss_ex and correct_ex may be column slices of wider [M, B_total] buffers. loss: "ce"
+    (cross-entropy) or "stablemax" (StableMax cross-entropy; the module docstring)."""
+    mode = loss_mode(loss)
     check("logits", logits, torch.float32, dims=3)
     M, B, P = logits.shape
     _check_loss_args("cross_entropy", M, B, P, labels, loss_ex, correct_ex, dlogits, logits.device)
@@ -235,11 +305,11 @@ def cross_entropy(logits, labels, loss_ex, correct_ex, dlogits=None, n_mean=None
                 DLOG=dlogits if dlogits is not None else logits, B=B, P=P, inv_B=1.0 / float(n_mean or B),
                 sl_m=logits.stride(0), slab_m=labels.stride(0) if labels.shape[0] > 1 else 0,
                 sloss_m=loss_ex.stride(0), sd_m=dlogits.stride(0) if dlogits is not None else 0),
-           dict(GRAD=dlogits is not None, BLOCK_B=BB, BLOCK_P=BP), num_warps=8)   # 4 warps spill
+           dict(GRAD=dlogits is not None, BLOCK_B=BB, BLOCK_P=BP, LOSS_MODE=mode), num_warps=8)   # 4 warps spill
 
 
 def unembed_cross_entropy(x, W_U, b_U, labels, loss_ex, correct_ex, dlogits=None, n_mean=None, precision=None,
-                          dx=None, ln=None, ln_grads=None):
+                          dx=None, ln=None, ln_grads=None, loss="ce"):
     """cross_entropy of logits = x W_U (+ b_U) without the logits ever reaching memory (one launch).
     With dlogits and dx [M, B, D] (contiguous), also dx = dlogits W_U^T, the gradient of x, in the same launch.
 
@@ -249,7 +319,9 @@ def unembed_cross_entropy(x, W_U, b_U, labels, loss_ex, correct_ex, dlogits=None
     ln: (w, b, eps, xf) to put a LayerNorm in front in the same launch: the logits are xf W_U (+ b_U) with
     xf = LayerNorm(x) * w + b written to xf [M, B, D] (contiguous; w, b [M, D]); dx is then the gradient of
     x through the LayerNorm, and ln_grads = (dw, db, defer) receives the LayerNorm's weight and bias gradients
-    as split-K partials of ``defer`` (an mlp.Deferred: complete after its flush; needed with dx)."""
+    as split-K partials of ``defer`` (an mlp.Deferred: complete after its flush; needed with dx).
+    loss: "ce" or "stablemax", as cross_entropy."""
+    mode = loss_mode(loss)
     check("x", x, torch.float32, dims=3)
     M, B, D = x.shape
     check("W_U", W_U, torch.float32, dims=3, shape=(M, D, None), device=x.device)
@@ -297,7 +369,7 @@ def unembed_cross_entropy(x, W_U, b_U, labels, loss_ex, correct_ex, dlogits=None
                 **lnargs),
            dict(HAS_BIAS=b_U is not None, GRAD=dlogits is not None, DX_OUT=dx is not None,
                 PRECISION=precision or _common.DOT_PRECISION,
-                BLOCK_B=BB, BLOCK_P=BP, BLOCK_K=16, LN=ln is not None, BLOCK_D=pow2(D, 16)), num_warps=8)
+                BLOCK_B=BB, BLOCK_P=BP, BLOCK_K=16, LN=ln is not None, BLOCK_D=pow2(D, 16), LOSS_MODE=mode), num_warps=8)
 
 
 def dot_flops(grid, args: dict, cx: dict) -> tuple[int, int]:

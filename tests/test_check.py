@@ -27,6 +27,20 @@ def test_quick_orthograd_check_passes(capsys):
     assert " 0 failed" in out and "FAIL" not in out and "[ma]" not in out
 
 
+def test_quick_stablemax_check_passes(capsys):
+    """--loss stablemax: every row (evaluation, loss, gradients, parameters after 1 and 4 fused steps with
+    Grokfast-EMA) against stablemax_cross_entropy64 in float64, within the StableMax bounds."""
+    from grokfast.check import BOUNDS
+    status = main(["check", "--quick", "--preset", "nanda", "--grokfast", "ema", "--loss", "stablemax"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    for what in ("eval loss", "loss", "grad embed.W_E", "grad unembed.W_U", "params after 1 step [ema]",
+                 "params after 4 steps [ema]"):
+        assert f"nanda   {what}" in out, what
+    assert " 0 failed" in out and "FAIL" not in out
+    assert {"loss stablemax", "grad stablemax", "params@1 stablemax", "params@S stablemax"} <= set(BOUNDS)
+
+
 def test_corrupted_gradient_fails(monkeypatch, capsys):
     """The largest gradient element of W_in with its sign flipped: the check must notice (its gradient
     row, and the trained parameters: AdamW's update of that element changes direction) and exit 1.

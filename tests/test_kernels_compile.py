@@ -33,6 +33,9 @@ def test_every_kernel_compiles_without_spills(result):
         for name in presets_aot.PRESETS:
             assert any(r["shapes"].startswith(name) for r in fb_rows) or any(
                 s.startswith(name) for s in result["skipped"]), name
+    for arch in ("sm_80", "sm_90"):        # StableMax (loss "stablemax"): the loss kernel's LOSS_MODE 1, with and without grad
+        sm = [r for r in result["rows"] if r["arch"] == arch and "LOSS_MODE=1" in r["kernel"]]
+        assert {"GRAD=True" in r["kernel"] for r in sm} == {True, False}, arch
     for r in result["rows"]:
         assert r["regs"] > 0 and r["regs"] <= 255, r
         assert r["shared"] <= (163 if r["arch"] == "sm_80" else 227) * 1024, r

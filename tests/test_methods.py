@@ -216,7 +216,7 @@ def test_train_cli_refuses_bad_method_flags_with_status_2(capsys, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("kw,what", [(dict(loss="stablemax"), "StableMax"), (dict(optimizer="muon"), "AdamW")])
+@pytest.mark.parametrize("kw,what", [(dict(optimizer="muon"), "AdamW"), (dict(optimizer="adam"), "AdamW")])
 def test_fused_backend_refuses_reference_only_methods(kw, what):
     from grokfast.backends import resolve_backend
     cfg = TINY.for_task(grokfast.Task("x+y", p=7, frac=0.5))
@@ -235,6 +235,19 @@ def test_fused_backend_takes_orthograd():
     assert fused_training_gap(TrainConfig(orthograd=True)) is None
     with pytest.raises(KernelConfigError, match="share orthograd"):
         FusedOptimizer.from_configs([TrainConfig(orthograd=True), TrainConfig()], 10, segments=[10])
+
+
+def test_fused_backend_runs_stablemax():
+    """The loss kernel computes StableMax (tests/test_kernels_stablemax.py): the fused backend takes it, and auto
+    picks fused wherever it would for cross-entropy."""
+    from grokfast.backends import fused_training_gap, resolve_backend
+    from grokfast.kernels.optimizer import unsupported_training
+    assert unsupported_training(TrainConfig(loss="stablemax")) is None
+    assert fused_training_gap(TrainConfig(loss="stablemax")) is None
+    cfg = TINY.for_task(grokfast.Task("x+y", p=7, frac=0.5))
+    for name in ("fused", "auto"):
+        assert (resolve_backend(name, cfg, "cpu", TrainConfig(loss="stablemax"))[0]
+                == resolve_backend(name, cfg, "cpu", TrainConfig())[0])
 
 
 def test_fused_optimizer_takes_the_matched_lr():

@@ -33,7 +33,7 @@ def choose_executor(runs: list, device, executor: str) -> tuple[str, str]:
 
 def check_backends(runs: list, device) -> None:
     """Resolve the backend of every distinct run config on ``device``, so that one it cannot run (e.g.
-    --backend fused on a CPU, or with orthograd) is refused here, before the first run (ConfigError)."""
+    --backend fused on a CPU, or with muon) is refused here, before the first run (ConfigError)."""
     from ..backends import resolve_backend
 
     checked = set()
