@@ -7,7 +7,8 @@
 # finishes (at most 8 files), so a run cut off early still returns the first results:
 #   1 graph.txt     the step captured as a CUDA graph at the nanda shapes; replay bit-identical to eager
 #                   after 200 steps; no descriptor table built after the warm-up      (bench/graph_proof.py)
-#   2 check.txt     grokfast check at the presets' real shapes (ieee), then nanda at tf32x3 (EMA), then the
+#   2 check.txt     grokfast check at the presets' real shapes (ieee), then nanda at tf32x3 (EMA), then nanda
+#                   with StableMax and the orthogonal gradient (EMA; grokfast compare's fused methods), then the
 #                   kernel-path tests on the GPU (LayerNorm at 16384 rows against float64, the split step,
 #                   the captured step replaying the eager bits)   (tests/test_kernels_paths.py)
 #   3 bench.md      us/step of reference eager, fused eager and fused CUDA graph, side by side, with the
@@ -48,6 +49,7 @@ for s in $STAGES; do
         check)
             stage check check.txt 90 grokfast check
             stage check-tf32x3 check.txt 45 grokfast check --preset nanda --grokfast ema --precision tf32x3
+            stage check-methods check.txt 35 grokfast check --preset nanda --grokfast ema --loss stablemax --orthograd
             stage paths check.txt 40 python -m pytest -q -p no:cacheprovider tests/test_kernels_paths.py ;;
         bench)
             stage bench bench.md 70 grokfast bench --no-progress --no-grok --no-scaling \
@@ -60,7 +62,7 @@ for s in $STAGES; do
                 --no-progress --eval-every 50 --checkpoint-every 100000 --out "$TMP/nanda-ema"
             [ -f "$TMP/nanda-ema/summary.json" ] && cat "$TMP/nanda-ema/summary.json" >>"$OUT/train.txt" ;;
         compile)
-            stage compile bench.md 85 grokfast bench --no-progress --no-grok --no-scaling \
+            stage compile bench.md 70 grokfast bench --no-progress --no-grok --no-scaling \
                 --backends reference-eager,reference-compile-max-autotune,fused-cudagraph --out "$TMP/bench-compile"
             [ -f "$TMP/bench-compile/report.md" ] && cat "$TMP/bench-compile/report.md" >>"$OUT/bench.md"
             [ -f "$TMP/bench-compile/report.json" ] && cp "$TMP/bench-compile/report.json" "$OUT/bench-compile.json" ;;
