@@ -1,6 +1,5 @@
 """`grokfast compare`: methods x seeds on one tiny task end to end, its table against the runs, resume after
 an interruption, and bad input."""
-import json
 
 import pytest
 

@@ -42,6 +42,21 @@ def rel(a, b) -> float:
     return ((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm()).item()
 
 
+def _assert_step_matches_float64(model, lay, tokens, labels, loss, grad):
+    """A fused step's loss within 1e-6 and every parameter's gradient within 1e-5 of the float64 reference (float32
+    sums: ~1e-7..1e-6; attn.b_K, exactly zero in exact arithmetic, against W_K's norm); returns the reference loss."""
+    from grokfast.model import loss_and_grads_reference
+    loss_ref, grads_ref = loss_and_grads_reference(copy.deepcopy(model).double(), tokens.cpu(), labels.cpu())
+    assert abs(loss.item() - loss_ref.item()) <= 1e-6 * abs(loss_ref.item())
+    views = lay.views(grad.cpu())
+    for name, g_ref in grads_ref.items():
+        if name.endswith("attn.b_K"):      # exactly zero in exact arithmetic: rounding only
+            assert (views[name][0].double() - g_ref).norm() <= 1e-5 * grads_ref[name.replace("b_K", "W_K")].norm()
+            continue
+        assert rel(views[name][0], g_ref) <= 1e-5, name
+    return loss_ref
+
+
 def every_path_cfg(**kw) -> ModelConfig:
     """Two layers with LayerNorm, GELU, attention and unembedding biases: every kernel of the step."""
     base = dict(n_layers=2, layernorm=True, act="gelu", attn_bias=True, unembed_bias=True, d_model=16,
@@ -163,7 +178,6 @@ def test_fused_layernorms_at_real_width_match_float64_and_keep_their_bits_in_any
     parameter: float32 kernels land near 1e-7..1e-6), from a NaN-poisoned workspace; reversed program order
     gives the same bits."""
     from grokfast.kernels.interpret_order import program_order
-    from grokfast.model import loss_and_grads_reference
     cfg = every_path_cfg(d_model=48, n_heads=2, d_head=16, d_mlp=32)
     model, tokens, labels = model_and_data(cfg, 20, seed=8)
     lay = ParamLayout(cfg)
@@ -185,16 +199,9 @@ def test_fused_layernorms_at_real_width_match_float64_and_keep_their_bits_in_any
                 fb._CACHE.clear()
             outs.append((loss, grad))
     assert all(torch.equal(outs[0][0], o[0]) and torch.equal(outs[0][1], o[1]) for o in outs[1:])
-    loss_ref, grads_ref = loss_and_grads_reference(copy.deepcopy(model).double(), tokens.cpu(), labels.cpu())
-    assert abs(outs[0][0].item() - loss_ref.item()) <= 1e-6 * abs(loss_ref.item())
+    loss_ref = _assert_step_matches_float64(model, lay, tokens, labels, *outs[0])
     eval_loss, _ = fb.eval_flat(cfg, flat, tokens, labels)      # the unembedding's LayerNorm without gradients
     assert abs(eval_loss.item() - loss_ref.item()) <= 1e-6 * abs(loss_ref.item())
-    views = lay.views(outs[0][1].cpu())
-    for name, g_ref in grads_ref.items():
-        if name.endswith("attn.b_K"):      # exactly zero in exact arithmetic: rounding only
-            assert (views[name][0].double() - g_ref).norm() <= 1e-5 * grads_ref[name.replace("b_K", "W_K")].norm()
-            continue
-        assert rel(views[name][0], g_ref) <= 1e-5, name
 
 
 def _no_order():
@@ -291,7 +298,6 @@ def test_other_architectures_tiles_meet_the_bounds_and_keep_their_bits_in_any_or
     in another order than the default tiles: the whole forward/backward with every split path still lands within
     1e-5 of float64 per parameter (float32 sums: ~1e-7..1e-6), and shuffled program order keeps its bits."""
     from grokfast.kernels.interpret_order import program_order
-    from grokfast.model import loss_and_grads_reference
     cfg = every_path_cfg()
     model, tokens, labels = model_and_data(cfg, 45, seed=7)
     lay = ParamLayout(cfg)
@@ -309,14 +315,7 @@ def test_other_architectures_tiles_meet_the_bounds_and_keep_their_bits_in_any_or
     blocks = {v for *_, cx, _, _ in rec for k, v in cx.items() if k.startswith("BLOCK_K")}
     assert mlp.TILES[arch]["ieee"].k in blocks, blocks        # the table's tiles were planned
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
-    loss_ref, grads_ref = loss_and_grads_reference(copy.deepcopy(model).double(), tokens.cpu(), labels.cpu())
-    assert abs(outs[0][0].item() - loss_ref.item()) <= 1e-6 * abs(loss_ref.item())
-    views = lay.views(outs[0][1].cpu())
-    for name, g_ref in grads_ref.items():
-        if name.endswith("attn.b_K"):      # exactly zero in exact arithmetic: rounding only
-            assert (views[name][0].double() - g_ref).norm() <= 1e-5 * grads_ref[name.replace("b_K", "W_K")].norm()
-            continue
-        assert rel(views[name][0], g_ref) <= 1e-5, name
+    _assert_step_matches_float64(model, lay, tokens, labels, *outs[0])
 
 
 @needs_interpreter

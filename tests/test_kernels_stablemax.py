@@ -20,7 +20,9 @@ from grokfast.kernels import KernelConfigError, mlp
 from grokfast.kernels import forward_backward as fb
 from grokfast.kernels.layout import ParamLayout
 from grokfast.kernels.unembed_loss import cross_entropy, unembed_cross_entropy
-from grokfast.model import Transformer, loss_and_grads_reference, stablemax_cross_entropy64, stablemax_s
+from grokfast.model import loss_and_grads_reference, stablemax_cross_entropy64, stablemax_s
+
+from test_kernels_model import make_model
 
 DEVICE = "cuda" if torch.cuda.is_available() and not interpreter_on() else "cpu"
 INTERPRETED = DEVICE == "cpu"
@@ -127,19 +129,6 @@ def test_a_bad_loss_name_is_one_line_before_any_work():
 # The whole forward/backward and evaluation
 
 
-def _model(cfg, seed, w_u_scale):
-    """A reference model with random biases; W_U scaled to put the logits in a regime."""
-    model = Transformer(cfg, seed=seed)
-    g = torch.Generator().manual_seed(100 + seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf.startswith("b_") or leaf == "b":
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-        model.unembed.W_U.mul_(w_u_scale)
-    return model
-
-
 def test_fused_stablemax_loss_grads_and_eval_match_float64():
     """Two models in one launch (their own data), every split path taken: model 0 with O(1) logits, model 1
     with W_U x 40 (logits O(100), both signs). The mean loss within 1e-6 relative of float64 (the logits' float32
@@ -148,7 +137,7 @@ def test_fused_stablemax_loss_grads_and_eval_match_float64():
     correct count exact."""
     cfg = ModelConfig(d_model=16, n_heads=2, d_head=8, d_mlp=32, n_ctx=3, d_vocab=12, d_vocab_out=11,
                       unembed_bias=True)
-    models = [_model(cfg, 1, 1.0), _model(cfg, 2, 40.0)]
+    models = [make_model(cfg, 1), make_model(cfg, 2, w_u_scale=40.0)]
     lay = ParamLayout(cfg)
     flat = torch.cat([lay.flatten(m.state_dict()) for m in models]).contiguous().to(DEVICE)
     g = torch.Generator().manual_seed(7)
