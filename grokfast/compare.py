@@ -311,8 +311,6 @@ def compare(methods=None, seeds=None, *, preset: Optional[str] = None, out=None,
     methods: texts (default DEFAULT_METHODS); seeds (default 0, 1, 2); preset (default: nanda on a GPU,
     small on a CPU); ``fixed``: task, model and training settings for every method (op, p, frac, steps,
     lr, wd, eval_every, ...). ``resume``: a compare directory to continue (nothing else may be given)."""
-    import torch
-
     from .sweep import BatchedExecutor, SequentialExecutor, write_results
     from .sweep.run import once_backend_line
     from .sweep.results import _finished

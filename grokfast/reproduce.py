@@ -15,7 +15,6 @@ and the comparison gains a column measured on this machine.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import resource

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check, launch, pow2
+from ._common import check, launch
 from .errors import KernelConfigError
 
 ROUNDS = 6

@@ -43,7 +43,6 @@ device (that would need a sync): call ``check_token_range`` once per data set.
 """
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 
 import torch
@@ -191,7 +190,7 @@ def _span(flat, lay: ParamLayout, first: str, numel: int):
 
 def _forward(cfg, lay, flat, tokens, ws: Workspace):
     M = flat.shape[0]
-    T, D, H, Dh = cfg.n_ctx, cfg.d_model, cfg.n_heads, cfg.d_head
+    D, H, Dh = cfg.d_model, cfg.n_heads, cfg.d_head
     HD, LN = H * Dh, cfg.layernorm
     p = lay.views(flat)
     embed = (p["embed.W_E"], p["pos_embed.W_pos"])    # X0 = W_E[v] + W_pos[t], formed by layer 0's first reader
