@@ -38,6 +38,10 @@ def add_parser(sub):
                         "against M single runs (GPU)")
     p.add_argument("--precision", choices=["ieee", "tf32x3", "tf32"],
                    help="the fused kernels' float32 products (default: GROKFAST_DOT_PRECISION, else ieee)")
+    p.add_argument("--loss", choices=["ce", "stablemax"], default=None,
+                   help="the loss every timed step and run trains on (default ce; stablemax: Prieto et al.'s StableMax)")
+    p.add_argument("--orthograd", action="store_true",
+                   help="every timed step and run makes the gradient orthogonal to the weights (Prieto et al.)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -45,11 +49,11 @@ def command_line(args) -> str:
     """The command that reproduces this run, rebuilt from the parsed flags (the same whether the verb came
     from a shell or from grokfast.cli.main([...]))."""
     parts = ["grokfast", "bench"]
-    for flag in ("quick", "no_grok", "no_scaling", "no_progress", "sweep_throughput"):
+    for flag in ("quick", "no_grok", "no_scaling", "no_progress", "sweep_throughput", "orthograd"):
         if getattr(args, flag):
             parts.append("--" + flag.replace("_", "-"))
     for flag in ("out", "preset", "backends", "scaling_backends", "device", "timed_steps", "warmup_steps",
-                 "grok_max_steps", "precision"):
+                 "grok_max_steps", "precision", "loss"):
         v = getattr(args, flag)
         if v is not None:
             parts += ["--" + flag.replace("_", "-"), shlex.quote(str(v))]
@@ -79,7 +83,8 @@ def _cmd_bench(args) -> int:
         return cmd_sweep_throughput(args)
     plan = make_plan(quick=args.quick, device=args.device, preset=args.preset, backends=args.backends,
                      scaling_backends=args.scaling_backends, timed=args.timed_steps, warmup=args.warmup_steps,
-                     grok=not args.no_grok, scaling=not args.no_scaling, grok_max_steps=args.grok_max_steps)
+                     grok=not args.no_grok, scaling=not args.no_scaling, grok_max_steps=args.grok_max_steps,
+                     loss=getattr(args, "loss", None) or "ce", orthograd=bool(getattr(args, "orthograd", False)))
     out = Path(args.out) if args.out else Path("bench-reports") / f"{time.strftime('%Y%m%d-%H%M%S')}-{plan.device.type}"
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: pick a folder")

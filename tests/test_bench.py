@@ -298,7 +298,9 @@ def test_markdown_renders_gpu_fields():
            "git": {"commit": "abc", "dirty": False}, "python": "3", "torch": "2", "triton": "3", "cuda": "13.0",
            "driver": "580", "platform": "linux", "cpu": "x", "cpu_count": 16, "torch_threads": 16,
            "telemetry": "nvidia-ml-py"}
-    report = {"environment": env, "plan": {"warmup": 1, "timed": 4, "quick": False}, "timing_method": "events",
+    report = {"environment": env, "plan": {"warmup": 1, "timed": 4, "quick": False,
+                                           "method": {"loss": "stablemax", "orthograd": True}},
+              "timing_method": "events",
               "workload": {"label": "w", "task": {"op": "x+y", "p": 7}, "n_train": 30, "model": cfg.to_dict(),
                            "n_params": cfg.n_params(), "grokfast": "none"},
               "cost": cost, "ceilings": ceilings, "floors": bench.floors(cost, ceilings), "steps": rows,
@@ -306,9 +308,40 @@ def test_markdown_renders_gpu_fields():
     md = bench.render_markdown(report, {})
     assert "datasheet H100 SXM, IEEE fp32" in md and "datasheet H100 SXM, 3xTF32 products" in md
     assert "GPU telemetry" in md and "1980 MHz" in md and "not available: no GPU here" in md
+    assert "- training method of every step and run: loss stablemax, orthogonal gradient (orthograd)" in md
     lines = md.splitlines()
     i = next(i for i, l in enumerate(lines) if l.startswith("| backend | status |"))
     table = lines[i:lines.index("", i)]
     assert len(table) == 2 + len(bench.BACKENDS)
     for line in table:  # every row of the step table has the header's number of cells
         assert line.count("|") == table[0].count("|"), line
+
+
+def test_bench_times_compare_s_fused_methods_when_asked():
+    """--loss stablemax / --orthograd reach every workload the report times (the step, the scaling points, the
+    time-to-grok runs) and the launch count (orthograd's sums pass: one optimizer launch more); the default plan
+    adds nothing, and a bad loss is refused before any work."""
+    from grokfast.bench import fused_launches, make_plan, make_workload
+    from grokfast.bench.plan import scaling_points
+    from grokfast.cli import build_parser
+    from grokfast.bench_cli import command_line
+
+    assert make_plan(quick=True, device="cpu").method == {}
+    plan = make_plan(quick=True, device="cpu", preset="nanda", loss="stablemax", orthograd=True)
+    assert plan.method == {"loss": "stablemax", "orthograd": True}
+    assert plan.grok and all(g.overrides["loss"] == "stablemax" and g.overrides["orthograd"] for g in plan.grok)
+    points = scaling_points(plan)
+    assert points and all(wl.train.loss == "stablemax" and wl.train.orthograd for _, _, wl in points)
+    wl = make_workload(plan.preset, "cpu", **plan.method)
+    base = fused_launches(make_workload(plan.preset, "cpu"))
+    la = fused_launches(wl)
+    assert la["optimizer"] == base["optimizer"] + 1 and la["forward_backward"] == base["forward_backward"]
+    with pytest.raises(grokfast.ConfigError, match="--loss"):
+        make_plan(quick=True, device="cpu", loss="hinge")
+    # the compiled reference step runs plain AdamW on cross-entropy: it says so instead of timing another step
+    from grokfast.bench.steppers import backend_status
+    ok, why = backend_status("reference-compile-max-autotune", wl, "cpu")
+    assert not ok and "not loss stablemax, orthograd" in why and "\n" not in why
+    assert backend_status("reference-compile-max-autotune", make_workload(plan.preset, "cpu"), "cpu")[0]
+    args = build_parser().parse_args(["bench", "--quick", "--loss", "stablemax", "--orthograd"])
+    assert "--orthograd" in command_line(args) and "--loss stablemax" in command_line(args)

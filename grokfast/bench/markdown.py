@@ -45,6 +45,10 @@ def render_markdown(report: dict, figures: dict) -> str:
              f"up to {env.get('gemm_group', '3')} independent products per launch (GROKFAST_GEMM_GROUP)")
     L.append(f"- timing: {report['timing_method']}; {report['plan']['warmup']} warm-up steps, "
              f"{report['plan']['timed']} timed steps per backend" + ("; --quick" if report["plan"]["quick"] else ""))
+    method = report["plan"].get("method") or {}
+    if method:
+        L.append("- training method of every step and run: " + ", ".join(
+            f"loss {v}" if k == "loss" else ("orthogonal gradient (orthograd)" if v else "") for k, v in method.items()))
     L.append("")
     m = wl["model"]
     L.append(f"## Step time: one full-batch training step ({env['device']}, {env['date_utc']})")

@@ -43,16 +43,20 @@ class Plan:
     scaling_warmup: int
     scaling_timed: int
     ceilings: bool = True
+    method: dict = dataclasses.field(default_factory=dict)   # TrainConfig overrides every workload takes:
+                                                              # loss, orthograd (grokfast compare's fused methods)
 
 
 def make_plan(quick: bool = False, device=None, preset: str | None = None, backends=None,
               scaling_backends=None, timed: int | None = None, warmup: int | None = None,
-              grok: bool = True, scaling: bool = True, grok_max_steps: int | None = None) -> Plan:
+              grok: bool = True, scaling: bool = True, grok_max_steps: int | None = None,
+              loss: str = "ce", orthograd: bool = False) -> Plan:
     """Validate the choices (ConfigError, before any work) and fill in the defaults for the device.
 
     Defaults: nanda on a GPU, small (x+y mod 31) on a CPU. --quick: fewer steps, small scaling grids, and
     the torch.compile backends left out unless named in ``backends`` (compiling takes tens of seconds to
-    minutes: that is not a quick run)."""
+    minutes: that is not a quick run). loss ("ce" | "stablemax") and orthograd: the training method every
+    timed step, scaling point and time-to-grok run uses (Plan.method; the defaults add nothing)."""
     from ..train import default_preset_name, resolve_device
 
     device = resolve_device(device)
@@ -114,11 +118,17 @@ def make_plan(quick: bool = False, device=None, preset: str | None = None, backe
                     GrokSpec("small (x+y mod 31), no filter", "small", 3000, 25, {"grokfast": "none"}))
     if grok_max_steps is not None:
         runs = tuple(dataclasses.replace(r, max_steps=grok_max_steps) for r in runs)
+    if loss not in ("ce", "stablemax"):
+        raise ConfigError(f"--loss must be ce or stablemax, got {loss!r}")
+    if not isinstance(orthograd, bool):
+        raise ConfigError(f"orthograd must be true or false, got {orthograd!r}")
+    method = {k: v for k, v in (("loss", loss), ("orthograd", orthograd)) if v != {"loss": "ce", "orthograd": False}[k]}
+    runs = tuple(dataclasses.replace(r, overrides={**r.overrides, **method}) for r in runs)
     if grok:
         for r in runs:
             get_preset(r.preset)
     return Plan(quick, device, preset, chosen, skipped, warmup or w, timed or n, runs if grok else (),
-                axes if scaling else {}, sb, sw, sn)
+                axes if scaling else {}, sb, sw, sn, method=method)
 
 
 def scaling_points(plan: Plan) -> list[tuple[str, object, Workload]]:
@@ -126,5 +136,6 @@ def scaling_points(plan: Plan) -> list[tuple[str, object, Workload]]:
     for axis, values in plan.scaling.items():
         for v in values:
             kw = {axis: v}
-            out.append((axis, v, make_workload(plan.preset, plan.device, label=f"{plan.preset} {axis}={v}", **kw)))
+            out.append((axis, v, make_workload(plan.preset, plan.device, label=f"{plan.preset} {axis}={v}", **kw,
+                                               **plan.method)))
     return out

@@ -42,7 +42,7 @@ def run_report(plan: Plan, out_dir, command: str | None = None, progress: bool =
         ceilings.update(measured_ceilings)
 
     # Step time, every backend on the same work.
-    wl = make_workload(plan.preset, device)
+    wl = make_workload(plan.preset, device, **plan.method)
     steps = []
     for b in BACKENDS:
         steps.append(measure_backend(b, wl, device, plan.warmup, plan.timed, tel,
@@ -91,7 +91,7 @@ def run_report(plan: Plan, out_dir, command: str | None = None, progress: bool =
                        "timed": plan.timed, "scaling": {k: list(v) for k, v in plan.scaling.items()},
                        "scaling_backends": list(plan.scaling_backends), "scaling_warmup": plan.scaling_warmup,
                        "scaling_timed": plan.scaling_timed,
-                       "grok": [dataclasses.asdict(g) for g in plan.grok]},
+                       "grok": [dataclasses.asdict(g) for g in plan.grok], "method": dict(plan.method)},
               "timing_method": ("CUDA events around every step, recorded back to back" if device.type == "cuda"
                                 else "time.perf_counter around every step"),
               "workload": wl.describe(), "cost": cost, "ceilings": ceilings, "floors": floors(cost, ceilings),

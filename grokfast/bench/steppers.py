@@ -58,8 +58,9 @@ class CompiledReferenceStepper:
 
     def __init__(self, model: Transformer, tcfg: TrainConfig, mode: str | None, compile: bool = True,
                  backend: str = "inductor"):
-        if tcfg.grokfast == "ma":
-            raise ConfigError("the compiled reference step implements Grokfast none and EMA, not MA")
+        why = compiled_gap(tcfg)
+        if why:
+            raise ConfigError(why)
         self.model, self.cfg, self.mode = model, tcfg, mode
         self.names = [n for n, _ in model.named_parameters()]
         self.params = [p for _, p in model.named_parameters()]
@@ -116,6 +117,23 @@ def _fused_factory(graph: bool):
     return with_env, None
 
 
+def compiled_gap(tcfg: TrainConfig) -> str | None:
+    """None when the compiled reference step computes what ``tcfg`` asks for, else why not (one line): it
+    implements cross-entropy, Grokfast none or EMA and AdamW at lr with the linear warm-up, nothing else."""
+    if tcfg.grokfast == "ma":
+        return "the compiled reference step implements Grokfast none and EMA, not MA"
+    gaps = [what for what, off in (("loss " + tcfg.loss, tcfg.loss != "ce"), ("orthograd", tcfg.orthograd),
+                                   ("optimizer " + tcfg.optimizer, tcfg.optimizer != "adamw"),
+                                   ("lr_matched", tcfg.lr_matched),
+                                   ("warm-up " + tcfg.warmup_schedule,
+                                    tcfg.warmup_schedule != "linear" and tcfg.warmup > 0))
+            if off]
+    if gaps:
+        return (f"the compiled reference step implements AdamW on cross-entropy with the linear warm-up, "
+                f"not {', '.join(gaps)}")
+    return None
+
+
 def backend_status(name: str, wl: Workload, device, *, skip_reason: str | None = None) -> tuple[bool, str]:
     """(runnable, reason) for one backend on this workload and device."""
     device = torch.device(device)
@@ -124,8 +142,9 @@ def backend_status(name: str, wl: Workload, device, *, skip_reason: str | None =
     if name == EAGER:
         return True, "grokfast.backends.ReferenceStepper"
     if name in COMPILE_MODES:
-        if wl.train.grokfast == "ma":
-            return False, "the compiled reference step implements Grokfast none and EMA, not MA"
+        why = compiled_gap(wl.train)
+        if why:
+            return False, why
         if device.type == "cuda":
             try:
                 import triton  # noqa: F401
