@@ -22,21 +22,13 @@ from grokfast.kernels.layout import ParamLayout
 from grokfast.kernels.unembed_loss import cross_entropy, unembed_cross_entropy
 from grokfast.model import loss_and_grads_reference, stablemax_cross_entropy64, stablemax_s
 
-from test_kernels_model import make_model
+from test_kernels_model import _poisoned_workspace, make_model  # noqa: F401  (autouse: every workspace starts as NaN)
 
 DEVICE = "cuda" if torch.cuda.is_available() and not interpreter_on() else "cpu"
 INTERPRETED = DEVICE == "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not interpreter_on(),
                                 reason="the fused kernels need a CUDA GPU or TRITON_INTERPRET=1")
 U = 2.0 ** -24      # float32 unit roundoff
-
-
-@pytest.fixture(autouse=True)
-def _poisoned_workspace(monkeypatch):
-    monkeypatch.setattr(fb, "POISON_WORKSPACE", True)
-    fb._CACHE.clear()
-    yield
-    fb._CACHE.clear()
 
 
 # --------------------------------------------------------------------------------------------------
